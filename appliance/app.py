@@ -1,0 +1,195 @@
+"""The composition root: `create_app(settings)` builds services, routes, middleware, error handlers and the
+lifespan that owns the worker pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from litestar import Litestar, Request, Response, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.middleware import ASGIMiddleware
+from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance import __version__
+from appliance.auth.keys import ApiKeyService, derive_pepper
+from appliance.config import Settings
+from appliance.datadir import DataDir
+from appliance.engines.llamacpp import LlamaCppEngine
+from appliance.errors import ApplianceError, ModelUnavailable
+from appliance.gateway.routes import OpenAIController
+from appliance.gateway.service import CompletionService, UpstreamError
+from appliance.logs import get_logger
+from appliance.observability.metrics import Metrics
+from appliance.registry.catalog import load_catalog
+from appliance.registry.service import ModelRegistry
+from appliance.registry.store import ModelStore
+from appliance.supervisor.pool import WorkerPool
+from appliance.supervisor.process import Worker, WorkerProcess
+
+log = get_logger(__name__)
+PUBLIC_PATHS = ("/healthz", "/readyz")
+
+
+class Services:
+    """Everything one app instance owns; built once per app, never at import time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data = DataDir(settings.data_path)
+        self.data.require_initialised()
+        self.conn = self.data.connect()
+        self.metrics = Metrics()
+        self.keys = ApiKeyService(self.conn, derive_pepper(self.data.read_master_key()))
+        self.store = ModelStore(self.data.models, self.data.tmp)
+        self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog))
+        self.llamacpp = LlamaCppEngine(settings.llamacpp)
+        self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics)
+        self.completions = CompletionService(self.registry, self.pool, self.metrics)
+
+    async def new_worker(self, name: str, resources: contextlib.AsyncExitStack) -> Worker:
+        record = self.registry.get(name)
+        path: Path = resources.enter_context(self.store.open_for_load(record.sha256))
+        s = self.settings
+        return WorkerProcess(name, self.llamacpp.launch(path, name), self.data.run / f"{record.sha256[:16]}.sock",
+                             load_timeout=s.supervisor.load_timeout, stop_timeout=s.supervisor.stop_timeout,
+                             request_timeout=s.gateway.request_timeout)
+
+
+def error_response(exc: ApplianceError) -> Response[Any]:
+    headers = {"retry-after": str(int(exc.retry_after))} if exc.retry_after else None
+    if isinstance(exc, UpstreamError):
+        return Response(exc.body, status_code=exc.status_code, media_type="application/json")
+    return Response(exc.to_body(), status_code=exc.status_code, headers=headers)
+
+
+def http_error_response(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+    if exc.status_code >= 500:
+        kind = "server_error"
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+    body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": code}}
+    return Response(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def unexpected_error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("request.unhandled", error_type=type(exc).__name__)
+    request_id = request.scope["state"].get("request_id", "")
+    body = {"error": {"message": f"internal error (request id {request_id}); see the server log",
+                      "type": "server_error", "param": None, "code": "internal_error"}}
+    return Response(body, status_code=500)
+
+
+class RequestContextMiddleware(ASGIMiddleware):
+    """Request id, access log and the request counter; never logs bodies."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope["path"] if scope.get("route_handler") else "unmatched"
+            model = scope["state"].get("model", "")
+            self.metrics.requests.labels(route, model, str(status)).inc()
+            self.metrics.request_seconds.labels(route, model).observe(elapsed)
+            log.info("request", method=scope.get("method"), path=scope["path"], status=status,
+                     ms=round(elapsed * 1000, 1))
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
+    async def authenticate_request(self, connection: Any) -> AuthenticationResult:
+        services: Services = connection.app.state.services
+        principal = services.keys.authenticate(connection.headers.get("authorization"))
+        return AuthenticationResult(user=principal, auth=principal.key_id)
+
+
+@get("/healthz", summary="Liveness", include_in_schema=True)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="Readiness: the default model is loaded")
+async def readyz(state: State) -> Response[dict[str, str]]:
+    services: Services = state.services
+    ready = services.pool.is_ready(services.settings.models.default)
+    return Response({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
+
+
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics(state: State) -> bytes:
+    services: Services = state.services
+    return services.metrics.render()
+
+
+def create_app(settings: Settings) -> Litestar:
+    services = Services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with services.pool:
+            loader = asyncio.create_task(_load_default(services))
+            try:
+                yield
+            finally:
+                loader.cancel()
+        services.conn.close()
+
+    return Litestar(
+        route_handlers=[healthz, readyz, metrics, OpenAIController],
+        dependencies={
+            "completions": Provide(lambda: services.completions, sync_to_thread=False),
+            "models": Provide(lambda: services.registry, sync_to_thread=False),
+        },
+        state=State({"services": services}),
+        lifespan=[lifespan],
+        middleware=[
+            RequestContextMiddleware(services.metrics),
+            lambda app: ApiKeyAuthMiddleware(app, exclude=[f"^{p}$" for p in PUBLIC_PATHS]),
+        ],
+        exception_handlers={ApplianceError: lambda _, exc: error_response(exc),  # type: ignore[dict-item]
+                            HTTPException: http_error_response, Exception: unexpected_error_response},
+        openapi_config=OpenAPIConfig(title="Appliance", version=__version__, path="/schema"),
+        request_max_body_size=settings.server.max_body_bytes,
+        logging_config=None,
+        debug=False,
+    )
+
+
+async def _load_default(services: Services) -> None:
+    name = services.settings.models.default
+    if services.registry.find(name) is None:
+        log.error("model.default_missing", model=name,
+                  hint=f"run `appliance models pull {name}`; /readyz stays 503 until then")
+        return
+    try:
+        await services.pool.ensure_loaded(name)
+    except ModelUnavailable as exc:
+        log.error("model.load_failed", model=name, error=exc.message)

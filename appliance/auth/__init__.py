@@ -1,0 +1,1 @@
+"""Authentication and authorization: API keys now; users, sessions and RBAC next."""

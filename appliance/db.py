@@ -1,0 +1,68 @@
+"""SQLite: one database owned by the supervisor (WAL, foreign keys, secure_delete) and its migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+# Append only: a migration, once released, never changes; the next one fixes it.
+MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE models (
+        name        TEXT PRIMARY KEY,
+        source      TEXT NOT NULL,
+        format      TEXT NOT NULL,
+        sha256      TEXT NOT NULL,
+        size_bytes  INTEGER NOT NULL,
+        licence     TEXT NOT NULL DEFAULT '',
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id           TEXT PRIMARY KEY,
+        name         TEXT NOT NULL,
+        role         TEXT NOT NULL,
+        digest       TEXT NOT NULL,
+        created_at   TEXT NOT NULL,
+        expires_at   TEXT,
+        revoked_at   TEXT,
+        last_used_at TEXT
+    );
+    """,
+)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the database with the pragmas every connection needs."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations the database lacks, each in its own transaction; returns the new version."""
+    current = schema_version(conn)
+    if current > len(MIGRATIONS):
+        raise RuntimeError(
+            f"the database is at schema version {current} but this appliance knows only {len(MIGRATIONS)}; "
+            "upgrade the appliance or restore a matching backup"
+        )
+    for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return schema_version(conn)

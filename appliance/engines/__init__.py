@@ -1,0 +1,1 @@
+"""Engines: how a model version becomes a running worker (llama.cpp, vLLM, a remote upstream)."""

@@ -1,0 +1,260 @@
+"""The llama.cpp worker process: OpenAI-compatible HTTP on a Unix socket handed over by the supervisor.
+
+Run as `python -m appliance.engines.llamacpp_worker --fd N --model PATH ...`. It dies with its parent
+(PR_SET_PDEATHSIG), generates one sequence at a time, and stops generating when the client goes away."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any
+
+import msgspec
+
+from appliance.engines.chat_template import ChatTemplateError
+from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRuntime, Piece, SamplingParams, Usage
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+PR_SET_PDEATHSIG = 1
+_encoder = msgspec.json.Encoder()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies, then close the race where it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return _encoder.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def sampling_from(body: dict[str, Any]) -> SamplingParams:
+    stop = body.get("stop") or []
+    return SamplingParams(
+        max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
+        temperature=body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0,
+        top_p=body.get("top_p") if body.get("top_p") is not None else 1.0,
+        top_k=body.get("top_k") if body.get("top_k") is not None else 40,
+        min_p=body.get("min_p") if body.get("min_p") is not None else 0.05,
+        repeat_penalty=body.get("repetition_penalty") or 1.0,
+        presence_penalty=body.get("presence_penalty") or 0.0,
+        frequency_penalty=body.get("frequency_penalty") or 0.0,
+        seed=body.get("seed"),
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        logit_bias={int(k): float(v) for k, v in (body.get("logit_bias") or {}).items()},
+    )
+
+
+class CompletionFormat:
+    """OpenAI response shapes for /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def chunk(self, piece: Piece | None, *, first: bool = False, usage: Usage | None = None,
+              with_usage_field: bool = False) -> bytes:
+        obj: dict[str, Any] = {"id": self.id, "object": self.object + (".chunk" if self.chat else ""),
+                               "created": self.created, "model": self.model, "system_fingerprint": None}
+        if piece is None:
+            obj["choices"] = []
+        elif self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if piece.text:
+                delta["content"] = piece.text
+            obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": piece.finish_reason}]
+        else:
+            obj["choices"] = [{"index": 0, "text": piece.text, "logprobs": None,
+                               "finish_reason": piece.finish_reason}]
+        if usage is not None:
+            obj["usage"] = _usage(usage)
+        elif with_usage_field:
+            obj["usage"] = None
+        return b"data: " + _encoder.encode(obj) + b"\n\n"
+
+    def whole(self, text: str, finish_reason: str, usage: Usage) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return _encoder.encode({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                                "system_fingerprint": None, "choices": [choice], "usage": _usage(usage)})
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
+class WorkerApp:
+    def __init__(self, runtime: LlamaRuntime, model_name: str) -> None:
+        self.runtime = runtime
+        self.model_name = model_name
+        self.busy = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health" and method == "GET":
+            await _respond(send, 200, _encoder.encode(self.health()))
+        elif path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
+            await self.completion(receive, send, chat=path == "/v1/chat/completions")
+        else:
+            await _respond(send, 404, error_body(f"no route {method} {path}", "invalid_request_error", "not_found"))
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_name, "pid": os.getpid(), "n_ctx": self.runtime.n_ctx,
+                "busy": self.busy, "generated_tokens": self.runtime.generated_tokens,
+                "cancelled": self.runtime.cancelled}
+
+    async def completion(self, receive: Receive, send: Send, *, chat: bool) -> None:
+        body = msgspec.json.decode(await _read_body(receive))
+        try:
+            prompt = self.runtime.chat_prompt(body["messages"]) if chat else body["prompt"]
+            tokens = self.runtime.tokenize(prompt, is_chat=chat)
+            params = sampling_from(body)
+            self.runtime.check_context(len(tokens), params.max_tokens, "messages" if chat else "prompt")
+        except ContextLengthExceeded as exc:
+            await _respond(send, 400, error_body(str(exc), "invalid_request_error", "context_length_exceeded",
+                                                 "messages" if chat else "prompt"))
+            return
+        except ChatTemplateError as exc:
+            await _respond(send, 422, error_body(str(exc), "invalid_request_error", "chat_template_error"))
+            return
+        fmt = CompletionFormat(chat, body.get("model") or self.model_name)
+        cancel = threading.Event()
+        usage = Usage()
+        pieces = self.runtime.generate(tokens, params, cancel, usage)
+        self.busy += 1
+        try:
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                await self._stream(receive, send, fmt, pieces, cancel, usage, include_usage)
+            else:
+                text, finish = await asyncio.to_thread(_collect, pieces)
+                await _respond(send, 200, fmt.whole(text, finish, usage))
+        finally:
+            cancel.set()
+            self.busy -= 1
+
+    async def _stream(self, receive: Receive, send: Send, fmt: CompletionFormat, pieces: Iterator[Piece],
+                      cancel: threading.Event, usage: Usage, include_usage: bool) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                for piece in pieces:
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            cancel.set()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        producer = loop.run_in_executor(None, produce)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        first = True
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason == "cancelled":
+                    break
+                await _send_chunk(send, fmt.chunk(item, first=first, with_usage_field=include_usage))
+                first = False
+                if item.finish_reason is not None:
+                    if include_usage:
+                        await _send_chunk(send, fmt.chunk(None, usage=usage))
+                    await _send_chunk(send, b"data: [DONE]\n\n")
+                    break
+        finally:
+            cancel.set()
+            watcher.cancel()
+            await producer
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _collect(pieces: Iterator[Piece]) -> tuple[str, str]:
+    parts: list[str] = []
+    finish = "stop"
+    for piece in pieces:
+        parts.append(piece.text)
+        if piece.finish_reason:
+            finish = piece.finish_reason
+    return "".join(parts), finish
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _send_chunk(send: Send, data: bytes) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _respond(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fd", type=int, required=True, help="listening Unix socket inherited from the supervisor")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--model", required=True, help="path of the GGUF file")
+    parser.add_argument("--name", required=True, help="model name reported in responses")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--n-ctx", type=int, default=0)
+    parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--flash-attn", action="store_true")
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    started = time.monotonic()
+    print(f"loading {args.name} from {args.model}", file=sys.stderr, flush=True)
+    runtime = LlamaRuntime(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_batch=args.n_batch,
+                           n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn)
+    print(f"loaded {args.name} in {time.monotonic() - started:.2f}s, n_ctx={runtime.n_ctx}", file=sys.stderr,
+          flush=True)
+    import uvicorn
+
+    config = uvicorn.Config(WorkerApp(runtime, args.name), fd=args.fd, lifespan="off", access_log=False,
+                            log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""OpenAI-compatible routes: thin handlers that decode, call the completion service and shape the reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.response import Stream
+
+from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode_request
+from appliance.gateway.service import Completed, CompletionService
+from appliance.registry.service import ModelRegistry
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def _complete(request: Request[Any, Any, State], service: CompletionService,
+                    kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> Response[bytes] | Stream:
+    body = decode_request(await request.body(), kind)
+    request.scope["state"]["model"] = body.model
+    result = await service.run(body, request.url.path)
+    if isinstance(result, Completed):
+        return Response(result.body, media_type="application/json")
+    return Stream(result, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    tags = ["OpenAI-compatible"]
+
+    @get("/models", summary="List the installed models")
+    async def list_models(self, models: ModelRegistry) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": _epoch(m.created_at), "owned_by": "appliance"}
+            for m in models.list()
+        ]}
+
+    @post("/chat/completions", summary="Create a chat completion", status_code=200)
+    async def chat_completions(self, request: Request[Any, Any, State], completions: CompletionService
+                               ) -> Response[bytes] | Stream:
+        return await _complete(request, completions, ChatCompletionRequest)
+
+    @post("/completions", summary="Create a text completion", status_code=200)
+    async def completions(self, request: Request[Any, Any, State], completions: CompletionService
+                          ) -> Response[bytes] | Stream:
+        return await _complete(request, completions, CompletionRequest)
+
+
+def _epoch(iso: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(iso).timestamp())

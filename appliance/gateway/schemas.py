@@ -1,0 +1,133 @@
+"""OpenAI request bodies as msgspec structs, and their decoding into clear 400s naming the bad parameter."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from appliance.errors import InvalidRequest
+
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
+
+
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool = False
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text", frozen=True):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag_field="type", tag="image_url", frozen=True):
+    image_url: Any
+
+
+class Message(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | ImagePart] | None = None
+    name: str | None = None
+
+
+class SamplingFields(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: PositiveInt = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: int | None = None
+    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
+    user: str | None = None
+    # llama.cpp / vLLM extensions that OpenAI clients pass through `extra_body`
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: TopP | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=2)] | None = None
+
+
+class ChatCompletionRequest(SamplingFields, frozen=True, omit_defaults=True, kw_only=True):
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplingFields, frozen=True, omit_defaults=True, kw_only=True):
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+
+
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def decode_request(body: bytes, kind: type[R]) -> R:
+    if not body.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_body")
+    try:
+        request = msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH.search(text)
+        param = match.group(1) if match else None
+        message = _PATH.sub("", text).strip(" -")
+        raise InvalidRequest(f"{message}" + (f" at '{param}'" if param else ""), param=param,
+                             code="invalid_value") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    return _check_semantics(request)
+
+
+def _check_semantics(request: R) -> R:
+    if request.n != 1:
+        raise InvalidRequest("only n=1 is supported: send several requests for several completions",
+                             param="n", code="unsupported_value")
+    if request.logit_bias:
+        for key in request.logit_bias:
+            if not key.isdigit():
+                raise InvalidRequest(f"logit_bias keys are token ids; {key!r} is not", param="logit_bias",
+                                     code="invalid_value")
+    if isinstance(request, ChatCompletionRequest):
+        if request.tools:
+            raise InvalidRequest("tool calling is not supported by this server yet; remove 'tools'",
+                                 param="tools", code="unsupported_parameter")
+        if request.response_format and request.response_format.get("type") not in (None, "text"):
+            raise InvalidRequest("only response_format type 'text' is supported yet", param="response_format",
+                                 code="unsupported_value")
+        for i, message in enumerate(request.messages):
+            if isinstance(message.content, list) and any(isinstance(p, ImagePart) for p in message.content):
+                raise InvalidRequest("this model does not accept images", param=f"messages[{i}].content",
+                                     code="unsupported_value")
+    return request
+
+
+def upstream_body(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """The body sent to a worker: plain text content, usage always requested when streaming."""
+    body: dict[str, Any] = msgspec.to_builtins(request)
+    if isinstance(request, ChatCompletionRequest):
+        body["messages"] = [
+            {**msgspec.to_builtins(m), "content": _text_of(m.content)} for m in request.messages
+        ]
+        if request.max_completion_tokens is not None:
+            body["max_tokens"] = request.max_completion_tokens
+    elif isinstance(request.prompt, list):
+        body["prompt"] = request.prompt[0]
+    if request.stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _text_of(content: str | list[TextPart | ImagePart] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.text for p in content if isinstance(p, TextPart))

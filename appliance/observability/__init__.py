@@ -1,0 +1,1 @@
+"""Metrics (Prometheus), and later tracing and alert rules."""

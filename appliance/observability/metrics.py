@@ -1,0 +1,35 @@
+"""Prometheus metrics of one app instance, in its own registry (no module-level singletons)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("appliance_requests", "HTTP requests by route, model and status.",
+                                ["route", "model", "status"], registry=r)
+        self.request_seconds = Histogram("appliance_request_duration_seconds", "Time to the last byte of a response.",
+                                         ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("appliance_time_to_first_token_seconds", "Time from request to first generated text.",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("appliance_inter_token_latency_seconds", "Gap between streamed chunks.",
+                                     ["model"], buckets=TOKEN_GAP_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.completion_tokens = Counter("appliance_completion_tokens", "Tokens generated.", ["model"], registry=r)
+        self.queue_wait = Histogram("appliance_queue_wait_seconds", "Time a request waited for a free model slot.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("appliance_queue_depth", "Requests waiting for a model.", ["model"], registry=r)
+        self.worker_restarts = Counter("appliance_worker_restarts", "Workers that died and were restarted.",
+                                       ["model"], registry=r)
+        self.model_load_seconds = Histogram("appliance_model_load_seconds", "Time to start a worker and load a model.",
+                                            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.models_loaded = Gauge("appliance_models_loaded", "Models whose worker is running.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Model store and registry: catalog, sources, content-addressed blobs, records in SQLite."""

@@ -1,0 +1,31 @@
+"""The model catalog (models/catalog.toml): names the appliance knows how to fetch."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+SHIPPED_CATALOG = Path(__file__).resolve().parents[2] / "models" / "catalog.toml"
+
+
+class CatalogEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    source: str
+    sha256: str
+    format: Literal["gguf", "hf"]
+    licence: str
+    description: str = ""
+
+
+class Catalog(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    models: dict[str, CatalogEntry]
+
+
+def load_catalog(path: str | Path = "") -> Catalog:
+    """Read the catalog: an explicit path (settings `models.catalog`), else the checkout's models/catalog.toml."""
+    candidate = Path(path) if path else SHIPPED_CATALOG
+    if not candidate.is_file():
+        raise FileNotFoundError(f"no model catalog at {candidate}; set models.catalog to the catalog's path")
+    return msgspec.convert(tomllib.loads(candidate.read_text()), Catalog)

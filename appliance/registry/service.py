@@ -1,0 +1,110 @@
+"""The model registry: pull from a catalog name or a source, list, remove, verify. Records live in SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+
+import msgspec
+
+from appliance.errors import ModelNotFound, RegistryError
+from appliance.registry.catalog import Catalog
+from appliance.registry.sources import SourceSpec, open_source, parse_source
+from appliance.registry.store import ModelStore
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelRecord(msgspec.Struct, frozen=True):
+    name: str
+    source: str
+    format: str
+    sha256: str
+    size_bytes: int
+    licence: str
+    created_at: str
+
+
+def _check_gguf(head: bytes) -> None:
+    if not head.startswith(GGUF_MAGIC):
+        raise RegistryError("the file is not a GGUF model (bad magic bytes); only .gguf files can be imported",
+                            code="unsupported_format")
+
+
+def valid_model_name(name: str) -> str:
+    if not name or len(name) > 128 or not all(c.isalnum() or c in "-_.:" for c in name) or name[0] in ".-":
+        raise RegistryError(f"{name!r} is not a valid model name: use letters, digits, '-', '_', '.', ':'",
+                            param="name")
+    return name
+
+
+class ModelRegistry:
+    def __init__(self, conn: sqlite3.Connection, store: ModelStore, catalog: Catalog) -> None:
+        self.conn = conn
+        self.store = store
+        self.catalog = catalog
+
+    def pull(self, source_or_name: str, name: str | None = None) -> ModelRecord:
+        """Fetch a catalog entry or a source into the store and record it under `name`."""
+        entry = self.catalog.models.get(source_or_name)
+        if entry is not None:
+            spec, expected, fmt, licence = parse_source(entry.source), entry.sha256, entry.format, entry.licence
+            name = name or source_or_name
+            source = entry.source
+        else:
+            spec = parse_source(source_or_name)
+            expected, fmt, licence, source = None, "gguf", "", source_or_name
+            name = name or spec.default_name
+        valid_model_name(name)
+        existing = self.find(name)
+        if existing is not None and expected and existing.sha256 == expected and self.store.verify(expected):
+            return existing
+        blob = self._fetch(spec, expected)
+        record = ModelRecord(name, source, fmt, blob.sha256, blob.size_bytes, licence,
+                             datetime.now(UTC).isoformat(timespec="seconds"))
+        self.conn.execute(
+            "INSERT INTO models(name, source, format, sha256, size_bytes, licence, created_at) "
+            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET source=excluded.source, "
+            "format=excluded.format, sha256=excluded.sha256, size_bytes=excluded.size_bytes, "
+            "licence=excluded.licence, created_at=excluded.created_at",
+            msgspec.structs.astuple(record),
+        )
+        if existing is not None and existing.sha256 != record.sha256:
+            self._drop_blob_if_unused(existing.sha256)
+        return record
+
+    def _fetch(self, spec: SourceSpec, expected: str | None):  # type: ignore[no-untyped-def]
+        with open_source(spec) as chunks:
+            return self.store.put(chunks, expected_sha256=expected, check_head=_check_gguf)
+
+    def find(self, name: str) -> ModelRecord | None:
+        row = self.conn.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+        return msgspec.convert(dict(row), ModelRecord) if row else None
+
+    def get(self, name: str) -> ModelRecord:
+        record = self.find(name)
+        if record is None:
+            raise ModelNotFound(
+                f"The model '{name}' does not exist; `appliance models list` shows the installed models and "
+                f"`appliance models pull` adds one",
+                param="model",
+            )
+        return record
+
+    def list(self) -> list[ModelRecord]:
+        rows = self.conn.execute("SELECT * FROM models ORDER BY name").fetchall()
+        return [msgspec.convert(dict(r), ModelRecord) for r in rows]
+
+    def remove(self, name: str) -> ModelRecord:
+        record = self.get(name)
+        self.conn.execute("DELETE FROM models WHERE name = ?", (name,))
+        self._drop_blob_if_unused(record.sha256)
+        return record
+
+    def _drop_blob_if_unused(self, sha256: str) -> None:
+        if self.conn.execute("SELECT 1 FROM models WHERE sha256 = ?", (sha256,)).fetchone() is None:
+            self.store.delete(sha256)
+
+    def verify(self) -> list[ModelRecord]:
+        """The models whose stored file is missing or does not match its digest."""
+        return [r for r in self.list() if not self.store.verify(r.sha256)]

@@ -1,0 +1,200 @@
+"""The worker pool: one worker per loaded model, a bounded queue per model, restarts, keep-alive.
+
+It takes its factories as arguments (`new_worker`, `resolve`) so it can be tested with fakes while the
+integration tests run the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from appliance.config import GatewaySettings, ModelSettings, SupervisorSettings
+from appliance.errors import ModelUnavailable, QueueFull
+from appliance.logs import get_logger
+from appliance.observability.metrics import Metrics
+from appliance.supervisor.process import Worker
+
+log = get_logger(__name__)
+
+NewWorker = Callable[[str, contextlib.AsyncExitStack], Awaitable[Worker]]
+"""Build (not start) a worker for a model name; resources it needs stay open until the stack closes."""
+
+STABLE_AFTER_S = 60.0
+
+
+@dataclass
+class ModelSlot:
+    name: str
+    parallel: int
+    pinned: bool
+    worker: Worker | None = None
+    resources: contextlib.AsyncExitStack | None = None
+    in_use: int = 0
+    waiting: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+    crashes: int = 0
+    not_before: float = 0.0
+    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    gate: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = asyncio.Semaphore(self.parallel)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None and not self.worker.exited.is_set()
+
+
+class WorkerPool:
+    def __init__(self, models: ModelSettings, gateway: GatewaySettings, supervisor: SupervisorSettings,
+                 new_worker: NewWorker, metrics: Metrics, parallel: int = 1) -> None:
+        self.models = models
+        self.gateway = gateway
+        self.supervisor = supervisor
+        self.new_worker = new_worker
+        self.metrics = metrics
+        self.parallel = parallel
+        self.slots: dict[str, ModelSlot] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def __aenter__(self) -> WorkerPool:
+        self._spawn(self._housekeeping())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def slot(self, name: str) -> ModelSlot:
+        if name not in self.slots:
+            pinned = self.models.pin_default and name == self.models.default
+            self.slots[name] = ModelSlot(name, self.parallel, pinned)
+        return self.slots[name]
+
+    def is_ready(self, name: str) -> bool:
+        slot = self.slots.get(name)
+        return slot is not None and slot.alive
+
+    async def ensure_loaded(self, name: str) -> Worker:
+        slot = self.slot(name)
+        async with slot.load_lock:
+            if slot.alive:
+                assert slot.worker is not None
+                return slot.worker
+            await self._retire(slot)
+            if (delay := slot.not_before - time.monotonic()) > 0:
+                await asyncio.sleep(delay)  # crash backoff: a model that keeps dying must not spin
+            started = time.monotonic()
+            stack = contextlib.AsyncExitStack()
+            try:
+                worker = await self.new_worker(name, stack)
+                await worker.start()
+                await worker.wait_ready()
+            except BaseException:
+                await stack.aclose()
+                self._note_crash(slot)
+                raise
+            slot.worker, slot.resources, slot.started_at = worker, stack, time.monotonic()
+            self.metrics.model_load_seconds.labels(name).observe(slot.started_at - started)
+            self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
+            log.info("model.loaded", model=name, pid=worker.pid, seconds=round(slot.started_at - started, 3))
+            self._spawn(self._watch(slot, worker))
+            return worker
+
+    def _note_crash(self, slot: ModelSlot) -> None:
+        if slot.started_at and time.monotonic() - slot.started_at > STABLE_AFTER_S:
+            slot.crashes = 0
+        delay = min(self.supervisor.restart_backoff * 2**slot.crashes, self.supervisor.restart_backoff_max)
+        slot.crashes += 1
+        slot.not_before = time.monotonic() + delay
+
+    async def _watch(self, slot: ModelSlot, worker: Worker) -> None:
+        """Notice a worker that died on its own; restart pinned models with backoff."""
+        await worker.exited.wait()
+        if self._closing or slot.worker is not worker or getattr(worker, "stopping", False):
+            return
+        self.metrics.worker_restarts.labels(slot.name).inc()
+        self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
+        self._note_crash(slot)
+        log.error("model.crashed", model=slot.name, detail=worker.failure(), crashes=slot.crashes)
+        if slot.pinned:
+            self._spawn(self._restart(slot.name))
+
+    async def _restart(self, name: str) -> None:
+        with contextlib.suppress(ModelUnavailable):
+            await self.ensure_loaded(name)
+
+    async def _retire(self, slot: ModelSlot) -> None:
+        worker, resources = slot.worker, slot.resources
+        slot.worker = slot.resources = None
+        if worker is not None:
+            await worker.stop()
+        if resources is not None:
+            await resources.aclose()
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, name: str) -> AsyncIterator[Worker]:
+        """Wait for a free slot of the model (bounded queue), load it if needed, and hold it."""
+        slot = self.slot(name)
+        if slot.waiting >= self.gateway.max_queue and slot.gate.locked():
+            raise QueueFull(
+                f"model '{name}' is busy and {slot.waiting} requests are already waiting; retry shortly",
+                retry_after=self._retry_after(slot),
+            )
+        slot.waiting += 1
+        self.metrics.queue_depth.labels(name).set(slot.waiting)
+        queued = time.monotonic()
+        try:
+            await asyncio.wait_for(slot.gate.acquire(), self.gateway.queue_timeout)
+        except TimeoutError:
+            raise ModelUnavailable(
+                f"model '{name}' stayed busy for {self.gateway.queue_timeout:.0f}s; retry later",
+                retry_after=self._retry_after(slot),
+            ) from None
+        finally:
+            slot.waiting -= 1
+            self.metrics.queue_depth.labels(name).set(slot.waiting)
+        self.metrics.queue_wait.labels(name).observe(time.monotonic() - queued)
+        slot.in_use += 1
+        try:
+            yield await self.ensure_loaded(name)
+        finally:
+            slot.in_use -= 1
+            slot.last_used = time.monotonic()
+            slot.gate.release()
+
+    def _retry_after(self, slot: ModelSlot) -> float:
+        return float(max(1, min(30, slot.waiting)))
+
+    async def _housekeeping(self) -> None:
+        """Unload models idle for longer than keep_alive."""
+        keep_alive = self.models.keep_alive
+        if keep_alive <= 0:
+            return
+        while not self._closing:
+            await asyncio.sleep(min(1.0, keep_alive / 2))
+            now = time.monotonic()
+            for slot in list(self.slots.values()):
+                idle = slot.in_use == 0 and slot.waiting == 0 and now - slot.last_used > keep_alive
+                if slot.alive and not slot.pinned and idle and not slot.load_lock.locked():
+                    log.info("model.unload", model=slot.name, idle_s=round(now - slot.last_used, 1))
+                    async with slot.load_lock:
+                        await self._retire(slot)
+                    self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self._retire(s) for s in self.slots.values()), return_exceptions=True)
+        self.metrics.models_loaded.set(0)

@@ -1,0 +1,50 @@
+"""systemd integration: READY=1 once the default model serves, STOPPING=1 on shutdown, watchdog pings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from typing import Any
+
+import uvicorn
+
+
+def notify(message: str) -> None:
+    """sd_notify(3) without libsystemd; a no-op outside a Type=notify unit."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(message.encode(), address)
+
+
+async def _notify_loop(server: uvicorn.Server, app: Any) -> None:
+    services = app.state.services
+    default = services.settings.models.default
+    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    interval = watchdog_usec / 2e6 if watchdog_usec else 1.0
+    ready = False
+    while not server.should_exit:
+        if not ready and server.started and (services.pool.is_ready(default) or
+                                             services.registry.find(default) is None):
+            notify("READY=1")
+            ready = True
+        if watchdog_usec and server.started:
+            notify("WATCHDOG=1")
+        await asyncio.sleep(min(interval, 1.0))
+    notify("STOPPING=1")
+
+
+def run_with_notify(server: uvicorn.Server, app: Any) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(_notify_loop(server, app))
+        try:
+            await server.serve()
+        finally:
+            task.cancel()
+
+    asyncio.run(main())
