@@ -1,0 +1,108 @@
+"""The real `appliance serve` as a subprocess on a free port with its own data dir (vLLM's RemoteOpenAIServer)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import psutil
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+WORKER_MODULE = "appliance.engines.llamacpp_worker"
+
+
+def appliance(*args: str, data_dir: Path, env: Mapping[str, str] | None = None, check: bool = True,
+              input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI."""
+    full_env = {**os.environ, "APPLIANCE_DATA_DIR": str(data_dir), **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "appliance", *args], env=full_env, capture_output=True,
+                            text=True, input=input, timeout=600, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"appliance {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clone_data_dir(template: Path, target: Path) -> Path:
+    """Copy a prepared data dir; model blobs are hard-linked (read-only to the appliance), the rest copied."""
+
+    def copy(src: str, dst: str) -> object:
+        if Path(src).parent.name == "models":
+            os.link(src, dst)
+            return dst
+        return shutil.copy2(src, dst)
+
+    shutil.copytree(template, target, copy_function=copy, ignore=shutil.ignore_patterns("*.sock"))
+    return target
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_LOGGING__FORMAT": "json",
+                    **(env or {})}
+        self.log_path = data_dir.parent / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 120.0) -> ServerProcess:
+        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(self.port)],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_for("/readyz" if wait_ready else "/healthz", timeout)
+        return self
+
+    def log_tail(self, n: int = 60) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_for(self, path: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"appliance serve exited {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"{path} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def workers(self) -> list[psutil.Process]:
+        """The worker processes this server spawned (they run in their own session)."""
+        assert self.proc is not None
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return [p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                    if WORKER_MODULE in " ".join(p.cmdline())]
+        return []
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        workers = self.workers()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+        return self.proc.returncode
