@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedSettings) -> int:
                             server_header=False)
     print(f"appliance serving on http://{server.host}:{server.port} (data: {settings.data_dir})", file=sys.stderr,
           flush=True)
-    systemd.run_with_notify(uvicorn.Server(config), app)
+    systemd.run_with_notify(config, app)
     return 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -39,7 +41,31 @@ async def _notify_loop(server: uvicorn.Server, app: Any) -> None:
     notify("STOPPING=1")
 
 
-def run_with_notify(server: uvicorn.Server, app: Any) -> None:
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with our signal handling: the first SIGTERM/SIGINT drains in-flight requests and the
+    process exits 0; a second one stops at once. (uvicorn itself re-raises the signal after shutdown.)"""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def run_with_notify(config: uvicorn.Config, app: Any) -> None:
+    server = DrainingServer(config)
+
     async def main() -> None:
         task = asyncio.create_task(_notify_loop(server, app))
         try:
