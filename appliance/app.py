@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> Litestar:
             RequestContextMiddleware(services.metrics),
             lambda app: ApiKeyAuthMiddleware(app, exclude=[f"^{p}$" for p in PUBLIC_PATHS]),
         ],
-        exception_handlers={ApplianceError: lambda _, exc: error_response(exc),  # type: ignore[dict-item]
+        exception_handlers={ApplianceError: lambda _, exc: error_response(exc),
                             HTTPException: http_error_response, Exception: unexpected_error_response},
         openapi_config=OpenAPIConfig(title="Appliance", version=__version__, path="/schema"),
         request_max_body_size=settings.server.max_body_bytes,

@@ -69,7 +69,8 @@ def _registry(loaded: LoadedSettings) -> Any:
 
     data = DataDir(loaded.settings.data_path)
     data.require_initialised()
-    return ModelRegistry(data.connect(), ModelStore(data.models, data.tmp), load_catalog(loaded.settings.models.catalog))
+    catalog = load_catalog(loaded.settings.models.catalog)
+    return ModelRegistry(data.connect(), ModelStore(data.models, data.tmp), catalog)
 
 
 def cmd_models_pull(args: argparse.Namespace, loaded: LoadedSettings) -> int:

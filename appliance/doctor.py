@@ -61,7 +61,8 @@ def run_doctor(settings: Settings) -> int:
         from appliance.registry.service import ModelRegistry
         from appliance.registry.store import ModelStore
 
-        registry = ModelRegistry(data.connect(), ModelStore(data.models, data.tmp), load_catalog(settings.models.catalog))
+        catalog = load_catalog(settings.models.catalog)
+        registry = ModelRegistry(data.connect(), ModelStore(data.models, data.tmp), catalog)
         records = registry.list()
         print("models:" + ("" if records else "  none installed"))
         for record in records:

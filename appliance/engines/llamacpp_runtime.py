@@ -13,6 +13,7 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+from llama_cpp import LogitsProcessorList
 
 from appliance.engines.chat_template import ChatTemplate
 
@@ -145,7 +146,7 @@ class LlamaRuntime:
                          usage: Usage) -> Iterator[Piece]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
-        processors = [_logit_bias(params.logit_bias)] if params.logit_bias else None
+        processors = LogitsProcessorList([_logit_bias(params.logit_bias)]) if params.logit_bias else None
         finish = "length"
         previous: list[int] = []
         for token in self.llm.generate(

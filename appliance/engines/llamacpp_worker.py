@@ -44,19 +44,21 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
 
 
 def sampling_from(body: dict[str, Any]) -> SamplingParams:
-    stop = body.get("stop") or []
+    """OpenAI request fields to sampling parameters; absent or null fields take the defaults."""
+    given = {k: v for k, v in body.items() if v is not None}
+    stop = given.get("stop", [])
     return SamplingParams(
-        max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
-        temperature=body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0,
-        top_p=body.get("top_p") if body.get("top_p") is not None else 1.0,
-        top_k=body.get("top_k") if body.get("top_k") is not None else 40,
-        min_p=body.get("min_p") if body.get("min_p") is not None else 0.05,
-        repeat_penalty=body.get("repetition_penalty") or 1.0,
-        presence_penalty=body.get("presence_penalty") or 0.0,
-        frequency_penalty=body.get("frequency_penalty") or 0.0,
-        seed=body.get("seed"),
+        max_tokens=given.get("max_completion_tokens") or given.get("max_tokens"),
+        temperature=given.get("temperature", 1.0),
+        top_p=given.get("top_p", 1.0),
+        top_k=given.get("top_k", 40),
+        min_p=given.get("min_p", 0.05),
+        repeat_penalty=given.get("repetition_penalty", 1.0),
+        presence_penalty=given.get("presence_penalty", 0.0),
+        frequency_penalty=given.get("frequency_penalty", 0.0),
+        seed=given.get("seed"),
         stop=[stop] if isinstance(stop, str) else list(stop),
-        logit_bias={int(k): float(v) for k, v in (body.get("logit_bias") or {}).items()},
+        logit_bias={int(k): float(v) for k, v in given.get("logit_bias", {}).items()},
     )
 
 

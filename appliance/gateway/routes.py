@@ -16,8 +16,8 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 async def _complete(request: Request[Any, Any, State], service: CompletionService,
-                    kind: type[ChatCompletionRequest] | type[CompletionRequest]) -> Response[bytes] | Stream:
-    body = decode_request(await request.body(), kind)
+                    kind: type[ChatCompletionRequest | CompletionRequest]) -> Response[bytes] | Stream:
+    body: ChatCompletionRequest | CompletionRequest = decode_request(await request.body(), kind)
     request.scope["state"]["model"] = body.model
     result = await service.run(body, request.url.path)
     if isinstance(result, Completed):
@@ -27,7 +27,7 @@ async def _complete(request: Request[Any, Any, State], service: CompletionServic
 
 class OpenAIController(Controller):
     path = "/v1"
-    tags = ["OpenAI-compatible"]
+    tags = ("OpenAI-compatible",)
 
     @get("/models", summary="List the installed models")
     async def list_models(self, models: ModelRegistry) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class CompletionRequest(SamplingFields, frozen=True, omit_defaults=True, kw_only
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
 
 
-R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+R = TypeVar("R", bound=SamplingFields)
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 

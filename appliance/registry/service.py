@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 from datetime import UTC, datetime
 
@@ -91,7 +92,7 @@ class ModelRegistry:
             )
         return record
 
-    def list(self) -> list[ModelRecord]:
+    def list(self) -> builtins.list[ModelRecord]:
         rows = self.conn.execute("SELECT * FROM models ORDER BY name").fetchall()
         return [msgspec.convert(dict(r), ModelRecord) for r in rows]
 
@@ -105,6 +106,6 @@ class ModelRegistry:
         if self.conn.execute("SELECT 1 FROM models WHERE sha256 = ?", (sha256,)).fetchone() is None:
             self.store.delete(sha256)
 
-    def verify(self) -> list[ModelRecord]:
+    def verify(self) -> builtins.list[ModelRecord]:
         """The models whose stored file is missing or does not match its digest."""
         return [r for r in self.list() if not self.store.verify(r.sha256)]

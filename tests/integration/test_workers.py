@@ -67,7 +67,7 @@ def test_client_disconnect_stops_generation_and_frees_the_worker(start_server: C
     assert running.process is not None
     stream = long_stream(running, max_tokens=4000)
     received = 0
-    for chunk in stream:
+    for _ in stream:
         received += 1
         if received == 5:
             break
@@ -115,7 +115,7 @@ def test_sigterm_drains_the_stream_in_flight(start_server: Callable[..., Running
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text) > 100
     assert process.proc.wait(60) == 0
-    gone, alive = psutil.wait_procs(workers, timeout=15)
+    _, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, "workers outlived the supervisor"
     with pytest.raises(httpx.ConnectError):
         httpx.get(running.url + "/healthz")
@@ -128,7 +128,7 @@ def test_workers_die_with_a_killed_supervisor(start_server: Callable[..., Runnin
     assert workers
     os.kill(running.process.proc.pid, signal.SIGKILL)
     running.process.proc.wait(10)
-    gone, alive = psutil.wait_procs(workers, timeout=15)
+    _, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, "a worker survived kill -9 of its supervisor"
 
 
