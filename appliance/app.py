@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +26,9 @@ from appliance import __version__
 from appliance.auth.keys import ApiKeyService, derive_pepper
 from appliance.config import Settings
 from appliance.datadir import DataDir
-from appliance.engines.llamacpp import LlamaCppEngine
+from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
+from appliance.engines.select import Gpu, choose_engine, probe_gpus
+from appliance.engines.vllm import VllmEngine
 from appliance.errors import ApplianceError, ModelUnavailable
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
@@ -54,16 +57,27 @@ class Services:
         self.store = ModelStore(self.data.models, self.data.tmp)
         self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog))
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
+        self.vllm = VllmEngine(settings.vllm)
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics)
         self.completions = CompletionService(self.registry, self.pool, self.metrics)
 
+    @functools.cached_property
+    def gpus(self) -> list[Gpu]:
+        return probe_gpus()
+
     async def new_worker(self, name: str, resources: contextlib.AsyncExitStack) -> Worker:
         record = self.registry.get(name)
+        vllm_ok = record.format == "hf" and bool(self.gpus) and await asyncio.to_thread(self.vllm.available)
+        choice = choose_engine(record.format, self.gpus, vllm_available=vllm_ok, llamacpp_gpu=gpu_offload_supported())
+        if choice.engine == "none":
+            raise ModelUnavailable(f"model '{name}' cannot run on this box: {choice.reason}", code="no_engine")
         path: Path = resources.enter_context(self.store.open_for_load(record.sha256))
+        socket_path = self.data.run / f"{record.sha256[:16]}.sock"
+        launch = (self.vllm.launch(path, name, socket_path) if choice.engine == "vllm"
+                  else self.llamacpp.launch(path, name))
         s = self.settings
-        return WorkerProcess(name, self.llamacpp.launch(path, name), self.data.run / f"{record.sha256[:16]}.sock",
-                             load_timeout=s.supervisor.load_timeout, stop_timeout=s.supervisor.stop_timeout,
-                             request_timeout=s.gateway.request_timeout)
+        return WorkerProcess(name, launch, socket_path, load_timeout=s.supervisor.load_timeout,
+                             stop_timeout=s.supervisor.stop_timeout, request_timeout=s.gateway.request_timeout)
 
 
 def error_response(exc: ApplianceError) -> Response[Any]:
@@ -184,12 +198,15 @@ def create_app(settings: Settings) -> Litestar:
 
 
 async def _load_default(services: Services) -> None:
+    """Load the default model at start; keep trying (the pool's crash backoff paces it) until it serves."""
     name = services.settings.models.default
     if services.registry.find(name) is None:
         log.error("model.default_missing", model=name,
                   hint=f"run `appliance models pull {name}`; /readyz stays 503 until then")
         return
-    try:
-        await services.pool.ensure_loaded(name)
-    except ModelUnavailable as exc:
-        log.error("model.load_failed", model=name, error=exc.message)
+    while True:
+        try:
+            await services.pool.ensure_loaded(name)
+            return
+        except ModelUnavailable as exc:
+            log.error("model.load_failed", model=name, error=exc.message)
