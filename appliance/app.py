@@ -169,11 +169,13 @@ def create_app(settings: Settings) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with services.pool:
-            loader = asyncio.create_task(_load_default(services))
-            try:
-                yield
-            finally:
-                loader.cancel()
+            default = settings.models.default
+            if services.registry.find(default) is None:
+                log.error("model.default_missing", model=default,
+                          hint=f"run `appliance models pull {default}`; /readyz stays 503 until then")
+            else:
+                services.pool.start_loading(default)
+            yield
         services.conn.close()
 
     return Litestar(
@@ -196,17 +198,3 @@ def create_app(settings: Settings) -> Litestar:
         debug=False,
     )
 
-
-async def _load_default(services: Services) -> None:
-    """Load the default model at start; keep trying (the pool's crash backoff paces it) until it serves."""
-    name = services.settings.models.default
-    if services.registry.find(name) is None:
-        log.error("model.default_missing", model=name,
-                  hint=f"run `appliance models pull {name}`; /readyz stays 503 until then")
-        return
-    while True:
-        try:
-            await services.pool.ensure_loaded(name)
-            return
-        except ModelUnavailable as exc:
-            log.error("model.load_failed", model=name, error=exc.message)

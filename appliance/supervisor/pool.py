@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from appliance.config import GatewaySettings, ModelSettings, SupervisorSettings
-from appliance.errors import ModelUnavailable, QueueFull
+from appliance.errors import ApplianceError, ModelUnavailable, QueueFull
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
 from appliance.supervisor.process import Worker
@@ -104,6 +104,7 @@ class WorkerPool:
                 self._note_crash(slot)
                 raise
             slot.worker, slot.resources, slot.started_at = worker, stack, time.monotonic()
+            slot.last_used = slot.started_at  # idle time counts from readiness, not from the first request
             self.metrics.model_load_seconds.labels(name).observe(slot.started_at - started)
             self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
             log.info("model.loaded", model=name, pid=worker.pid, seconds=round(slot.started_at - started, 3))
@@ -127,11 +128,20 @@ class WorkerPool:
         self._note_crash(slot)
         log.error("model.crashed", model=slot.name, detail=worker.failure(), crashes=slot.crashes)
         if slot.pinned:
-            self._spawn(self._restart(slot.name))
+            self._spawn(self.keep_loaded(slot.name))
 
-    async def _restart(self, name: str) -> None:
-        with contextlib.suppress(ModelUnavailable):
-            await self.ensure_loaded(name)
+    async def keep_loaded(self, name: str) -> None:
+        """Load a model and keep trying until it serves; the crash backoff paces the attempts."""
+        while not self._closing:
+            try:
+                await self.ensure_loaded(name)
+                return
+            except ApplianceError as exc:
+                log.error("model.load_failed", model=name, error=exc.message, retry_in_s=round(
+                    max(0.0, self.slot(name).not_before - time.monotonic()), 1))
+
+    def start_loading(self, name: str) -> None:
+        self._spawn(self.keep_loaded(name))
 
     async def _retire(self, slot: ModelSlot) -> None:
         worker, resources = slot.worker, slot.resources

@@ -179,7 +179,7 @@ def test_metrics_count_requests_tokens_and_latency(server: Running) -> None:
     completion = [line for line in text.splitlines()
                   if line.startswith(f'appliance_completion_tokens_total{{model="{DEFAULT_MODEL}"}}')]
     assert completion and float(completion[0].split()[-1]) >= 6
-    assert f'route="/v1/chat/completions",status="200"' in text.replace(f'model="{DEFAULT_MODEL}",', "")
+    assert 'route="/v1/chat/completions",status="200"' in text.replace(f'model="{DEFAULT_MODEL}",', "")
 
 
 def test_request_id_is_returned(server: Running) -> None:
