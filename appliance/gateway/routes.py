@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode_request
@@ -30,19 +31,19 @@ class OpenAIController(Controller):
     tags = ("OpenAI-compatible",)
 
     @get("/models", summary="List the installed models")
-    async def list_models(self, models: ModelRegistry) -> dict[str, Any]:
+    async def list_models(self, models: NamedDependency[ModelRegistry]) -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": _epoch(m.created_at), "owned_by": "appliance"}
             for m in models.list()
         ]}
 
     @post("/chat/completions", summary="Create a chat completion", status_code=200)
-    async def chat_completions(self, request: Request[Any, Any, State], completions: CompletionService
+    async def chat_completions(self, request: Request[Any, Any, State], completions: NamedDependency[CompletionService]
                                ) -> Response[bytes] | Stream:
         return await _complete(request, completions, ChatCompletionRequest)
 
     @post("/completions", summary="Create a text completion", status_code=200)
-    async def completions(self, request: Request[Any, Any, State], completions: CompletionService
+    async def completions(self, request: Request[Any, Any, State], completions: NamedDependency[CompletionService]
                           ) -> Response[bytes] | Stream:
         return await _complete(request, completions, CompletionRequest)
 
