@@ -6,6 +6,7 @@ Every field carries a help string (shown by `appliance config show`); a test fai
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 ENV_PREFIX = "APPLIANCE_"
+_ERROR_PATH = re.compile(r"at `\$\.([^`\[]*)`")
 SYSTEM_CONFIG = Path("/etc/appliance/appliance.toml")
 SYSTEM_DATA_DIR = Path("/var/lib/appliance")
 
@@ -260,8 +262,11 @@ def load_settings(
             else:
                 sources[key] = f"file {config_file}"
     for section, values in _env_overrides(env).items():
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"'{section}' in {config_file} must be a [{section}] table, not a value")
         for key, value in values.items():
-            raw.setdefault(section, {})[key] = _coerce_env(Settings, section, key, value)
+            table[key] = _coerce_env(Settings, section, key, value)
             sources[f"{section}.{key}"] = f"env APPLIANCE_{section.upper()}__{key.upper()}"
     if data_dir is not None or env.get("APPLIANCE_DATA_DIR") or "data_dir" not in raw:
         raw["data_dir"] = str(chosen_dir)
@@ -272,7 +277,9 @@ def load_settings(
     try:
         settings = msgspec.convert(raw, Settings)
     except msgspec.ValidationError as exc:
-        where = f" in {config_file}" if config_file else ""
+        match = _ERROR_PATH.search(str(exc))
+        source = sources.get(match.group(1)) if match else None
+        where = f" from {source}" if source else (f" in {config_file}" if config_file else "")
         raise ConfigError(f"invalid setting{where}: {exc}") from exc
     return LoadedSettings(settings, sources, config_file)
 

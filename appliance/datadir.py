@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sqlite3
@@ -66,7 +67,7 @@ class DataDir:
                     fh.write(secrets.token_bytes(MASTER_KEY_BYTES))
                 created = True
             self.master_key.chmod(0o600)
-            with self.connect() as conn:
+            with contextlib.closing(self.connect()) as conn:
                 db.migrate(conn)
             if self.database.exists():
                 self.database.chmod(0o600)

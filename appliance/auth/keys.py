@@ -83,7 +83,7 @@ class ApiKeyService:
         body = key_id + "".join(secrets.choice(ALPHABET) for _ in range(SECRET_LEN))
         secret = PREFIX + body + _checksum(body)
         now = datetime.now(UTC)
-        expires = (now + expires_in).isoformat(timespec="seconds") if expires_in else None
+        expires = (now + expires_in).isoformat(timespec="seconds") if expires_in is not None else None
         self.conn.execute("INSERT INTO api_keys(id, name, role, digest, created_at, expires_at) VALUES (?,?,?,?,?,?)",
                           (key_id, name, role, self._digest(secret), now.isoformat(timespec="seconds"), expires))
         return self.get(key_id), secret

@@ -52,6 +52,8 @@ class ModelStore:
                     digest.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
+                if size == 0 and check_head is not None:
+                    check_head(b"")
                 out.flush()
                 os.fsync(out.fileno())
             actual = digest.hexdigest()
@@ -61,11 +63,8 @@ class ModelStore:
                     "the download was damaged, nothing was stored",
                     code="digest_mismatch",
                 )
-            target = self._path(actual)
-            if target.exists():
-                tmp.unlink()
-            else:
-                tmp.replace(target)
+            # replace even an existing blob: it may be the damaged copy that this pull repairs
+            tmp.replace(self._path(actual))
             return StoredBlob(actual, size)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -189,8 +189,6 @@ def test_parse_duration_refuses_junk(text: str) -> None:
     assert info.value.param == "expires"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: `--expires 0s` (timedelta(0) is falsy) creates a key that never expires")
 def test_zero_lifetime_does_not_mean_forever(service: ApiKeyService) -> None:
     record, _ = service.create("zero", "admin", parse_duration("0s"))
     assert record.expires_at is not None

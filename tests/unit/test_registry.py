@@ -96,8 +96,6 @@ def test_non_gguf_file_is_refused_and_leaves_nothing(
     assert registry.list() == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: an empty file never reaches the GGUF magic check and is stored as a model")
 def test_empty_file_is_refused(registry: ModelRegistry, data: DataDir, tmp_path: Path) -> None:
     source = tmp_path / "empty.gguf"
     source.write_bytes(b"")
@@ -200,8 +198,6 @@ def test_pulling_a_damaged_catalog_model_again_fetches_it(
     assert registry.verify() == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: ModelStore.put keeps an existing (damaged) blob instead of the verified new copy")
 def test_pulling_again_repairs_a_corrupted_blob(registry: ModelRegistry, data: DataDir, tmp_path: Path) -> None:
     source = gguf_file(tmp_path / "m.gguf")
     record = registry.pull(f"file:{source}")
