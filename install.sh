@@ -47,15 +47,24 @@ is_systemd_box() {
     [[ "$(cat /proc/1/comm 2>/dev/null || true)" == systemd ]]
 }
 
-# The newest python3.13/3.12/3.11 that really runs (pyenv shims exist for versions that are not active).
+# Prints the interpreter path of the newest Python >= 3.11 among python3.13/3.12/3.11/python3; each candidate is
+# run, as pyenv has shims for versions that are not active. With "service", only an interpreter that an
+# unprivileged user can run (not one under /root, as pyenv's is) will do.
 find_python() {
-    local candidate
-    for candidate in python3.13 python3.12 python3.11 python3; do
-        if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
-            command -v "$candidate"
+    local for_service=${1:-} name path real
+    for name in python3.13 python3.12 python3.11 python3; do
+        for path in "$(command -v "$name" 2>/dev/null || true)" "/usr/local/bin/$name" "/usr/bin/$name"; do
+            [[ -n $path && -x $path ]] || continue
+            real=$("$path" -c 'import sys; print(sys.executable) if sys.version_info >= (3, 11) else sys.exit(1)' \
+                2>/dev/null) || continue
+            [[ -n $real ]] || continue
+            if [[ $for_service == service ]] && getent passwd nobody >/dev/null &&
+                ! (cd / && runuser -u nobody -- "$real" -c '') >/dev/null 2>&1; then
+                continue
+            fi
+            printf '%s\n' "$real"
             return 0
-        fi
+        done
     done
     return 1
 }
@@ -69,8 +78,12 @@ free_kib() {
 
 # Everything is checked before anything is changed; each failure is one line saying how to fix it.
 check_prerequisites() {
-    local target=$1 kib
-    PYTHON=$(find_python) || die "install python3.11 or newer: apt-get install python3 python3-venv"
+    local target=$1 for_service=${2:-} kib
+    if ! PYTHON=$(find_python "$for_service"); then
+        [[ $for_service == service ]] &&
+            die "install python3.11 or newer that the service user can run: apt-get install python3 python3-venv"
+        die "install python3.11 or newer: apt-get install python3 python3-venv"
+    fi
     "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 ||
         die "the Python venv module is missing for $PYTHON: apt-get install python3-venv"
     if ! command -v cc >/dev/null 2>&1 || ! command -v c++ >/dev/null 2>&1; then
@@ -84,11 +97,19 @@ check_prerequisites() {
     fi
 }
 
-# Create the virtual environment, or keep the existing one when its Python still runs and is new enough.
+# Python of an existing venv that still runs, is new enough and (with "service") runs as an unprivileged user.
+venv_usable() {
+    local python=$1/bin/python for_service=${2:-}
+    [[ -x $python ]] && "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 || return 1
+    if [[ $for_service == service ]] && getent passwd nobody >/dev/null; then
+        (cd / && runuser -u nobody -- "$python" -c '') >/dev/null 2>&1 || return 1
+    fi
+}
+
+# Create the virtual environment, or keep the existing one when it is still usable.
 make_venv() {
-    local venv=$1
-    if [[ -x $venv/bin/python ]] &&
-        "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+    local venv=$1 for_service=${2:-}
+    if venv_usable "$venv" "$for_service"; then
         step "using the virtual environment $venv ($("$venv/bin/python" --version))"
     else
         step "creating the virtual environment $venv ($("$PYTHON" --version))"
@@ -99,7 +120,7 @@ make_venv() {
 
 # Reads pip's verbose output and shows ninja's [N/M] counters: in place on a terminal, every ~10% elsewhere.
 show_build_progress() {
-    local interactive=$1 log=$2 line built total pct next=10 shown=0
+    local interactive=$1 log=$2 line built total pct next=10 shown=0 announced=0
     while IFS= read -r line; do
         if [[ $line =~ ^[[:space:]]*\[([0-9]+)/([0-9]+)\] ]]; then
             built=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
@@ -114,8 +135,9 @@ show_build_progress() {
                     next=$((pct / 10 * 10 + 10))
                 fi
             fi
-        elif [[ $line == *"Building wheel for llama-cpp-python"* ]]; then
+        elif [[ $announced == 0 && $line == *"Building wheel for llama-cpp-python"* ]]; then
             printf 'compiling llama.cpp from source; several minutes on a few cores (full output: %s)\n' "$log"
+            announced=1
         fi
     done
     if ((shown)); then printf '\n'; fi
@@ -310,11 +332,11 @@ system_install() {
     for tool in curl runuser useradd systemctl; do
         command -v "$tool" >/dev/null 2>&1 || die "$tool is missing: apt-get install curl util-linux passwd systemd"
     done
-    check_prerequisites "$SYS_PREFIX"
+    check_prerequisites "$SYS_PREFIX" service
     umask 022 # the venv, share and config must be readable by the service user
 
     install -d -m 0755 "$SYS_PREFIX" "$SYS_SHARE"
-    make_venv "$SYS_VENV"
+    make_venv "$SYS_VENV" service
     install_llama "$SYS_VENV" "$SYS_PREFIX/install-llama.log"
     step "installing the appliance into $SYS_VENV"
     "$SYS_VENV/bin/python" -m pip install --quiet --upgrade "$SRC"
