@@ -127,6 +127,9 @@ class RequestContextMiddleware(ASGIMiddleware):
 
         try:
             await next_app(scope, receive, send_wrapper)
+        except (ApplianceError, HTTPException) as exc:  # raised by inner middleware (auth), answered outside
+            status = exc.status_code
+            raise
         finally:
             elapsed = time.perf_counter() - started
             route = scope["path"] if scope.get("route_handler") else "unmatched"

@@ -182,6 +182,12 @@ def test_metrics_count_requests_tokens_and_latency(server: Running) -> None:
     assert 'route="/v1/chat/completions",status="200"' in text.replace(f'model="{DEFAULT_MODEL}",', "")
 
 
+def test_refused_requests_are_counted_as_401(server: Running) -> None:
+    httpx.get(server.url + "/v1/models")
+    text = httpx.get(server.url + "/metrics", headers=server.headers).text
+    assert 'appliance_requests_total{model="",route="/v1/models",status="401"}' in text
+
+
 def test_request_id_is_returned(server: Running) -> None:
     response = httpx.get(server.url + "/v1/models", headers={**server.headers, "X-Request-Id": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
