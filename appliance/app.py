@@ -23,6 +23,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
+from appliance.audit import AuditLog
 from appliance.auth.keys import ApiKeyService, derive_pepper
 from appliance.config import Settings
 from appliance.datadir import DataDir
@@ -53,9 +54,10 @@ class Services:
         self.data.require_initialised()
         self.conn = self.data.connect()
         self.metrics = Metrics()
-        self.keys = ApiKeyService(self.conn, derive_pepper(self.data.read_master_key()))
+        self.audit = AuditLog(self.conn)
+        self.keys = ApiKeyService(self.conn, derive_pepper(self.data.read_master_key()), audit=self.audit)
         self.store = ModelStore(self.data.models, self.data.tmp)
-        self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog))
+        self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog), audit=self.audit)
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
         self.vllm = VllmEngine(settings.vllm)
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics)

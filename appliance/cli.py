@@ -1,8 +1,10 @@
-"""The `appliance` command: init, serve, doctor, config, models, keys."""
+"""The `appliance` command: init, serve, doctor, config, models, keys, audit."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -62,19 +64,34 @@ def cmd_config_show(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     return 0
 
 
+def _actor() -> str:
+    """Who did it, as the audit log records CLI actions: the operating-system user running the command."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no name for this uid (e.g. a container without a passwd entry)
+        return f"cli:uid-{os.getuid()}"
+
+
+def _audit(data: DataDir) -> Any:
+    from appliance.audit import AuditLog
+
+    data.require_initialised()
+    return AuditLog(data.connect())
+
+
 def _registry(loaded: LoadedSettings) -> Any:
     from appliance.registry.catalog import load_catalog
     from appliance.registry.service import ModelRegistry
     from appliance.registry.store import ModelStore
 
     data = DataDir(loaded.settings.data_path)
-    data.require_initialised()
+    audit = _audit(data)
     catalog = load_catalog(loaded.settings.models.catalog)
-    return ModelRegistry(data.connect(), ModelStore(data.models, data.tmp), catalog)
+    return ModelRegistry(audit.conn, ModelStore(data.models, data.tmp), catalog, audit=audit)
 
 
 def cmd_models_pull(args: argparse.Namespace, loaded: LoadedSettings) -> int:
-    record = _registry(loaded).pull(args.source, name=args.name)
+    record = _registry(loaded).pull(args.source, name=args.name, actor=_actor())
     print(f"{record.name}: {record.size_bytes / 2**20:.1f} MiB, sha256 {record.sha256}")
     return 0
 
@@ -95,7 +112,7 @@ def cmd_models_catalog(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 
 
 def cmd_models_rm(args: argparse.Namespace, loaded: LoadedSettings) -> int:
-    record = _registry(loaded).remove(args.name)
+    record = _registry(loaded).remove(args.name, actor=_actor())
     print(f"removed {record.name}")
     return 0
 
@@ -114,15 +131,15 @@ def _keys(loaded: LoadedSettings) -> Any:
     from appliance.auth.keys import ApiKeyService, derive_pepper
 
     data = DataDir(loaded.settings.data_path)
-    data.require_initialised()
-    return ApiKeyService(data.connect(), derive_pepper(data.read_master_key()))
+    audit = _audit(data)
+    return ApiKeyService(audit.conn, derive_pepper(data.read_master_key()), audit=audit)
 
 
 def cmd_keys_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     from appliance.auth.keys import parse_duration
 
     expires = parse_duration(args.expires) if args.expires else None
-    key, secret = _keys(loaded).create(args.name, args.role, expires)
+    key, secret = _keys(loaded).create(args.name, args.role, expires, actor=_actor())
     print(f"created API key {key.id} '{key.name}' role={key.role} expires={key.expires_at or 'never'}",
           file=sys.stderr)
     print("store it now: it is shown only this once", file=sys.stderr, flush=True)
@@ -139,13 +156,38 @@ def cmd_keys_list(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace, loaded: LoadedSettings) -> int:
-    key = _keys(loaded).revoke(args.id)
+    key = _keys(loaded).revoke(args.id, actor=_actor())
     print(f"revoked {key.id} '{key.name}'")
     return 0
 
 
 def cmd_keys_has_admin(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     return 0 if _keys(loaded).has_active_admin() else 1
+
+
+def cmd_audit_verify(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    result = _audit(DataDir(loaded.settings.data_path)).verify()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not result.ok:
+        reason = result.reason.removeprefix(f"record {result.first_broken_seq}: ")
+        print(f"audit log BROKEN at record {result.first_broken_seq}: {reason}; the {result.count} records "
+              "before it are intact. Keep this database as evidence, and restore from a backup", file=sys.stderr)
+        return 1
+    print(f"audit log intact: {result.count} records (last hash {result.last_hash}; keep it off the box to "
+          "detect a rewritten or truncated log later)")
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    audit = _audit(DataDir(loaded.settings.data_path))
+    try:
+        for record in audit.export(since=args.since, until=args.until, action=args.action, actor=args.actor):
+            sys.stdout.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `appliance audit export | head` is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = add("revoke", cmd_keys_revoke, "revoke an API key by id", keys)
     revoke.add_argument("id")
     add("has-admin", cmd_keys_has_admin, "exit 0 when an active admin key exists (used by install.sh)", keys)
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(dest="sub", required=True)
+    add("verify", cmd_audit_verify, "check the hash chain; exits 1 naming the first broken record", audit)
+    export = add("export", cmd_audit_export, "print audit records as JSON lines, oldest first", audit)
+    export.add_argument("--since", help="ISO-8601 time, inclusive (UTC when no zone is given)")
+    export.add_argument("--until", help="ISO-8601 time, exclusive")
+    export.add_argument("--action", help="only this action, e.g. key.create, model.pull")
+    export.add_argument("--actor", help="only this actor, e.g. cli:root")
     return parser
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # Append only: a migration, once released, never changes; the next one fixes it.
@@ -29,7 +29,44 @@ MIGRATIONS: Sequence[str] = (
         last_used_at TEXT
     );
     """,
+    # 2: the hash-chained audit log (appliance/audit.py). AUTOINCREMENT keeps a high-water mark in
+    # sqlite_sequence, so removing the newest records leaves a trace; the triggers make it append-only.
+    """
+    CREATE TABLE audit_log (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         TEXT NOT NULL,
+        actor      TEXT NOT NULL,
+        action     TEXT NOT NULL,
+        target     TEXT NOT NULL DEFAULT '',
+        outcome    TEXT NOT NULL CHECK (outcome IN ('ok', 'denied', 'error')),
+        details    TEXT NOT NULL,
+        prev_hash  TEXT NOT NULL,
+        hash       TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_at ON audit_log(at);
+    CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+    BEGIN
+        SELECT RAISE(ABORT, 'audit_log is append-only: records cannot be changed');
+    END;
+    CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+    BEGIN
+        SELECT RAISE(ABORT, 'audit_log is append-only: records cannot be deleted');
+    END;
+    """,
 )
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script into statements; a `;` inside a trigger body or a string literal does not end one."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\n;"):
+                yield pending
+            pending = ""
+    if pending.strip(" \t\n;"):
+        raise ValueError(f"incomplete SQL statement in a migration: {pending.strip()[:80]!r}")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -58,7 +95,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in filter(str.strip, script.split(";")):
+            for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={version}")
             conn.execute("COMMIT")

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
+from appliance.audit import AuditLog, audited
 from appliance.errors import InvalidRequest, Unauthenticated
 
 PREFIX = "apl_"
@@ -66,26 +67,33 @@ def derive_pepper(master_key: bytes) -> bytes:
 
 
 class ApiKeyService:
-    def __init__(self, conn: sqlite3.Connection, pepper: bytes) -> None:
+    def __init__(self, conn: sqlite3.Connection, pepper: bytes, audit: AuditLog | None = None) -> None:
         self.conn = conn
         self.pepper = pepper
+        self.audit = audit
 
     def _digest(self, key: str) -> str:
         return hmac.new(self.pepper, key.encode(), hashlib.sha256).hexdigest()
 
-    def create(self, name: str, role: str, expires_in: timedelta | None = None) -> tuple[ApiKey, str]:
-        """Create a key; the secret is returned here once and never stored."""
-        if role not in ROLES:
-            raise InvalidRequest(f"unknown role {role!r}; roles: {', '.join(ROLES)}", param="role")
-        if not name.strip():
-            raise InvalidRequest("a key needs a name", param="name")
-        key_id = "".join(secrets.choice(ALPHABET) for _ in range(ID_LEN))
-        body = key_id + "".join(secrets.choice(ALPHABET) for _ in range(SECRET_LEN))
-        secret = PREFIX + body + _checksum(body)
-        now = datetime.now(UTC)
-        expires = (now + expires_in).isoformat(timespec="seconds") if expires_in is not None else None
-        self.conn.execute("INSERT INTO api_keys(id, name, role, digest, created_at, expires_at) VALUES (?,?,?,?,?,?)",
-                          (key_id, name, role, self._digest(secret), now.isoformat(timespec="seconds"), expires))
+    def create(self, name: str, role: str, expires_in: timedelta | None = None, *,
+               actor: str = "system") -> tuple[ApiKey, str]:
+        """Create a key; the secret is returned here once and never stored (nor audited: only the key's id)."""
+        with audited(self.audit, actor, "key.create", name=name, role=role) as event:
+            if role not in ROLES:
+                raise InvalidRequest(f"unknown role {role!r}; roles: {', '.join(ROLES)}", param="role")
+            if not name.strip():
+                raise InvalidRequest("a key needs a name", param="name")
+            key_id = "".join(secrets.choice(ALPHABET) for _ in range(ID_LEN))
+            body = key_id + "".join(secrets.choice(ALPHABET) for _ in range(SECRET_LEN))
+            secret = PREFIX + body + _checksum(body)
+            now = datetime.now(UTC)
+            expires = (now + expires_in).isoformat(timespec="seconds") if expires_in is not None else None
+            event.target, event.details["expires_at"] = key_id, expires
+            with event.commit():
+                self.conn.execute("INSERT INTO api_keys(id, name, role, digest, created_at, expires_at) "
+                                  "VALUES (?,?,?,?,?,?)",
+                                  (key_id, name, role, self._digest(secret), now.isoformat(timespec="seconds"),
+                                   expires))
         return self.get(key_id), secret
 
     def get(self, key_id: str) -> ApiKey:
@@ -100,10 +108,15 @@ class ApiKeyService:
                                  "FROM api_keys ORDER BY created_at").fetchall()
         return [msgspec.convert(dict(r), ApiKey) for r in rows]
 
-    def revoke(self, key_id: str) -> ApiKey:
-        self.get(key_id)
-        self.conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                          (datetime.now(UTC).isoformat(timespec="seconds"), key_id))
+    def revoke(self, key_id: str, *, actor: str = "system") -> ApiKey:
+        with audited(self.audit, actor, "key.revoke", key_id) as event:
+            key = self.get(key_id)
+            event.details.update(name=key.name, role=key.role)
+            with event.commit():
+                changed = self.conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                                            (datetime.now(UTC).isoformat(timespec="seconds"), key_id)).rowcount
+                if not changed:
+                    event.details["already_revoked"] = True
         return self.get(key_id)
 
     def has_active_admin(self) -> bool:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from appliance.audit import AuditLog, audited
 from appliance.errors import ModelNotFound, RegistryError
 from appliance.registry.catalog import Catalog
 from appliance.registry.sources import SourceSpec, open_source, parse_source
@@ -39,37 +40,55 @@ def valid_model_name(name: str) -> str:
     return name
 
 
+class _Wanted(msgspec.Struct, frozen=True):
+    """What a pull resolved to before fetching anything."""
+
+    name: str
+    spec: SourceSpec
+    source: str
+    expected: str | None
+    format: str
+    licence: str
+
+
 class ModelRegistry:
-    def __init__(self, conn: sqlite3.Connection, store: ModelStore, catalog: Catalog) -> None:
+    def __init__(self, conn: sqlite3.Connection, store: ModelStore, catalog: Catalog,
+                 audit: AuditLog | None = None) -> None:
         self.conn = conn
         self.store = store
         self.catalog = catalog
+        self.audit = audit
 
-    def pull(self, source_or_name: str, name: str | None = None) -> ModelRecord:
-        """Fetch a catalog entry or a source into the store and record it under `name`."""
+    def _resolve(self, source_or_name: str, name: str | None) -> _Wanted:
         entry = self.catalog.models.get(source_or_name)
         if entry is not None:
-            spec, expected, fmt, licence = parse_source(entry.source), entry.sha256, entry.format, entry.licence
-            name = name or source_or_name
-            source = entry.source
-        else:
-            spec = parse_source(source_or_name)
-            expected, fmt, licence, source = None, "gguf", "", source_or_name
-            name = name or spec.default_name
-        valid_model_name(name)
-        existing = self.find(name)
-        if existing is not None and expected and existing.sha256 == expected and self.store.verify(expected):
-            return existing
-        blob = self._fetch(spec, expected)
-        record = ModelRecord(name, source, fmt, blob.sha256, blob.size_bytes, licence,
-                             datetime.now(UTC).isoformat(timespec="seconds"))
-        self.conn.execute(
-            "INSERT INTO models(name, source, format, sha256, size_bytes, licence, created_at) "
-            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET source=excluded.source, "
-            "format=excluded.format, sha256=excluded.sha256, size_bytes=excluded.size_bytes, "
-            "licence=excluded.licence, created_at=excluded.created_at",
-            msgspec.structs.astuple(record),
-        )
+            return _Wanted(valid_model_name(name or source_or_name), parse_source(entry.source), entry.source,
+                           entry.sha256, entry.format, entry.licence)
+        spec = parse_source(source_or_name)
+        return _Wanted(valid_model_name(name or spec.default_name), spec, source_or_name, None, "gguf", "")
+
+    def pull(self, source_or_name: str, name: str | None = None, *, actor: str = "system") -> ModelRecord:
+        """Fetch a catalog entry or a source into the store and record it under `name`."""
+        with audited(self.audit, actor, "model.pull", name or source_or_name, source=source_or_name) as event:
+            want = self._resolve(source_or_name, name)
+            event.target, event.details["source"] = want.name, want.source
+            existing = self.find(want.name)
+            if (existing is not None and want.expected and existing.sha256 == want.expected
+                    and self.store.verify(want.expected)):
+                event.details.update(sha256=existing.sha256, size_bytes=existing.size_bytes, unchanged=True)
+                return existing
+            blob = self._fetch(want.spec, want.expected)
+            record = ModelRecord(want.name, want.source, want.format, blob.sha256, blob.size_bytes, want.licence,
+                                 datetime.now(UTC).isoformat(timespec="seconds"))
+            event.details.update(sha256=record.sha256, size_bytes=record.size_bytes, format=record.format)
+            with event.commit():
+                self.conn.execute(
+                    "INSERT INTO models(name, source, format, sha256, size_bytes, licence, created_at) "
+                    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET source=excluded.source, "
+                    "format=excluded.format, sha256=excluded.sha256, size_bytes=excluded.size_bytes, "
+                    "licence=excluded.licence, created_at=excluded.created_at",
+                    msgspec.structs.astuple(record),
+                )
         if existing is not None and existing.sha256 != record.sha256:
             self._drop_blob_if_unused(existing.sha256)
         return record
@@ -96,9 +115,12 @@ class ModelRegistry:
         rows = self.conn.execute("SELECT * FROM models ORDER BY name").fetchall()
         return [msgspec.convert(dict(r), ModelRecord) for r in rows]
 
-    def remove(self, name: str) -> ModelRecord:
-        record = self.get(name)
-        self.conn.execute("DELETE FROM models WHERE name = ?", (name,))
+    def remove(self, name: str, *, actor: str = "system") -> ModelRecord:
+        with audited(self.audit, actor, "model.remove", name) as event:
+            record = self.get(name)
+            event.details.update(source=record.source, sha256=record.sha256, size_bytes=record.size_bytes)
+            with event.commit():
+                self.conn.execute("DELETE FROM models WHERE name = ?", (name,))
         self._drop_blob_if_unused(record.sha256)
         return record
 
