@@ -125,7 +125,7 @@ class AuditLog:
         found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log'").fetchone()
         if found is None:
             raise AuditLogMissing("the database has no audit log yet (it predates this version); run "
-                                  "`appliance init` to upgrade it, then start again")
+                                  "`appliance init` (or any appliance command) to upgrade it")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

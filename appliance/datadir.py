@@ -67,8 +67,8 @@ class DataDir:
                     fh.write(secrets.token_bytes(MASTER_KEY_BYTES))
                 created = True
             self.master_key.chmod(0o600)
-            with contextlib.closing(self.connect()) as conn:
-                db.migrate(conn)
+            with contextlib.closing(self.connect()):
+                pass
             if self.database.exists():
                 self.database.chmod(0o600)
             return created
@@ -88,4 +88,7 @@ class DataDir:
         return key
 
     def connect(self) -> sqlite3.Connection:
-        return db.connect(self.database)
+        """A connection to the database at the current schema: an upgraded appliance migrates in place."""
+        conn = db.connect(self.database)
+        db.migrate(conn)
+        return conn

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import stat
 from pathlib import Path
 
 import pytest
 
 from appliance.datadir import MASTER_KEY_BYTES, DataDir
-from appliance.db import MIGRATIONS
+from appliance.db import MIGRATIONS, schema_version
 
 
 def mode(path: Path) -> int:
@@ -93,3 +94,16 @@ def test_newer_database_is_refused(data: DataDir) -> None:
         conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
     with pytest.raises(RuntimeError, match="schema version"):
         data.initialise()
+
+
+def test_an_older_database_is_migrated_in_place_on_connect(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "old")
+    data.initialise()
+    data.database.unlink()
+    with contextlib.closing(sqlite3.connect(data.database)) as raw:  # a database as the first release left it
+        raw.executescript(MIGRATIONS[0] + ";PRAGMA user_version=1;")
+        raw.execute("INSERT INTO api_keys(id, name, role, digest, created_at) VALUES ('k','n','admin','d','t')")
+        raw.commit()
+    with contextlib.closing(data.connect()) as conn:
+        assert schema_version(conn) == len(MIGRATIONS)
+        assert conn.execute("SELECT name FROM api_keys").fetchone()[0] == "n"
