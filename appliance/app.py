@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, Router, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
@@ -24,7 +24,9 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.audit import AuditLog
+from appliance.auth.guards import PUBLIC, permission, permission_guard
 from appliance.auth.keys import ApiKeyService, derive_pepper
+from appliance.auth.rbac import Rbac
 from appliance.config import Settings
 from appliance.datadir import DataDir
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
@@ -55,7 +57,9 @@ class Services:
         self.conn = self.data.connect()
         self.metrics = Metrics()
         self.audit = AuditLog(self.conn)
-        self.keys = ApiKeyService(self.conn, derive_pepper(self.data.read_master_key()), audit=self.audit)
+        self.rbac = Rbac.load(settings.auth.rbac_file)
+        self.keys = ApiKeyService(self.conn, derive_pepper(self.data.read_master_key()), audit=self.audit,
+                                  roles=self.rbac.roles)
         self.store = ModelStore(self.data.models, self.data.tmp)
         self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog), audit=self.audit)
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
@@ -150,19 +154,20 @@ class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=principal, auth=principal.key_id)
 
 
-@get("/healthz", summary="Liveness", include_in_schema=True)
+@get("/healthz", summary="Liveness", opt=permission(PUBLIC))
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: the default model is loaded")
+@get("/readyz", summary="Readiness: the default model is loaded", opt=permission(PUBLIC))
 async def readyz(state: State) -> Response[dict[str, str]]:
     services: Services = state.services
     ready = services.pool.is_ready(services.settings.models.default)
     return Response({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
 
-@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4",
+     opt=permission("metrics:read"))
 async def metrics(state: State) -> bytes:
     services: Services = state.services
     return services.metrics.render()
@@ -197,7 +202,9 @@ def create_app(settings: Settings) -> Litestar:
         ],
         exception_handlers={ApplianceError: lambda _, exc: error_response(exc),
                             HTTPException: http_error_response, Exception: unexpected_error_response},
-        openapi_config=OpenAPIConfig(title="Appliance", version=__version__, path="/schema"),
+        openapi_config=OpenAPIConfig(title="Appliance", version=__version__, path="/schema", openapi_router=Router(
+            path="/schema", route_handlers=[], opt=permission("metrics:read"))),
+        guards=[permission_guard],
         request_max_body_size=settings.server.max_body_bytes,
         logging_config=None,
         debug=False,

@@ -129,10 +129,12 @@ def cmd_models_verify(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 
 def _keys(loaded: LoadedSettings) -> Any:
     from appliance.auth.keys import ApiKeyService, derive_pepper
+    from appliance.auth.rbac import Rbac
 
     data = DataDir(loaded.settings.data_path)
     audit = _audit(data)
-    return ApiKeyService(audit.conn, derive_pepper(data.read_master_key()), audit=audit)
+    roles = Rbac.load(loaded.settings.auth.rbac_file).roles
+    return ApiKeyService(audit.conn, derive_pepper(data.read_master_key()), audit=audit, roles=roles)
 
 
 def cmd_keys_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:

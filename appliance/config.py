@@ -78,6 +78,12 @@ class VllmSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     )
 
 
+class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    rbac_file: Annotated[
+        str, _doc("Path of the roles file (rbac.toml); empty = policies/rbac.toml shipped with the appliance.")
+    ] = ""
+
+
 class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_queue: Annotated[
         int, _doc("Requests that may wait for a busy model; more get 429 with Retry-After.", ge=0)
@@ -125,6 +131,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         default_factory=LlamaCppSettings
     )
     vllm: Annotated[VllmSettings, _doc("The vLLM engine (GPU).")] = msgspec.field(default_factory=VllmSettings)
+    auth: Annotated[AuthSettings, _doc("Roles and permissions.")] = msgspec.field(default_factory=AuthSettings)
     gateway: Annotated[GatewaySettings, _doc("Queueing and timeouts of the OpenAI-compatible API.")] = (
         msgspec.field(default_factory=GatewaySettings)
     )

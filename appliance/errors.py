@@ -40,6 +40,12 @@ class Unauthenticated(ApplianceError):
     code = "invalid_api_key"
 
 
+class Forbidden(ApplianceError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
 class NotFound(ApplianceError):
     status_code = 404
     error_type = "invalid_request_error"

@@ -9,18 +9,19 @@ import secrets
 import sqlite3
 import string
 import zlib
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 
 from appliance.audit import AuditLog, audited
+from appliance.auth.rbac import Rbac
 from appliance.errors import InvalidRequest, Unauthenticated
 
 PREFIX = "apl_"
 ALPHABET = string.ascii_letters + string.digits
 ID_LEN, SECRET_LEN, CHECK_LEN = 8, 32, 6
 KEY_RE = re.compile(rf"^{PREFIX}([A-Za-z0-9]{{{ID_LEN}}})([A-Za-z0-9]{{{SECRET_LEN}}})([A-Za-z0-9]{{{CHECK_LEN}}})$")
-ROLES = ("admin",)
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -67,10 +68,12 @@ def derive_pepper(master_key: bytes) -> bytes:
 
 
 class ApiKeyService:
-    def __init__(self, conn: sqlite3.Connection, pepper: bytes, audit: AuditLog | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection, pepper: bytes, audit: AuditLog | None = None,
+                 roles: Collection[str] | None = None) -> None:
         self.conn = conn
         self.pepper = pepper
         self.audit = audit
+        self.roles = tuple(roles) if roles is not None else tuple(Rbac.load().roles)
 
     def _digest(self, key: str) -> str:
         return hmac.new(self.pepper, key.encode(), hashlib.sha256).hexdigest()
@@ -79,8 +82,8 @@ class ApiKeyService:
                actor: str = "system") -> tuple[ApiKey, str]:
         """Create a key; the secret is returned here once and never stored (nor audited: only the key's id)."""
         with audited(self.audit, actor, "key.create", name=name, role=role) as event:
-            if role not in ROLES:
-                raise InvalidRequest(f"unknown role {role!r}; roles: {', '.join(ROLES)}", param="role")
+            if role not in self.roles:
+                raise InvalidRequest(f"unknown role {role!r}; roles: {', '.join(self.roles)}", param="role")
             if not name.strip():
                 raise InvalidRequest("a key needs a name", param="name")
             key_id = "".join(secrets.choice(ALPHABET) for _ in range(ID_LEN))

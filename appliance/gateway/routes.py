@@ -9,6 +9,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
+from appliance.auth.guards import permission
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode_request
 from appliance.gateway.service import Completed, CompletionService
 from appliance.registry.service import ModelRegistry
@@ -30,19 +31,19 @@ class OpenAIController(Controller):
     path = "/v1"
     tags = ("OpenAI-compatible",)
 
-    @get("/models", summary="List the installed models")
+    @get("/models", summary="List the installed models", opt=permission("models:read"))
     async def list_models(self, models: NamedDependency[ModelRegistry]) -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": _epoch(m.created_at), "owned_by": "appliance"}
             for m in models.list()
         ]}
 
-    @post("/chat/completions", summary="Create a chat completion", status_code=200)
+    @post("/chat/completions", summary="Create a chat completion", status_code=200, opt=permission("chat:use"))
     async def chat_completions(self, request: Request[Any, Any, State], completions: NamedDependency[CompletionService]
                                ) -> Response[bytes] | Stream:
         return await _complete(request, completions, ChatCompletionRequest)
 
-    @post("/completions", summary="Create a text completion", status_code=200)
+    @post("/completions", summary="Create a text completion", status_code=200, opt=permission("chat:use"))
     async def completions(self, request: Request[Any, Any, State], completions: NamedDependency[CompletionService]
                           ) -> Response[bytes] | Stream:
         return await _complete(request, completions, CompletionRequest)

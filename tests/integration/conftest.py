@@ -31,9 +31,10 @@ def model_file(template_dir: Path) -> Path:
     return blobs[0]
 
 
-def new_key(data_dir: Path, role: str = "admin", expires: str | None = None) -> str:
+def new_key(data_dir: Path, role: str = "admin", expires: str | None = None,
+            env: dict[str, str] | None = None) -> str:
     args = ["keys", "create", "--name", "test", "--role", role] + (["--expires", expires] if expires else [])
-    return appliance(*args, data_dir=data_dir).stdout.strip().splitlines()[-1]
+    return appliance(*args, data_dir=data_dir, env=env).stdout.strip().splitlines()[-1]
 
 
 class Running:

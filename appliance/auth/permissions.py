@@ -1,0 +1,22 @@
+"""The registry of permissions: every action a route or command may require, each documented.
+
+A route names exactly one of these (see `appliance.auth.guards.requires`); roles in policies/rbac.toml grant them."""
+
+from __future__ import annotations
+
+PERMISSIONS: dict[str, str] = {
+    "chat:use": "Create chat and text completions (/v1/chat/completions, /v1/completions).",
+    "embeddings:use": "Create embeddings (/v1/embeddings).",
+    "models:read": "List models and their details (/v1/models).",
+    "models:manage": "Pull, import, remove, load and unload models; set aliases and stages.",
+    "rag:read": "Query the collections the principal may read.",
+    "rag:write": "Add and delete documents in the collections the principal may write.",
+    "rag:admin": "Create and delete collections and change who may use them.",
+    "users:manage": "Create, disable and change the role of users.",
+    "keys:manage": "Create, list and revoke any API key.",
+    "keys:own": "Create, list and revoke one's own API keys.",
+    "policies:manage": "Change privacy, retention and quota policies.",
+    "audit:read": "Read and export the audit log.",
+    "metrics:read": "Read Prometheus metrics (/metrics) and the API schema.",
+}
+ALL = "*"

@@ -1,0 +1,61 @@
+"""Roles from policies/rbac.toml: loaded and validated at start, then asked `allows(role, permission)`."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+from appliance.auth.permissions import ALL, PERMISSIONS
+
+SHIPPED_RBAC = Path(__file__).resolve().parents[2] / "policies" / "rbac.toml"
+
+
+class Role(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    permissions: list[str]
+    description: str = ""
+
+
+class RbacFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    roles: dict[str, Role]
+
+
+class RbacError(ValueError):
+    """The roles file cannot be used; the message names the file, the role and what to fix."""
+
+
+class Rbac:
+    def __init__(self, roles: dict[str, frozenset[str]], descriptions: dict[str, str] | None = None) -> None:
+        self.roles = roles
+        self.descriptions = descriptions or {}
+
+    @classmethod
+    def load(cls, path: str | Path = "") -> Rbac:
+        source = Path(path) if path else SHIPPED_RBAC
+        try:
+            parsed = msgspec.convert(tomllib.loads(source.read_text()), RbacFile)
+        except FileNotFoundError:
+            raise RbacError(f"no roles file at {source}; set auth.rbac_file to the path of rbac.toml") from None
+        except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+            raise RbacError(f"{source}: {exc}") from exc
+        roles: dict[str, frozenset[str]] = {}
+        for name, role in parsed.roles.items():
+            unknown = sorted(set(role.permissions) - PERMISSIONS.keys() - {ALL})
+            if unknown:
+                raise RbacError(f"{source}: role '{name}' grants unknown permission(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(PERMISSIONS)}")
+            if not role.permissions:
+                raise RbacError(f"{source}: role '{name}' grants nothing; give it permissions or remove it")
+            roles[name] = frozenset(PERMISSIONS) if ALL in role.permissions else frozenset(role.permissions)
+        if not roles:
+            raise RbacError(f"{source}: no roles defined")
+        return cls(roles, {name: role.description for name, role in parsed.roles.items()})
+
+    def allows(self, role: str, permission: str) -> bool:
+        return permission in self.roles.get(role, frozenset())
+
+    def check_role(self, role: str) -> str:
+        if role not in self.roles:
+            raise RbacError(f"unknown role {role!r}; roles: {', '.join(self.roles)}")
+        return role
