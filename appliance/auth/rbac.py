@@ -8,8 +8,9 @@ from pathlib import Path
 import msgspec
 
 from appliance.auth.permissions import ALL, PERMISSIONS
+from appliance.resources import shipped
 
-SHIPPED_RBAC = Path(__file__).resolve().parents[2] / "policies" / "rbac.toml"
+SHIPPED_RBAC = shipped("policies/rbac.toml")
 
 
 class Role(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -8,7 +8,9 @@ from typing import Literal
 
 import msgspec
 
-SHIPPED_CATALOG = Path(__file__).resolve().parents[2] / "models" / "catalog.toml"
+from appliance.resources import shipped
+
+SHIPPED_CATALOG = shipped("models/catalog.toml")
 
 
 class CatalogEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
