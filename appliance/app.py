@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 from litestar import Litestar, Request, Response, Router, get
 from litestar.datastructures import State
@@ -20,6 +21,7 @@ from litestar.exceptions import HTTPException
 from litestar.middleware import ASGIMiddleware
 from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.openapi import OpenAPIConfig
+from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
@@ -32,7 +34,7 @@ from appliance.datadir import DataDir
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
 from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.vllm import VllmEngine
-from appliance.errors import ApplianceError, ModelUnavailable
+from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
 from appliance.logs import get_logger
@@ -110,14 +112,41 @@ def unexpected_error_response(request: Request[Any, Any, Any], exc: Exception) -
     return Response(body, status_code=500)
 
 
-class RequestContextMiddleware(ASGIMiddleware):
-    """Request id, access log and the request counter; never logs bodies."""
+def allowed_hosts(settings: Settings) -> frozenset[str]:
+    hosts = {h.lower().strip("[]") for h in settings.server.allowed_hosts}
+    if settings.server.host not in ("0.0.0.0", "::"):
+        hosts.add(settings.server.host.lower().strip("[]"))
+    return frozenset(hosts)
 
-    def __init__(self, metrics: Metrics) -> None:
+
+def host_of(header: bytes) -> str:
+    """The host part of a Host header, without port or IPv6 brackets."""
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+class RequestContextMiddleware(ASGIMiddleware):
+    """Host check, request id, access log and the request counter; never logs bodies."""
+
+    def __init__(self, metrics: Metrics, hosts: frozenset[str]) -> None:
         self.metrics = metrics
+        self.hosts = hosts
+
+    @staticmethod
+    def host_refusal(host: str) -> ASGIResponse:
+        error = InvalidRequest(f"Host '{host}' is not served here; add it to server.allowed_hosts if it should be",
+                               code="invalid_host")
+        return ASGIResponse(body=msgspec.json.encode(error.to_body()), status_code=400, media_type="application/json")
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         headers = dict(scope["headers"])
+        host = host_of(headers.get(b"host", b""))
+        if "*" not in self.hosts and host not in self.hosts:
+            log.warning("request.bad_host", host=host[:100], path=scope["path"])
+            await self.host_refusal(host[:100])(scope, receive, send)
+            return
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -197,7 +226,7 @@ def create_app(settings: Settings) -> Litestar:
         state=State({"services": services}),
         lifespan=[lifespan],
         middleware=[
-            RequestContextMiddleware(services.metrics),
+            RequestContextMiddleware(services.metrics, allowed_hosts(settings)),
             lambda app: ApiKeyAuthMiddleware(app, exclude=[f"^{p}$" for p in PUBLIC_PATHS]),
         ],
         exception_handlers={ApplianceError: lambda _, exc: error_response(exc),

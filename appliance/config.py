@@ -30,6 +30,10 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "127.0.0.1"
     )
     port: Annotated[int, _doc("TCP port of the HTTP server.", ge=1, le=65535)] = 8080
+    allowed_hosts: Annotated[
+        list[str],
+        _doc("Host header values accepted (DNS-rebinding guard); the bind address is added; ['*'] accepts any."),
+    ] = msgspec.field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
     max_body_bytes: Annotated[
         int, _doc("Largest request body accepted, in bytes; larger bodies get 413.", ge=1024)
     ] = 8 * 1024 * 1024

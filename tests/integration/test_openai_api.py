@@ -191,3 +191,17 @@ def test_refused_requests_are_counted_as_401(server: Running) -> None:
 def test_request_id_is_returned(server: Running) -> None:
     response = httpx.get(server.url + "/v1/models", headers={**server.headers, "X-Request-Id": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.nip.io", "[2001:db8::1]:80"])
+def test_foreign_host_headers_are_refused(server: Running, host: str) -> None:
+    """DNS rebinding: a page on another origin that resolves to this box must not reach the API."""
+    for path in ("/v1/models", "/healthz"):
+        response = httpx.get(server.url + path, headers={**server.headers, "Host": host})
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_host"
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8080", "127.0.0.1", "[::1]:8080"])
+def test_local_host_headers_are_served(server: Running, host: str) -> None:
+    assert httpx.get(server.url + "/v1/models", headers={**server.headers, "Host": host}).status_code == 200
