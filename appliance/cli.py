@@ -1,4 +1,4 @@
-"""The `appliance` command: init, serve, doctor, config, models, keys, audit."""
+"""The `appliance` command: init, serve, doctor, config, models, keys, users, audit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from appliance.config import ConfigError, LoadedSettings, load_settings
 from appliance.datadir import DataDir
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, InvalidRequest
 
 Handler = Callable[[argparse.Namespace, LoadedSettings], int]
 
@@ -167,6 +167,72 @@ def cmd_keys_has_admin(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     return 0 if _keys(loaded).has_active_admin() else 1
 
 
+def _users(loaded: LoadedSettings) -> Any:
+    from appliance.auth.passwords import derive_password_pepper
+    from appliance.auth.rbac import Rbac
+    from appliance.auth.users import UserService
+
+    data = DataDir(loaded.settings.data_path)
+    audit = _audit(data)
+    roles = Rbac.load(loaded.settings.auth.rbac_file).roles
+    return UserService(audit.conn, derive_password_pepper(data.read_master_key()), audit=audit, roles=roles)
+
+
+def _read_new_password(service: Any, name: str, role: str, from_stdin: bool) -> str:
+    """The new user's password: one line from a pipe, or typed twice at a terminal; never an argument."""
+    from appliance.auth.passwords import check_password
+
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise InvalidRequest("no password on standard input; pipe it as one line, e.g. "
+                                 "`printf '%s\\n' \"$PASSWORD\" | appliance users create ...`", param="password")
+        return line.removesuffix("\n").removesuffix("\r")
+    if not sys.stdin.isatty():
+        raise InvalidRequest("no terminal: pass --password-stdin and pipe the password", param="password")
+    service.check_new(name, role)  # a wrong name or role fails before anyone types a password (create re-checks)
+    password = getpass.getpass(f"password for {name}: ")
+    check_password(password, name)  # say so now, not after it was typed twice
+    if getpass.getpass("repeat it: ") != password:
+        raise InvalidRequest("the two passwords differ; run the command again", param="password")
+    return password
+
+
+def cmd_users_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    service = _users(loaded)
+    password = _read_new_password(service, args.name, args.role, args.password_stdin)
+    user = service.create(args.name, args.role, password, actor=_actor())
+    print(f"created user {user.name} (role {user.role})")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    users = _users(loaded).list()
+    if not users:
+        print("no users; `appliance users create NAME --role admin` adds one", file=sys.stderr)
+    for user in users:
+        print(f"{user.name}\t{user.role}\t{'disabled' if user.disabled else 'active'}\tcreated={user.created_at}")
+    return 0
+
+
+def cmd_users_disable(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    user = _users(loaded).disable(args.name, actor=_actor())
+    print(f"disabled {user.name}: they can no longer log in (`appliance users enable {user.name}` undoes this)")
+    return 0
+
+
+def cmd_users_enable(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    user = _users(loaded).enable(args.name, actor=_actor())
+    print(f"enabled {user.name}")
+    return 0
+
+
+def cmd_users_set_role(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    user = _users(loaded).set_role(args.name, args.role, actor=_actor())
+    print(f"{user.name} now has role {user.role}")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     result = _audit(DataDir(loaded.settings.data_path)).verify()
     for warning in result.warnings:
@@ -230,6 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = add("revoke", cmd_keys_revoke, "revoke an API key by id", keys)
     revoke.add_argument("id")
     add("has-admin", cmd_keys_has_admin, "exit 0 when an active admin key exists (used by install.sh)", keys)
+
+    users = sub.add_parser("users", help="people who log in to the web UI").add_subparsers(dest="sub", required=True)
+    ucreate = add("create", cmd_users_create, "create a user; the password is read from a pipe "
+                  "(--password-stdin) or typed twice at a terminal, never given as an argument", users)
+    ucreate.add_argument("name")
+    ucreate.add_argument("--role", required=True)
+    ucreate.add_argument("--password-stdin", action="store_true",
+                         help="read the password as one line from standard input")
+    add("list", cmd_users_list, "users with their role and state (never their password hashes)", users)
+    for name, handler, helptext in (("disable", cmd_users_disable, "stop a user from logging in"),
+                                    ("enable", cmd_users_enable, "let a disabled user log in again")):
+        add(name, handler, helptext, users).add_argument("name")
+    set_role = add("set-role", cmd_users_set_role, "give a user another role", users)
+    set_role.add_argument("name")
+    set_role.add_argument("role")
 
     audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(dest="sub", required=True)
     add("verify", cmd_audit_verify, "check the hash chain; exits 1 naming the first broken record", audit)

@@ -53,6 +53,19 @@ MIGRATIONS: Sequence[str] = (
         SELECT RAISE(ABORT, 'audit_log is append-only: records cannot be deleted');
     END;
     """,
+    # 3: people who log in to the web UI (appliance/auth/users.py). NOCASE folds ASCII only, which is why user
+    # names are ASCII. No row is seeded: there is no default user and no default password.
+    """
+    CREATE TABLE users (
+        id                  TEXT PRIMARY KEY,
+        name                TEXT UNIQUE NOT NULL COLLATE NOCASE,
+        role                TEXT NOT NULL,
+        password_hash       TEXT NOT NULL,
+        disabled_at         TEXT,
+        created_at          TEXT NOT NULL,
+        password_changed_at TEXT NOT NULL
+    );
+    """,
 )
 
 

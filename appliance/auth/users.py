@@ -1,0 +1,162 @@
+"""Users: people who log in with a name and a password (Argon2id), each with one role; created, listed, disabled,
+enabled and given a new role, every change audited. There is no default user and no default password."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import uuid
+from collections.abc import Collection
+from datetime import UTC, datetime
+
+import msgspec
+
+from appliance.audit import API_KEY_SHAPE, AuditLog, audited
+from appliance.auth.passwords import DEFAULT_PARAMS, MAX_LENGTH, Argon2Params, PasswordHasher, check_password
+from appliance.auth.rbac import Rbac
+from appliance.errors import InvalidRequest, NotFound
+from appliance.logs import get_logger
+
+log = get_logger(__name__)
+
+# ASCII only: SQLite's NOCASE folds ASCII letters, so `Alice` and `ALICE` are one name and nothing else collides.
+NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+_FIELDS = ("id", "name", "role", "disabled_at", "created_at", "password_changed_at")
+_SELECT = "SELECT id, name, role, disabled_at, created_at, password_changed_at, password_hash FROM users"
+
+
+class User(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    role: str
+    disabled_at: str | None
+    created_at: str
+    password_changed_at: str
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise InvalidRequest(f"{name[:80]!r} is not a valid user name; use 1 to 64 letters, digits, '.', '_', '-' "
+                             "or '@' (e.g. alice or alice@example.com)", param="name")
+    if API_KEY_SHAPE.search(name):
+        raise InvalidRequest("a user name must not look like an API key; choose another name", param="name")
+    return name
+
+
+def _user(row: sqlite3.Row) -> User:
+    """The public view of a row: never the password hash."""
+    return msgspec.convert({k: row[k] for k in _FIELDS}, User)
+
+
+class UserService:
+    def __init__(self, conn: sqlite3.Connection, pepper: bytes | None, audit: AuditLog | None = None,
+                 roles: Collection[str] | None = None, params: Argon2Params = DEFAULT_PARAMS) -> None:
+        self.conn = conn
+        self.audit = audit
+        self.roles = tuple(roles) if roles is not None else tuple(Rbac.load().roles)
+        self.hasher = PasswordHasher(params, pepper)
+        self._dummy_hash = self.hasher.dummy_hash()
+
+    def _check_role(self, role: str) -> str:
+        if role not in self.roles:
+            raise InvalidRequest(f"unknown role {role!r}; roles: {', '.join(self.roles)}", param="role")
+        return role
+
+    def check_new(self, name: str, role: str) -> None:
+        """Refuse a bad name, an unknown role or a taken name, before anyone types a password for it."""
+        check_name(name)
+        self._check_role(role)
+        if self._find(name) is not None:
+            raise self._exists(name)
+
+    def create(self, name: str, role: str, password: str, *, actor: str = "system") -> User:
+        """Create a user; the password is checked against the policy and stored only as its hash."""
+        with audited(self.audit, actor, "user.create", name=name[:80], role=role) as event:
+            self.check_new(name, role)
+            check_password(password, name)
+            password_hash = self.hasher.hash(password)  # before the write lock: hashing takes tens of ms
+            user_id, now = uuid.uuid4().hex, _now()
+            event.target = user_id
+            with event.commit():
+                try:
+                    self.conn.execute("INSERT INTO users(id, name, role, password_hash, created_at, "
+                                      "password_changed_at) VALUES (?,?,?,?,?,?)",
+                                      (user_id, name, role, password_hash, now, now))
+                except sqlite3.IntegrityError:  # created meanwhile by another process
+                    raise self._exists(name) from None
+        return self.get(name)
+
+    @staticmethod
+    def _exists(name: str) -> InvalidRequest:
+        return InvalidRequest(f"a user named {name!r} already exists (names ignore case); choose another name, or "
+                              "change the existing user with `appliance users set-role` or `users enable`",
+                              param="name", code="user_exists")
+
+    def _find(self, name: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.conn.execute(_SELECT + " WHERE name = ?", (name,)).fetchone()
+        return row
+
+    def get(self, name: str) -> User:
+        row = self._find(name)
+        if row is None:
+            raise NotFound(f"no user named {name[:80]!r}; `appliance users list` shows the users", param="name")
+        return _user(row)
+
+    def list(self) -> list[User]:
+        return [_user(r) for r in self.conn.execute(_SELECT + " ORDER BY created_at, name").fetchall()]
+
+    def _set_disabled(self, name: str, disabled: bool, actor: str) -> User:
+        action = "user.disable" if disabled else "user.enable"
+        with audited(self.audit, actor, action, name=name[:80]) as event:
+            user = self.get(name)
+            event.target = user.id
+            event.details.update(name=user.name, role=user.role)
+            with event.commit():
+                if disabled:
+                    changed = self.conn.execute("UPDATE users SET disabled_at = ? WHERE id = ? AND "
+                                                "disabled_at IS NULL", (_now(), user.id)).rowcount
+                else:
+                    changed = self.conn.execute("UPDATE users SET disabled_at = NULL WHERE id = ? AND "
+                                                "disabled_at IS NOT NULL", (user.id,)).rowcount
+                if not changed:
+                    event.details["unchanged"] = True
+        return self.get(name)
+
+    def disable(self, name: str, *, actor: str = "system") -> User:
+        """A disabled user cannot log in; their data and audit trail stay. `enable` undoes it."""
+        return self._set_disabled(name, True, actor)
+
+    def enable(self, name: str, *, actor: str = "system") -> User:
+        return self._set_disabled(name, False, actor)
+
+    def set_role(self, name: str, role: str, *, actor: str = "system") -> User:
+        with audited(self.audit, actor, "user.set_role", name=name[:80], role=role) as event:
+            self._check_role(role)
+            user = self.get(name)
+            event.target = user.id
+            event.details.update(name=user.name, previous_role=user.role)
+            with event.commit():
+                self.conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, user.id))
+        return self.get(name)
+
+    def verify_password(self, name: str, password: str) -> User | None:
+        """The user when the name and password match an enabled user, else None. Unknown names cost one hash too,
+        so that response time does not tell which names exist. An outdated hash is replaced on success."""
+        row = self._find(name) if NAME_RE.fullmatch(name) else None
+        stored = row["password_hash"] if row is not None else self._dummy_hash
+        candidate = password if len(password) <= MAX_LENGTH else ""  # cannot match; still costs one hash
+        if not self.hasher.verify(candidate, stored) or row is None or row["disabled_at"] is not None:
+            return None
+        if self.hasher.needs_rehash(stored):
+            self.conn.execute("UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?",
+                              (self.hasher.hash(password), row["id"], stored))
+            log.info("user.password_rehashed", user_id=row["id"])
+        return _user(row)

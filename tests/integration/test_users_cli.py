@@ -1,0 +1,73 @@
+"""`appliance users` as administrators and scripts run it: the password comes from a pipe or a terminal, never an
+argument, and it is found nowhere on disk or in the audit log afterwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.server import appliance, clone_data_dir
+
+PASSWORD = "violet-Tangerine-87-harbour"
+
+
+@pytest.fixture
+def data_dir(template_dir: Path, tmp_path: Path) -> Path:
+    return clone_data_dir(template_dir, tmp_path / "data")
+
+
+def test_users_lifecycle_from_the_command_line(data_dir: Path) -> None:
+    created = appliance("users", "create", "alice", "--role", "user", "--password-stdin", data_dir=data_dir,
+                        input=PASSWORD + "\n")
+    assert "alice" in created.stdout and PASSWORD not in created.stdout + created.stderr
+
+    listed = appliance("users", "list", data_dir=data_dir).stdout
+    [line] = [line for line in listed.splitlines() if line.startswith("alice\t")]
+    assert line.split("\t")[:3] == ["alice", "user", "active"]
+    assert "argon2" not in listed and "$" not in listed
+
+    again = appliance("users", "create", "ALICE", "--role", "admin", "--password-stdin", data_dir=data_dir,
+                      input="another long passphrase\n", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    appliance("users", "set-role", "alice", "auditor", data_dir=data_dir)
+    appliance("users", "disable", "alice", data_dir=data_dir)
+    listed = appliance("users", "list", data_dir=data_dir).stdout
+    assert "alice\tauditor\tdisabled\t" in listed
+
+    assert appliance("audit", "verify", data_dir=data_dir).returncode == 0
+    exported = appliance("audit", "export", "--action", "user.create", data_dir=data_dir).stdout
+    records = [json.loads(line) for line in exported.splitlines()]
+    assert [(r["outcome"], r["details"].get("name")) for r in records] == [("ok", "alice"), ("error", "ALICE")]
+    everything = appliance("audit", "export", data_dir=data_dir).stdout
+    actions = {json.loads(line)["action"] for line in everything.splitlines()}
+    assert {"user.create", "user.set_role", "user.disable"} <= actions
+
+    for path in data_dir.glob("appliance.db*"):  # the database, its WAL and shared memory
+        assert PASSWORD.encode() not in path.read_bytes(), path
+    assert PASSWORD not in everything and "argon2" not in everything
+
+
+def test_create_without_a_terminal_asks_for_password_stdin(data_dir: Path) -> None:
+    result = appliance("users", "create", "bob", "--role", "user", data_dir=data_dir, input=PASSWORD + "\n",
+                       check=False)
+    assert result.returncode == 1
+    assert "no terminal: pass --password-stdin and pipe the password" in result.stderr
+    assert "bob" not in appliance("users", "list", data_dir=data_dir).stdout
+
+
+def test_weak_or_missing_piped_password_is_refused(data_dir: Path) -> None:
+    for given, says in (("", "no password on standard input"), ("short\n", "too short"),
+                        ("carol.example\n", "must not be the user name")):
+        result = appliance("users", "create", "carol.example", "--role", "user", "--password-stdin",
+                           data_dir=data_dir, input=given, check=False)
+        assert result.returncode == 1 and says in result.stderr, result.stderr
+    assert appliance("users", "list", data_dir=data_dir).stdout == ""
+
+
+def test_password_is_never_an_argument(data_dir: Path) -> None:
+    result = appliance("users", "create", "dave", "--role", "user", "--password", PASSWORD, data_dir=data_dir,
+                       check=False)
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
