@@ -148,7 +148,6 @@ class LlamaRuntime:
         stops = StopMatcher(params.stop)
         processors = LogitsProcessorList([_logit_bias(params.logit_bias)]) if params.logit_bias else None
         finish = "length"
-        previous: list[int] = []
         for token in self.llm.generate(
             tokens, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, temp=params.temperature,
             repeat_penalty=params.repeat_penalty, presence_penalty=params.presence_penalty,
@@ -163,8 +162,7 @@ class LlamaRuntime:
                 break
             usage.completion_tokens += 1
             self.generated_tokens += 1
-            text = decoder.decode(self.llm.detokenize([token], prev_tokens=previous))
-            previous.append(token)
+            text = decoder.decode(self.llm.detokenize([token]))
             out, stopped = stops.feed(text)
             if stopped:
                 if out:

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -112,6 +113,8 @@ class WorkerApp:
         self.runtime = runtime
         self.model_name = model_name
         self.busy = 0
+        # one thread for all generation: llama.cpp keeps its thread team warm for the thread that calls it
+        self.generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -153,7 +156,8 @@ class WorkerApp:
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 await self._stream(receive, send, fmt, pieces, cancel, usage, include_usage)
             else:
-                text, finish = await asyncio.to_thread(_collect, pieces)
+                text, finish = await asyncio.get_running_loop().run_in_executor(self.generation_thread, _collect,
+                                                                               pieces)
                 await _respond(send, 200, fmt.whole(text, finish, usage))
         finally:
             cancel.set()
@@ -177,7 +181,7 @@ class WorkerApp:
             cancel.set()
 
         watcher = asyncio.create_task(watch_disconnect())
-        producer = loop.run_in_executor(None, produce)
+        producer = loop.run_in_executor(self.generation_thread, produce)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
         first = True

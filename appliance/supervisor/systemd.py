@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+import uvloop
 
 
 def notify(message: str) -> None:
@@ -73,4 +74,5 @@ def run_with_notify(config: uvicorn.Config, app: Any) -> None:
         finally:
             task.cancel()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
