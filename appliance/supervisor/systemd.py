@@ -64,13 +64,36 @@ class DrainingServer(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
+class PortUnavailable(ValueError):
+    """The HTTP port cannot be bound; raised before any model worker starts."""
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind the server's socket before anything else starts, so a busy port fails fast and clearly."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortUnavailable(
+            f"cannot listen on {host}:{port} ({exc.strerror}); is another appliance running? Stop it, or pick "
+            f"another port with --port or APPLIANCE_SERVER__PORT"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
 def run_with_notify(config: uvicorn.Config, app: Any) -> None:
+    listener = bind_listener(config.host, config.port)
     server = DrainingServer(config)
 
     async def main() -> None:
         task = asyncio.create_task(_notify_loop(server, app))
         try:
-            await server.serve()
+            await server.serve(sockets=[listener])
         finally:
             task.cancel()
 

@@ -132,3 +132,16 @@ def test_doctor_names_what_to_fix(tmp_path: Path) -> None:
     result = appliance("doctor", data_dir=tmp_path / "missing", check=False)
     assert result.returncode == 1
     assert "appliance init" in result.stdout
+
+
+def test_serve_on_a_busy_port_fails_fast_with_one_clear_line(data_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = appliance("serve", "--port", str(port), data_dir=data_dir, check=False)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "APPLIANCE_SERVER__PORT" in result.stderr
+    assert "worker.spawn" not in result.stderr, "no model worker may start when the port is unusable"
