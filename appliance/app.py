@@ -28,6 +28,7 @@ from appliance import __version__
 from appliance.audit import AuditLog
 from appliance.auth.guards import PUBLIC, permission, permission_guard
 from appliance.auth.keys import ApiKeyService, derive_pepper
+from appliance.auth.quotas import QuotaService
 from appliance.auth.rbac import Rbac
 from appliance.config import Settings
 from appliance.datadir import DataDir
@@ -67,7 +68,8 @@ class Services:
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
         self.vllm = VllmEngine(settings.vllm)
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics)
-        self.completions = CompletionService(self.registry, self.pool, self.metrics)
+        self.quotas = QuotaService(self.conn)
+        self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas)
 
     @functools.cached_property
     def gpus(self) -> list[Gpu]:
@@ -89,10 +91,9 @@ class Services:
 
 
 def error_response(exc: ApplianceError) -> Response[Any]:
-    headers = {"retry-after": str(int(exc.retry_after))} if exc.retry_after else None
     if isinstance(exc, UpstreamError):
         return Response(exc.body, status_code=exc.status_code, media_type="application/json")
-    return Response(exc.to_body(), status_code=exc.status_code, headers=headers)
+    return Response(exc.to_body(), status_code=exc.status_code, headers=exc.headers() or None)
 
 
 def http_error_response(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

@@ -139,10 +139,14 @@ def _keys(loaded: LoadedSettings) -> Any:
 
 def cmd_keys_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     from appliance.auth.keys import parse_duration
+    from appliance.auth.quotas import Limits
 
     expires = parse_duration(args.expires) if args.expires else None
-    key, secret = _keys(loaded).create(args.name, args.role, expires, actor=_actor())
-    print(f"created API key {key.id} '{key.name}' role={key.role} expires={key.expires_at or 'never'}",
+    limits = Limits(args.rpm, args.tpm, args.daily_tokens)
+    key, secret = _keys(loaded).create(args.name, args.role, expires, limits=limits, actor=_actor())
+    quotas = " ".join(f"{k}={v}" for k, v in (("rpm", key.rpm), ("tpm", key.tpm), ("daily_tokens", key.daily_tokens))
+                      if v is not None) or "quotas=none"
+    print(f"created API key {key.id} '{key.name}' role={key.role} expires={key.expires_at or 'never'} {quotas}",
           file=sys.stderr)
     print("store it now: it is shown only this once", file=sys.stderr, flush=True)
     print(secret)
@@ -258,6 +262,16 @@ def cmd_audit_export(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number; leave the option out for no limit")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="A batteries-included AI server for one box.")
     parser.add_argument("--data-dir", help="data directory (default: $APPLIANCE_DATA_DIR, else ./.appliance "
@@ -292,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True)
     create.add_argument("--expires", help="lifetime such as 30d, 12h, 10m, 5s; default never")
+    create.add_argument("--rpm", type=_positive_int, help="requests per minute; default unlimited")
+    create.add_argument("--tpm", type=_positive_int, help="tokens (prompt + completion) per minute; default unlimited")
+    create.add_argument("--daily-tokens", type=_positive_int, help="tokens per UTC day; default unlimited")
     add("list", cmd_keys_list, "API keys (never their secrets)", keys)
     revoke = add("revoke", cmd_keys_revoke, "revoke an API key by id", keys)
     revoke.add_argument("id")

@@ -66,6 +66,22 @@ MIGRATIONS: Sequence[str] = (
         password_changed_at TEXT NOT NULL
     );
     """,
+    # 4: token-aware quotas (appliance/auth/quotas.py). Limits live on the key (NULL is unlimited); usage is kept per
+    # subject, 'key:<id>' or 'user:<id>', so that users get quotas without another table: the two minute buckets'
+    # levels as of `at` (Unix seconds), and the tokens counted for the UTC date `day`.
+    """
+    ALTER TABLE api_keys ADD COLUMN rpm INTEGER CHECK (rpm IS NULL OR rpm > 0);
+    ALTER TABLE api_keys ADD COLUMN tpm INTEGER CHECK (tpm IS NULL OR tpm > 0);
+    ALTER TABLE api_keys ADD COLUMN daily_tokens INTEGER CHECK (daily_tokens IS NULL OR daily_tokens > 0);
+    CREATE TABLE quota_usage (
+        subject     TEXT PRIMARY KEY,
+        requests    REAL NOT NULL,
+        tokens      REAL NOT NULL,
+        at          REAL NOT NULL,
+        day         TEXT NOT NULL,
+        day_tokens  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class ApplianceError(Exception):
     """An error a client or operator can act on. `message` says what failed and what to do."""
@@ -22,6 +24,10 @@ class ApplianceError(Exception):
     def to_body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
                           "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with this error: `Retry-After` in whole seconds, rounded up, when known."""
+        return {"retry-after": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else {}
 
 
 class InvalidRequest(ApplianceError):
@@ -60,6 +66,28 @@ class QueueFull(ApplianceError):
     status_code = 429
     error_type = "rate_limit_exceeded"
     code = "queue_full"
+
+
+class RateLimited(ApplianceError):
+    """A quota (requests/min, tokens/min or the daily token budget) has no room for this request.
+
+    `limit` names it (`rpm`, `tpm`, `daily_tokens`); `retry_after` is None when waiting cannot help (the request
+    alone is larger than the limit), and then clients are told not to retry. `rate_headers` are the key's
+    `x-ratelimit-*` headers at refusal time, as OpenAI sends them on a 429 too."""
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after: float | None,
+                 rate_headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limit = limit
+        self.error_type = "requests" if limit == "rpm" else "tokens"  # OpenAI's types for rate limits
+        self.rate_headers = rate_headers or {}
+
+    def headers(self) -> dict[str, str]:
+        never = {} if self.retry_after else {"x-should-retry": "false"}  # honoured by the openai SDKs
+        return {**self.rate_headers, **super().headers(), **never}
 
 
 class ModelUnavailable(ApplianceError):

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 
 from appliance.audit import AuditLog, audited
+from appliance.auth.quotas import UNLIMITED, Limits
 from appliance.auth.rbac import Rbac
 from appliance.errors import InvalidRequest, Unauthenticated
 
@@ -25,6 +26,8 @@ KEY_RE = re.compile(rf"^{PREFIX}([A-Za-z0-9]{{{ID_LEN}}})([A-Za-z0-9]{{{SECRET_L
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+SELECT_KEYS = ("SELECT id, name, role, created_at, expires_at, revoked_at, last_used_at, rpm, tpm, daily_tokens "
+               "FROM api_keys")
 
 
 class ApiKey(msgspec.Struct, frozen=True):
@@ -35,12 +38,25 @@ class ApiKey(msgspec.Struct, frozen=True):
     expires_at: str | None
     revoked_at: str | None
     last_used_at: str | None
+    rpm: int | None = None
+    tpm: int | None = None
+    daily_tokens: int | None = None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.rpm, self.tpm, self.daily_tokens)
 
 
 class Principal(msgspec.Struct, frozen=True):
     key_id: str
     name: str
     role: str
+    limits: Limits = UNLIMITED
+
+    @property
+    def subject(self) -> str:
+        """Whose quota this request spends (`user:<id>` once users call the API with a session)."""
+        return f"key:{self.key_id}"
 
 
 def parse_duration(text: str) -> timedelta:
@@ -78,10 +94,16 @@ class ApiKeyService:
     def _digest(self, key: str) -> str:
         return hmac.new(self.pepper, key.encode(), hashlib.sha256).hexdigest()
 
-    def create(self, name: str, role: str, expires_in: timedelta | None = None, *,
+    def create(self, name: str, role: str, expires_in: timedelta | None = None, *, limits: Limits = UNLIMITED,
                actor: str = "system") -> tuple[ApiKey, str]:
         """Create a key; the secret is returned here once and never stored (nor audited: only the key's id)."""
-        with audited(self.audit, actor, "key.create", name=name, role=role) as event:
+        quotas = {k: v for k, v in msgspec.structs.asdict(limits).items() if v is not None}
+        with audited(self.audit, actor, "key.create", name=name, role=role, **quotas) as event:
+            for limit, value in quotas.items():
+                if value <= 0:
+                    raise InvalidRequest(f"{limit} must be a positive number of "
+                                         f"{'requests' if limit == 'rpm' else 'tokens'}; leave it out for no limit",
+                                         param=limit)
             if role not in self.roles:
                 raise InvalidRequest(f"unknown role {role!r}; roles: {', '.join(self.roles)}", param="role")
             if not name.strip():
@@ -93,22 +115,20 @@ class ApiKeyService:
             expires = (now + expires_in).isoformat(timespec="seconds") if expires_in is not None else None
             event.target, event.details["expires_at"] = key_id, expires
             with event.commit():
-                self.conn.execute("INSERT INTO api_keys(id, name, role, digest, created_at, expires_at) "
-                                  "VALUES (?,?,?,?,?,?)",
+                self.conn.execute("INSERT INTO api_keys(id, name, role, digest, created_at, expires_at, rpm, tpm, "
+                                  "daily_tokens) VALUES (?,?,?,?,?,?,?,?,?)",
                                   (key_id, name, role, self._digest(secret), now.isoformat(timespec="seconds"),
-                                   expires))
+                                   expires, limits.rpm, limits.tpm, limits.daily_tokens))
         return self.get(key_id), secret
 
     def get(self, key_id: str) -> ApiKey:
-        row = self.conn.execute("SELECT id, name, role, created_at, expires_at, revoked_at, last_used_at "
-                                "FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        row = self.conn.execute(SELECT_KEYS + " WHERE id = ?", (key_id,)).fetchone()
         if row is None:
             raise InvalidRequest(f"no API key with id {key_id!r}", param="id", code="not_found")
         return msgspec.convert(dict(row), ApiKey)
 
     def list(self) -> list[ApiKey]:
-        rows = self.conn.execute("SELECT id, name, role, created_at, expires_at, revoked_at, last_used_at "
-                                 "FROM api_keys ORDER BY created_at").fetchall()
+        rows = self.conn.execute(SELECT_KEYS + " ORDER BY created_at").fetchall()
         return [msgspec.convert(dict(r), ApiKey) for r in rows]
 
     def revoke(self, key_id: str, *, actor: str = "system") -> ApiKey:
@@ -138,8 +158,8 @@ class ApiKeyService:
         match = KEY_RE.match(key)
         if match is None or not hmac.compare_digest(match.group(3), _checksum(match.group(1) + match.group(2))):
             raise denied
-        row = self.conn.execute("SELECT id, name, role, digest, expires_at, revoked_at, last_used_at FROM api_keys "
-                                "WHERE id = ?", (match.group(1),)).fetchone()
+        row = self.conn.execute("SELECT id, name, role, digest, expires_at, revoked_at, last_used_at, rpm, tpm, "
+                                "daily_tokens FROM api_keys WHERE id = ?", (match.group(1),)).fetchone()
         if row is None or not hmac.compare_digest(row["digest"], self._digest(key)) or row["revoked_at"]:
             raise denied
         now = datetime.now(UTC)
@@ -149,4 +169,6 @@ class ApiKeyService:
         if last is None or now - datetime.fromisoformat(last) > LAST_USED_RESOLUTION:
             self.conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?",
                               (now.isoformat(timespec="seconds"), row["id"]))
-        return Principal(row["id"], row["name"], row["role"])
+        limits = (UNLIMITED if row["rpm"] is None and row["tpm"] is None and row["daily_tokens"] is None
+                  else Limits(row["rpm"], row["tpm"], row["daily_tokens"]))
+        return Principal(row["id"], row["name"], row["role"], limits)

@@ -21,10 +21,10 @@ async def _complete(request: Request[Any, Any, State], service: CompletionServic
                     kind: type[ChatCompletionRequest | CompletionRequest]) -> Response[bytes] | Stream:
     body: ChatCompletionRequest | CompletionRequest = decode_request(await request.body(), kind)
     request.scope["state"]["model"] = body.model
-    result = await service.run(body, request.url.path)
+    result = await service.run(body, request.url.path, principal=request.user)
     if isinstance(result, Completed):
-        return Response(result.body, media_type="application/json")
-    return Stream(result, media_type="text/event-stream", headers=SSE_HEADERS)
+        return Response(result.body, media_type="application/json", headers=result.headers)
+    return Stream(result.events, media_type="text/event-stream", headers={**SSE_HEADERS, **result.headers})
 
 
 class OpenAIController(Controller):

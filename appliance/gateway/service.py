@@ -1,18 +1,31 @@
-"""The completion path: model lookup, queue, worker, streaming with metrics. No HTTP framework in here.
+"""The completion path: model lookup, quota, queue, worker, streaming with metrics. No HTTP framework in here.
 
-`CompletionService.run` is the one orchestrating function of DESIGN section 2; later steps (policy, quotas,
-cache, RAG) slot in between validation and routing."""
+`CompletionService.run` is the one orchestrating function of DESIGN section 2; later steps (policy, cache, RAG)
+slot in between validation and routing.
+
+Quotas (step 5): the request's tokens are estimated (`appliance.auth.quotas.estimate_tokens`) and reserved before
+it queues; afterwards the reservation is settled with the worker's usage. Which usage, by outcome:
+* completed (whole or streamed): the worker's `usage` (prompt_tokens + completion_tokens);
+* refused before generating (a worker 4xx such as context_length_exceeded, a full queue, a model that cannot load,
+  a worker that died before answering): released, the request and its tokens are given back;
+* a stream that ends without its usage chunk (client disconnect, worker death mid-stream): the prompt estimate
+  plus one token per text chunk relayed, which is what the client saw (the worker streams about one token a chunk;
+  a disconnect cancels generation at once, so little more was generated);
+* a whole request whose client went away mid-generation: the reservation stands, since the worker may have
+  generated up to max_tokens and its usage never arrives."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import msgspec
 
+from appliance.auth.keys import Principal
+from appliance.auth.quotas import QuotaService, Reservation, estimate_prompt_tokens, estimate_tokens
 from appliance.errors import ApplianceError, WorkerFailed
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, upstream_body
 from appliance.logs import get_logger
@@ -41,9 +54,28 @@ class UpstreamError(ApplianceError):
 
 @dataclass
 class Completed:
-    """A whole (non-streamed) response body, already OpenAI-shaped."""
+    """A whole (non-streamed) response body, already OpenAI-shaped, and the key's rate-limit headers."""
 
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Streamed:
+    """Server-sent events, and the key's rate-limit headers as they stood when the stream began."""
+
+    events: AsyncIterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Metered:
+    """A request's quota reservation, and what its response has shown: the usage, or how many text chunks."""
+
+    reservation: Reservation | None = None
+    prompt_estimate: int = 0
+    usage_tokens: int | None = None
+    text_chunks: int = 0
 
 
 def sse_error(error: ApplianceError) -> bytes:
@@ -51,25 +83,63 @@ def sse_error(error: ApplianceError) -> bytes:
 
 
 class CompletionService:
-    def __init__(self, registry: ModelRegistry, pool: WorkerPool, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, pool: WorkerPool, metrics: Metrics,
+                 quotas: QuotaService | None = None) -> None:
         self.registry = registry
         self.pool = pool
         self.metrics = metrics
+        self.quotas = quotas
 
-    async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str
-                  ) -> Completed | AsyncIterator[bytes]:
+    async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
+                  principal: Principal | None = None) -> Completed | Streamed:
+        """One completion for `principal` (None: no quota applies), whole or as a stream of SSE events."""
         self.registry.get(request.model)  # 404 before queueing for an unknown model
         path = "/v1/chat/completions" if isinstance(request, ChatCompletionRequest) else "/v1/completions"
         body = upstream_body(request)
+        metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
         if not request.stream:
-            return await self._whole(request.model, path, body)
+            return await self._whole(request.model, path, body, metered)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        events = self._stream(request.model, path, body, include_usage)
+        events = self._stream(request.model, path, body, include_usage, metered)
         first = await events.__anext__()  # errors before the first byte become HTTP errors, not SSE events
         assert first is READY
-        return events
+        return Streamed(events, metered.reservation.status.headers() if metered.reservation else {})
 
-    async def _whole(self, model: str, path: str, body: dict[str, Any]) -> Completed:
+    def _reserve(self, request: ChatCompletionRequest | CompletionRequest, body: dict[str, Any],
+                 principal: Principal | None) -> Metered:
+        if self.quotas is None or principal is None or principal.limits.unlimited:
+            return Metered()
+        if isinstance(request, ChatCompletionRequest):
+            prompt = estimate_prompt_tokens([m["content"] for m in body["messages"]], len(body["messages"]))
+        else:
+            prompt = estimate_prompt_tokens([body["prompt"]], 0)
+        tokens = estimate_tokens(prompt, body.get("max_tokens"))
+        return Metered(self.quotas.reserve(principal.subject, principal.limits, tokens), prompt)
+
+    def _settle(self, metered: Metered) -> None:
+        """Charge what the response showed (see the module docstring); release when it showed nothing."""
+        if metered.reservation is None or self.quotas is None:
+            return
+        if metered.usage_tokens is not None:
+            self.quotas.settle(metered.reservation, metered.usage_tokens)
+        elif metered.text_chunks:
+            self.quotas.settle(metered.reservation, metered.prompt_estimate + metered.text_chunks)
+        else:
+            self.quotas.release(metered.reservation)
+
+    async def _whole(self, model: str, path: str, body: dict[str, Any], metered: Metered) -> Completed:
+        try:
+            completed, usage = await self._whole_unmetered(model, path, body)
+        except ApplianceError:  # refused, or failed before a usage came back: nothing to charge
+            self._settle(metered)
+            raise
+        if metered.reservation is not None:
+            metered.usage_tokens = usage if usage is not None else metered.reservation.tokens  # none: keep the estimate
+            self._settle(metered)
+            completed.headers = metered.reservation.status.headers()
+        return completed
+
+    async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any]) -> tuple[Completed, int | None]:
         started = time.perf_counter()
         async with self.pool.acquire(model) as worker:
             try:
@@ -79,30 +149,33 @@ class CompletionService:
                 raise WorkerFailed(_worker_failure(model, exc)) from exc
         if response.status_code != 200:
             raise UpstreamError(response.status_code, response.content)
-        usage = _decoder.decode(response.content).get("usage") or {}
-        self._count_tokens(model, usage)
+        usage = _decoder.decode(response.content).get("usage")
+        self._count_tokens(model, usage or {})
         self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
-        return Completed(response.content)
+        return Completed(response.content), _total(usage) if usage else None
 
-    async def _stream(self, model: str, path: str, body: dict[str, Any], include_usage: bool
+    async def _stream(self, model: str, path: str, body: dict[str, Any], include_usage: bool, metered: Metered
                       ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        async with self.pool.acquire(model) as worker:
-            try:
-                async with worker.client.stream("POST", path, content=_encoder.encode(body),
-                                                headers={"content-type": "application/json"}) as response:
-                    if response.status_code != 200:
-                        raise UpstreamError(response.status_code, await response.aread())
-                    yield READY
-                    async for event in self._relay(model, response, include_usage, started):
-                        yield event
-            except httpx.TransportError as exc:
-                error = WorkerFailed(_worker_failure(model, exc))
-                log.warning("stream.failed", model=model, error=str(exc) or type(exc).__name__)
-                yield sse_error(error)
+        try:
+            async with self.pool.acquire(model) as worker:
+                try:
+                    async with worker.client.stream("POST", path, content=_encoder.encode(body),
+                                                    headers={"content-type": "application/json"}) as response:
+                        if response.status_code != 200:
+                            raise UpstreamError(response.status_code, await response.aread())
+                        yield READY
+                        async for event in self._relay(model, response, include_usage, started, metered):
+                            yield event
+                except httpx.TransportError as exc:
+                    error = WorkerFailed(_worker_failure(model, exc))
+                    log.warning("stream.failed", model=model, error=str(exc) or type(exc).__name__)
+                    yield sse_error(error)
+        finally:  # also on a client disconnect, which closes this generator
+            self._settle(metered)
 
-    async def _relay(self, model: str, response: httpx.Response, include_usage: bool, started: float
-                     ) -> AsyncIterator[bytes]:
+    async def _relay(self, model: str, response: httpx.Response, include_usage: bool, started: float,
+                     metered: Metered) -> AsyncIterator[bytes]:
         last = 0.0
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
@@ -112,9 +185,11 @@ class CompletionService:
                 chunk = _decoder.decode(payload)
                 if chunk.get("usage"):
                     self._count_tokens(model, chunk["usage"])
+                    metered.usage_tokens = _total(chunk["usage"])
                     if not chunk.get("choices") and not include_usage:
                         continue
                 if _has_text(chunk):
+                    metered.text_chunks += 1
                     now = time.perf_counter()
                     if last:
                         self.metrics.inter_token.labels(model).observe(now - last)
@@ -126,6 +201,10 @@ class CompletionService:
     def _count_tokens(self, model: str, usage: dict[str, int]) -> None:
         self.metrics.prompt_tokens.labels(model).inc(usage.get("prompt_tokens", 0))
         self.metrics.completion_tokens.labels(model).inc(usage.get("completion_tokens", 0))
+
+
+def _total(usage: dict[str, int]) -> int:
+    return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
 
 
 def _has_text(chunk: dict[str, Any]) -> bool:
