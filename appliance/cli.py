@@ -45,8 +45,6 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     config = uvicorn.Config(app, host=server.host, port=server.port, lifespan="on", access_log=False,
                             log_config=None, log_level="warning", timeout_graceful_shutdown=int(server.drain_seconds),
                             server_header=False)
-    print(f"appliance serving on http://{server.host}:{server.port} (data: {settings.data_dir})", file=sys.stderr,
-          flush=True)
     systemd.run_with_notify(config, app)
     return 0
 

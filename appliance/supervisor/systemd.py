@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,6 +89,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 def run_with_notify(config: uvicorn.Config, app: Any) -> None:
     listener = bind_listener(config.host, config.port)
+    print(f"appliance serving on http://{config.host}:{config.port} (data: {app.state.services.settings.data_dir})",
+          file=sys.stderr, flush=True)
     server = DrainingServer(config)
 
     async def main() -> None:
