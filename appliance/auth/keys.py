@@ -79,6 +79,12 @@ def _checksum(body: str) -> str:
     return _encode_base62(zlib.crc32(body.encode()), CHECK_LEN)
 
 
+def _whole_second_ceiling(moment: datetime) -> datetime:
+    """Stored times have whole seconds; round an expiry up so that a key never expires early."""
+    whole = moment.replace(microsecond=0)
+    return whole + timedelta(seconds=1) if moment.microsecond else whole
+
+
 def derive_pepper(master_key: bytes) -> bytes:
     return hmac.new(master_key, b"appliance/api-key-pepper/v1", hashlib.sha256).digest()
 
@@ -112,7 +118,7 @@ class ApiKeyService:
             body = key_id + "".join(secrets.choice(ALPHABET) for _ in range(SECRET_LEN))
             secret = PREFIX + body + _checksum(body)
             now = datetime.now(UTC)
-            expires = (now + expires_in).isoformat(timespec="seconds") if expires_in is not None else None
+            expires = _whole_second_ceiling(now + expires_in).isoformat() if expires_in is not None else None
             event.target, event.details["expires_at"] = key_id, expires
             with event.commit():
                 self.conn.execute("INSERT INTO api_keys(id, name, role, digest, created_at, expires_at, rpm, tpm, "

@@ -192,3 +192,10 @@ def test_parse_duration_refuses_junk(text: str) -> None:
 def test_zero_lifetime_does_not_mean_forever(service: ApiKeyService) -> None:
     record, _ = service.create("zero", "admin", parse_duration("0s"))
     assert record.expires_at is not None
+
+
+def test_expiry_is_rounded_up_never_down(service: ApiKeyService) -> None:
+    before = datetime.now(UTC)
+    key, _ = service.create("short", "admin", timedelta(seconds=1))
+    assert key.expires_at is not None
+    assert datetime.fromisoformat(key.expires_at) >= before + timedelta(seconds=1)
