@@ -10,7 +10,6 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +22,6 @@ from appliance.errors import InvalidRequest, ModelNotFound, RegistryError
 from appliance.registry.catalog import Catalog, CatalogEntry
 from appliance.registry.service import ModelRegistry
 from appliance.registry.store import ModelStore
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> DataDir:
-    data = DataDir(tmp_path / "data")
-    data.initialise()
-    return data
-
-
-@pytest.fixture
-def conn(data: DataDir) -> Iterator[sqlite3.Connection]:
-    with contextlib.closing(data.connect()) as conn:
-        yield conn
-
-
-@pytest.fixture
-def audit(conn: sqlite3.Connection) -> AuditLog:
-    return AuditLog(conn)
 
 
 def fill(audit: AuditLog, n: int = 5) -> list[dict[str, Any]]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -15,19 +12,6 @@ from appliance.auth import keys
 from appliance.auth.keys import KEY_RE, ApiKeyService, Principal, derive_pepper, parse_duration
 from appliance.datadir import DataDir
 from appliance.errors import InvalidRequest, Unauthenticated
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> DataDir:
-    data = DataDir(tmp_path / "data")
-    data.initialise()
-    return data
-
-
-@pytest.fixture
-def conn(data: DataDir) -> Iterator[sqlite3.Connection]:
-    with contextlib.closing(data.connect()) as conn:
-        yield conn
 
 
 @pytest.fixture

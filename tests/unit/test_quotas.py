@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -37,19 +35,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> DataDir:
-    data = DataDir(tmp_path / "data")
-    data.initialise()
-    return data
-
-
-@pytest.fixture
-def conn(data: DataDir) -> Iterator[sqlite3.Connection]:
-    with contextlib.closing(data.connect()) as conn:
-        yield conn
 
 
 @pytest.fixture

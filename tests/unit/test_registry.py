@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +26,6 @@ def gguf_file(path: Path, size: int = 4096) -> Path:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> DataDir:
-    data = DataDir(tmp_path / "data")
-    data.initialise()
-    return data
-
-
-@pytest.fixture
-def conn(data: DataDir) -> Iterator[sqlite3.Connection]:
-    with contextlib.closing(data.connect()) as conn:
-        yield conn
 
 
 def make_registry(data: DataDir, conn: sqlite3.Connection, **entries: CatalogEntry) -> ModelRegistry:

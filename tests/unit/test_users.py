@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,24 +16,6 @@ from appliance.errors import InvalidRequest, NotFound
 CHEAP = Argon2Params(memory_kib=64, iterations=1)
 ROLES = ("admin", "operator", "user", "auditor")
 PASSWORD = "correct horse battery staple"
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> DataDir:
-    data = DataDir(tmp_path / "data")
-    data.initialise()
-    return data
-
-
-@pytest.fixture
-def conn(data: DataDir) -> Iterator[sqlite3.Connection]:
-    with contextlib.closing(data.connect()) as conn:
-        yield conn
-
-
-@pytest.fixture
-def audit(conn: sqlite3.Connection) -> AuditLog:
-    return AuditLog(conn)
 
 
 @pytest.fixture
