@@ -25,11 +25,22 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
+from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
+from appliance.admin.auth_routes import cookie_name
 from appliance.audit import AuditLog
 from appliance.auth.guards import PUBLIC, permission, permission_guard
 from appliance.auth.keys import ApiKeyService, derive_pepper
+from appliance.auth.passwords import derive_password_pepper
 from appliance.auth.quotas import QuotaService
 from appliance.auth.rbac import Rbac
+from appliance.auth.sessions import (
+    STATE_CHANGING_METHODS,
+    LoginService,
+    LoginThrottle,
+    SessionService,
+    check_csrf,
+)
+from appliance.auth.users import UserService
 from appliance.config import Settings
 from appliance.datadir import DataDir
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
@@ -47,7 +58,7 @@ from appliance.supervisor.pool import WorkerPool
 from appliance.supervisor.process import Worker, WorkerProcess
 
 log = get_logger(__name__)
-PUBLIC_PATHS = ("/healthz", "/readyz")
+PUBLIC_PATHS = ("/healthz", "/readyz", "/api/auth/login")
 
 
 class Services:
@@ -61,8 +72,12 @@ class Services:
         self.metrics = Metrics()
         self.audit = AuditLog(self.conn)
         self.rbac = Rbac.load(settings.auth.rbac_file)
-        self.keys = ApiKeyService(self.conn, derive_pepper(self.data.read_master_key()), audit=self.audit,
-                                  roles=self.rbac.roles)
+        master_key = self.data.read_master_key()
+        self.keys = ApiKeyService(self.conn, derive_pepper(master_key), audit=self.audit, roles=self.rbac.roles)
+        self.users = UserService(self.conn, derive_password_pepper(master_key), audit=self.audit,
+                                 roles=self.rbac.roles)
+        self.sessions = SessionService(self.conn, settings.sessions)
+        self.logins = LoginService(self.users, self.sessions, LoginThrottle(settings.sessions), audit=self.audit)
         self.store = ModelStore(self.data.models, self.data.tmp)
         self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog), audit=self.audit)
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
@@ -177,11 +192,21 @@ class RequestContextMiddleware(ASGIMiddleware):
             structlog.contextvars.unbind_contextvars("request_id")
 
 
-class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
+class AuthMiddleware(AbstractAuthenticationMiddleware):
+    """An API key in `Authorization: Bearer ...` (then cookies are ignored), or else the web UI session cookie;
+    a state-changing request made with the cookie must also carry the session's CSRF token (X-CSRF-Token)."""
+
     async def authenticate_request(self, connection: Any) -> AuthenticationResult:
         services: Services = connection.app.state.services
-        principal = services.keys.authenticate(connection.headers.get("authorization"))
-        return AuthenticationResult(user=principal, auth=principal.key_id)
+        authorization = connection.headers.get("authorization")
+        token = None if authorization else connection.cookies.get(cookie_name(connection.scope["scheme"] == "https"))
+        if not token:
+            principal = services.keys.authenticate(authorization)
+            return AuthenticationResult(user=principal, auth=principal.key_id)
+        session = services.sessions.authenticate(token)
+        if connection.scope.get("method") in STATE_CHANGING_METHODS:
+            check_csrf(session, connection.headers.get("x-csrf-token"))
+        return AuthenticationResult(user=session, auth=session.session_id)
 
 
 @get("/healthz", summary="Liveness", opt=permission(PUBLIC))
@@ -219,7 +244,7 @@ def create_app(settings: Settings) -> Litestar:
         services.conn.close()
 
     return Litestar(
-        route_handlers=[healthz, readyz, metrics, OpenAIController],
+        route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),
@@ -228,7 +253,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         middleware=[
             RequestContextMiddleware(services.metrics, allowed_hosts(settings)),
-            lambda app: ApiKeyAuthMiddleware(app, exclude=[f"^{p}$" for p in PUBLIC_PATHS]),
+            lambda app: AuthMiddleware(app, exclude=[f"^{p}$" for p in PUBLIC_PATHS]),
         ],
         exception_handlers={ApplianceError: lambda _, exc: error_response(exc),
                             HTTPException: http_error_response, Exception: unexpected_error_response},

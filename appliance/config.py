@@ -88,6 +88,26 @@ class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = ""
 
 
+class SessionSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    idle_timeout: Annotated[
+        float, _doc("Seconds a web UI session may go unused before it ends and the user must log in again.", gt=0)
+    ] = 1800.0
+    absolute_timeout: Annotated[
+        float, _doc("Seconds after login when a web UI session ends however busy it is.", gt=0)
+    ] = 43200.0
+    login_max_failures: Annotated[
+        int, _doc("Failed logins per user name or client address within login_failure_window before further "
+                  "attempts are refused with 429 and a growing Retry-After.", ge=1)
+    ] = 5
+    login_failure_window: Annotated[
+        float, _doc("Seconds a failed login counts towards login_max_failures.", gt=0)
+    ] = 900.0
+    login_backoff_max: Annotated[
+        float, _doc("Longest wait, in seconds, imposed between login attempts after repeated failures; the wait "
+                    "starts at 1 s and doubles with each further failure.", ge=1)
+    ] = 900.0
+
+
 class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_queue: Annotated[
         int, _doc("Requests that may wait for a busy model; more get 429 with Retry-After.", ge=0)
@@ -136,6 +156,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     )
     vllm: Annotated[VllmSettings, _doc("The vLLM engine (GPU).")] = msgspec.field(default_factory=VllmSettings)
     auth: Annotated[AuthSettings, _doc("Roles and permissions.")] = msgspec.field(default_factory=AuthSettings)
+    sessions: Annotated[SessionSettings, _doc("Web UI login: sessions and the backoff on failed logins.")] = (
+        msgspec.field(default_factory=SessionSettings)
+    )
     gateway: Annotated[GatewaySettings, _doc("Queueing and timeouts of the OpenAI-compatible API.")] = (
         msgspec.field(default_factory=GatewaySettings)
     )

@@ -82,6 +82,21 @@ MIGRATIONS: Sequence[str] = (
         day_tokens  INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: web UI sessions (appliance/auth/sessions.py). `id` is the SHA-256 of the cookie's random token, never the
+    # token; the CSRF token is derived from the token, so it is not stored either. Times are ISO-8601 UTC.
+    """
+    CREATE TABLE sessions (
+        id            TEXT PRIMARY KEY,
+        user_id       TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        created_at    TEXT NOT NULL,
+        last_seen_at  TEXT NOT NULL,
+        expires_at    TEXT NOT NULL,
+        client        TEXT NOT NULL DEFAULT '',
+        user_agent    TEXT NOT NULL DEFAULT ''
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_user ON sessions(user_id);
+    CREATE INDEX sessions_expires ON sessions(expires_at);
+    """,
 )
 
 

@@ -90,6 +90,14 @@ class RateLimited(ApplianceError):
         return {**self.rate_headers, **super().headers(), **never}
 
 
+class LoginThrottled(ApplianceError):
+    """Too many failed logins for this user name or from this address; `retry_after` says when to try again."""
+
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+    code = "too_many_login_attempts"
+
+
 class ModelUnavailable(ApplianceError):
     """The model's worker is not running (crashed, failed to load, or timed out in the queue)."""
 

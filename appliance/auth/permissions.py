@@ -18,5 +18,6 @@ PERMISSIONS: dict[str, str] = {
     "policies:manage": "Change privacy, retention and quota policies.",
     "audit:read": "Read and export the audit log.",
     "metrics:read": "Read Prometheus metrics (/metrics) and the API schema.",
+    "self:read": "Read one's own identity (/api/me) and end one's own session (/api/auth/logout).",
 }
 ALL = "*"

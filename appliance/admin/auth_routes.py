@@ -1,0 +1,83 @@
+"""Web UI login: `POST /api/auth/login`, `POST /api/auth/logout` and `GET /api/me`; thin handlers over
+`appliance.auth.sessions`. The session cookie is `__Host-appliance_session` over TLS, else `appliance_session`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.datastructures import Cookie, State
+
+from appliance.auth.guards import PUBLIC, permission
+from appliance.auth.sessions import LoginService, SessionPrincipal
+from appliance.errors import InvalidRequest
+
+COOKIE = "appliance_session"
+TLS_COOKIE = "__Host-appliance_session"
+
+
+class LoginRequest(msgspec.Struct, frozen=True):
+    username: str
+    password: str
+
+
+def is_tls(request: Request[Any, Any, Any]) -> bool:
+    return request.scope.get("scheme") == "https"
+
+
+def cookie_name(tls: bool) -> str:
+    return TLS_COOKIE if tls else COOKIE
+
+
+def session_cookie(value: str, tls: bool, *, clear: bool = False) -> Cookie:
+    """HttpOnly, SameSite=Strict, Path=/, Secure over TLS; no Max-Age: the server decides when a session ends."""
+    return Cookie(key=cookie_name(tls), value=value, path="/", httponly=True, samesite="strict", secure=tls,
+                  max_age=0 if clear else None)
+
+
+def client_address(request: Request[Any, Any, Any]) -> str:
+    return request.client.host if request.client else ""
+
+
+def _logins(state: State) -> LoginService:
+    logins: LoginService = state.services.logins
+    return logins
+
+
+@post("/api/auth/login", summary="Log in to the web UI with a user name and password", status_code=200,
+      opt=permission(PUBLIC), tags=["Web UI"])
+async def login(request: Request[Any, Any, State], state: State) -> Response[dict[str, Any]]:
+    try:
+        body = msgspec.json.decode(await request.body(), type=LoginRequest)
+    except msgspec.DecodeError:
+        raise InvalidRequest('send JSON {"username": "...", "password": "..."}', code="invalid_body") from None
+    session = await _logins(state).login(body.username, body.password, client_address(request),
+                                         request.headers.get("user-agent", ""))
+    tls = is_tls(request)
+    return Response({"user": {"name": session.user.name, "role": session.user.role},
+                     "csrf_token": session.csrf_token, "expires_at": session.expires_at},
+                    cookies=[session_cookie(session.token, tls)], headers={"cache-control": "no-store"})
+
+
+@post("/api/auth/logout", summary="End this web UI session", status_code=204, opt=permission("self:read"),
+      tags=["Web UI"])
+async def logout(request: Request[Any, Any, State], state: State) -> Response[None]:
+    principal = request.user
+    if not isinstance(principal, SessionPrincipal):
+        raise InvalidRequest("this request used an API key, not a session: there is no session to end; revoke "
+                             "the key with `appliance keys revoke` instead", code="no_session")
+    _logins(state).logout(principal, client_address(request))
+    return Response(None, status_code=204, cookies=[session_cookie("", is_tls(request), clear=True)])
+
+
+@get("/api/me", summary="Who this request acts as", opt=permission("self:read"), tags=["Web UI"])
+async def me(request: Request[Any, Any, State], state: State) -> Response[dict[str, Any]]:
+    principal = request.user
+    granted = state.services.rbac.roles.get(principal.role, frozenset())
+    return Response({"name": principal.name, "role": principal.role, "permissions": sorted(granted),
+                     "via": "session" if isinstance(principal, SessionPrincipal) else "api_key"},
+                    headers={"cache-control": "no-store"})
+
+
+ROUTES = [login, logout, me]
