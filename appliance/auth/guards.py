@@ -29,8 +29,8 @@ def permission_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Ba
     rbac = connection.app.state.services.rbac
     if required is None or principal is None or not rbac.allows(principal.role, required):
         raise Forbidden(
-            f"this key's role '{getattr(principal, 'role', '?')}' lacks the permission "
+            f"the role '{getattr(principal, 'role', '?')}' lacks the permission "
             f"'{required or 'undeclared'}' that {connection.url.path} needs; "
-            "ask an admin for a key with a role that grants it",
+            "ask an admin for a key or a user role that grants it",
             code="insufficient_permissions",
         )
