@@ -37,6 +37,17 @@ def new_key(data_dir: Path, role: str = "admin", expires: str | None = None,
     return appliance(*args, data_dir=data_dir, env=env).stdout.strip().splitlines()[-1]
 
 
+OPEN_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    """Close every SDK client a test made, so no socket is left for the garbage collector to find."""
+    yield
+    while OPEN_CLIENTS:
+        OPEN_CLIENTS.pop().close()
+
+
 class Running:
     """A server under test: its URL, an admin key, and (when local) the process and data dir."""
 
@@ -45,8 +56,12 @@ class Running:
         self.key = key
         self.process = process
 
-    def client(self, **kwargs: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0, **kwargs)  # type: ignore[arg-type]
+    def client(self, key: str | None = None, **kwargs: object) -> openai.OpenAI:
+        """An openai SDK client for this server (the admin key unless `key`); closed after the test."""
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0,
+                               **kwargs)  # type: ignore[arg-type]
+        OPEN_CLIENTS.append(client)
+        return client
 
     @property
     def headers(self) -> dict[str, str]:

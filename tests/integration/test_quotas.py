@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.integration.conftest import Running
+from tests.integration.conftest import OPEN_CLIENTS, Running
 from tests.server import DEFAULT_MODEL, ServerProcess, appliance
 
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
@@ -34,7 +34,9 @@ def limited_key(running: Running, *limits: str) -> str:
 
 
 def client_for(running: Running | ServerProcess, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=running.url + "/v1", api_key=key, max_retries=0)
+    client = openai.OpenAI(base_url=running.url + "/v1", api_key=key, max_retries=0)
+    OPEN_CLIENTS.append(client)  # closed after the test
+    return client
 
 
 def ask(client: openai.OpenAI, max_tokens: int = 1) -> tuple[Mapping[str, str], int]:
