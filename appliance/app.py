@@ -25,8 +25,11 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
+from appliance.admin.audit_routes import ROUTES as AUDIT_ROUTES
 from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
 from appliance.admin.auth_routes import cookie_name
+from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
+from appliance.admin.users_routes import ROUTES as USERS_ROUTES
 from appliance.audit import AuditLog
 from appliance.auth.guards import PUBLIC, permission, permission_guard
 from appliance.auth.keys import ApiKeyService, derive_pepper
@@ -244,10 +247,14 @@ def create_app(settings: Settings) -> Litestar:
         services.conn.close()
 
     return Litestar(
-        route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES],
+        route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
+                        *AUDIT_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),
+            "api_keys": Provide(lambda: services.keys, sync_to_thread=False),
+            "users": Provide(lambda: services.users, sync_to_thread=False),
+            "audit_log": Provide(lambda: services.audit, sync_to_thread=False),
         },
         state=State({"services": services}),
         lifespan=[lifespan],

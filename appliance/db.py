@@ -97,6 +97,12 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX sessions_user ON sessions(user_id);
     CREATE INDEX sessions_expires ON sessions(expires_at);
     """,
+    # 6: keys that users make for themselves (`/api/me/keys`): the owner, NULL for keys made by an admin or the CLI.
+    # Deleting a user deletes their keys; an owned key acts with its owner's current role (appliance/auth/keys.py).
+    """
+    ALTER TABLE api_keys ADD COLUMN owner_user_id TEXT NULL REFERENCES users(id) ON DELETE CASCADE;
+    CREATE INDEX api_keys_owner ON api_keys(owner_user_id);
+    """,
 )
 
 

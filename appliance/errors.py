@@ -58,6 +58,14 @@ class NotFound(ApplianceError):
     code = "not_found"
 
 
+class KeyNotFound(InvalidRequest):
+    """No such API key (or, for `/api/me/keys`, none of the caller's). A 404, kept an InvalidRequest for callers
+    that caught the 400 it used to be."""
+
+    status_code = 404
+    code = "not_found"
+
+
 class ModelNotFound(NotFound):
     code = "model_not_found"
 

@@ -1,4 +1,7 @@
-"""API keys: `apl_` + key id + secret + checksum, shown once, stored only as an HMAC with a server pepper."""
+"""API keys: `apl_` + key id + secret + checksum, shown once, stored only as an HMAC with a server pepper.
+
+A key made by a user for themselves (`create_for_user`) has an owner: it acts with the owner's current role, stops
+working while the owner is disabled, and goes when the owner is deleted; only its owner may revoke it that way."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import msgspec
 from appliance.audit import AuditLog, audited
 from appliance.auth.quotas import UNLIMITED, Limits
 from appliance.auth.rbac import Rbac
-from appliance.errors import InvalidRequest, Unauthenticated
+from appliance.errors import Forbidden, InvalidRequest, KeyNotFound, Unauthenticated
 
 PREFIX = "apl_"
 ALPHABET = string.ascii_letters + string.digits
@@ -26,8 +29,8 @@ KEY_RE = re.compile(rf"^{PREFIX}([A-Za-z0-9]{{{ID_LEN}}})([A-Za-z0-9]{{{SECRET_L
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-SELECT_KEYS = ("SELECT id, name, role, created_at, expires_at, revoked_at, last_used_at, rpm, tpm, daily_tokens "
-               "FROM api_keys")
+SELECT_KEYS = ("SELECT id, name, role, created_at, expires_at, revoked_at, last_used_at, rpm, tpm, daily_tokens, "
+               "owner_user_id FROM api_keys")
 
 
 class ApiKey(msgspec.Struct, frozen=True):
@@ -41,6 +44,7 @@ class ApiKey(msgspec.Struct, frozen=True):
     rpm: int | None = None
     tpm: int | None = None
     daily_tokens: int | None = None
+    owner_user_id: str | None = None
 
     @property
     def limits(self) -> Limits:
@@ -52,6 +56,7 @@ class Principal(msgspec.Struct, frozen=True):
     name: str
     role: str
     limits: Limits = UNLIMITED
+    owner_user_id: str | None = None  # the user who made this key for themselves, if one did
 
     @property
     def subject(self) -> str:
@@ -101,10 +106,11 @@ class ApiKeyService:
         return hmac.new(self.pepper, key.encode(), hashlib.sha256).hexdigest()
 
     def create(self, name: str, role: str, expires_in: timedelta | None = None, *, limits: Limits = UNLIMITED,
-               actor: str = "system") -> tuple[ApiKey, str]:
+               actor: str = "system", owner_user_id: str | None = None) -> tuple[ApiKey, str]:
         """Create a key; the secret is returned here once and never stored (nor audited: only the key's id)."""
         quotas = {k: v for k, v in msgspec.structs.asdict(limits).items() if v is not None}
-        with audited(self.audit, actor, "key.create", name=name, role=role, **quotas) as event:
+        owner = {"owner_user_id": owner_user_id} if owner_user_id else {}
+        with audited(self.audit, actor, "key.create", name=name[:80], role=role, **quotas, **owner) as event:
             for limit, value in quotas.items():
                 if value <= 0:
                     raise InvalidRequest(f"{limit} must be a positive number of "
@@ -122,23 +128,54 @@ class ApiKeyService:
             event.target, event.details["expires_at"] = key_id, expires
             with event.commit():
                 self.conn.execute("INSERT INTO api_keys(id, name, role, digest, created_at, expires_at, rpm, tpm, "
-                                  "daily_tokens) VALUES (?,?,?,?,?,?,?,?,?)",
+                                  "daily_tokens, owner_user_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
                                   (key_id, name, role, self._digest(secret), now.isoformat(timespec="seconds"),
-                                   expires, limits.rpm, limits.tpm, limits.daily_tokens))
+                                   expires, limits.rpm, limits.tpm, limits.daily_tokens, owner_user_id))
         return self.get(key_id), secret
+
+    def create_for_user(self, user_id: str, user_role: str, name: str, role: str | None = None,
+                        expires_in: timedelta | None = None, *, limits: Limits = UNLIMITED,
+                        actor: str = "system") -> tuple[ApiKey, str]:
+        """A key a user makes for themselves: it carries the user's own role (asking for another is refused)."""
+        if role is not None and role != user_role:
+            if self.audit is not None:
+                self.audit.record_failure(actor, "key.create", "", Forbidden("asked for another role"),
+                                          name=name[:80], role=role[:80], owner_user_id=user_id)
+            raise Forbidden(f"a key you make for yourself carries your own role {user_role!r}, not {role[:80]!r}; "
+                            "leave out role, or ask an admin for a key with another role", param="role",
+                            code="role_not_allowed")
+        return self.create(name, user_role, expires_in, limits=limits, actor=actor, owner_user_id=user_id)
 
     def get(self, key_id: str) -> ApiKey:
         row = self.conn.execute(SELECT_KEYS + " WHERE id = ?", (key_id,)).fetchone()
         if row is None:
-            raise InvalidRequest(f"no API key with id {key_id!r}", param="id", code="not_found")
+            raise KeyNotFound(f"no API key with id {key_id[:80]!r}", param="id")
         return msgspec.convert(dict(row), ApiKey)
 
-    def list(self) -> list[ApiKey]:
-        rows = self.conn.execute(SELECT_KEYS + " ORDER BY created_at").fetchall()
+    def list(self, owner_user_id: str | None = None) -> list[ApiKey]:
+        """All keys, or only those the user `owner_user_id` made for themselves."""
+        if owner_user_id is None:
+            rows = self.conn.execute(SELECT_KEYS + " ORDER BY created_at").fetchall()
+        else:
+            rows = self.conn.execute(SELECT_KEYS + " WHERE owner_user_id = ? ORDER BY created_at",
+                                     (owner_user_id,)).fetchall()
         return [msgspec.convert(dict(r), ApiKey) for r in rows]
 
-    def revoke(self, key_id: str, *, actor: str = "system") -> ApiKey:
-        with audited(self.audit, actor, "key.revoke", key_id) as event:
+    def _check_owner(self, key_id: str, owner_user_id: str, actor: str) -> None:
+        """Another user's key reads as no key at all (404), and the attempt is audited as denied."""
+        row = self.conn.execute("SELECT owner_user_id FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is not None and row["owner_user_id"] == owner_user_id:
+            return
+        if self.audit is not None:
+            self.audit.record_failure(actor, "key.revoke", key_id[:80], Forbidden("not a key of the caller's"),
+                                      owner_user_id=owner_user_id)
+        raise KeyNotFound(f"you have no API key with id {key_id[:80]!r}; GET /api/me/keys lists yours", param="id")
+
+    def revoke(self, key_id: str, *, actor: str = "system", owner_user_id: str | None = None) -> ApiKey:
+        """Revoke a key; with `owner_user_id`, only when that user owns it (see `_check_owner`)."""
+        if owner_user_id is not None:
+            self._check_owner(key_id, owner_user_id, actor)
+        with audited(self.audit, actor, "key.revoke", key_id[:80]) as event:
             key = self.get(key_id)
             event.details.update(name=key.name, role=key.role)
             with event.commit():
@@ -150,8 +187,10 @@ class ApiKeyService:
 
     def has_active_admin(self) -> bool:
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        row = self.conn.execute("SELECT 1 FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL AND "
-                                "(expires_at IS NULL OR expires_at > ?) LIMIT 1", (now,)).fetchone()
+        row = self.conn.execute("SELECT 1 FROM api_keys k WHERE k.role = 'admin' AND k.revoked_at IS NULL AND "
+                                "(k.expires_at IS NULL OR k.expires_at > ?) AND (k.owner_user_id IS NULL OR EXISTS "
+                                "(SELECT 1 FROM users u WHERE u.id = k.owner_user_id AND u.role = 'admin' AND "
+                                "u.disabled_at IS NULL)) LIMIT 1", (now,)).fetchone()
         return row is not None
 
     def authenticate(self, authorization: str | None) -> Principal:
@@ -164,10 +203,15 @@ class ApiKeyService:
         match = KEY_RE.match(key)
         if match is None or not hmac.compare_digest(match.group(3), _checksum(match.group(1) + match.group(2))):
             raise denied
-        row = self.conn.execute("SELECT id, name, role, digest, expires_at, revoked_at, last_used_at, rpm, tpm, "
-                                "daily_tokens FROM api_keys WHERE id = ?", (match.group(1),)).fetchone()
+        row = self.conn.execute("SELECT k.id, k.name, k.role, k.digest, k.expires_at, k.revoked_at, k.last_used_at, "
+                                "k.rpm, k.tpm, k.daily_tokens, k.owner_user_id, u.role AS owner_role, "
+                                "u.disabled_at AS owner_disabled_at FROM api_keys k "
+                                "LEFT JOIN users u ON u.id = k.owner_user_id WHERE k.id = ?",
+                                (match.group(1),)).fetchone()
         if row is None or not hmac.compare_digest(row["digest"], self._digest(key)) or row["revoked_at"]:
             raise denied
+        if row["owner_user_id"] is not None and (row["owner_role"] is None or row["owner_disabled_at"]):
+            raise denied  # the owner is disabled (or gone): so are their keys
         now = datetime.now(UTC)
         if row["expires_at"] and datetime.fromisoformat(row["expires_at"]) <= now:
             raise denied
@@ -177,4 +221,5 @@ class ApiKeyService:
                               (now.isoformat(timespec="seconds"), row["id"]))
         limits = (UNLIMITED if row["rpm"] is None and row["tpm"] is None and row["daily_tokens"] is None
                   else Limits(row["rpm"], row["tpm"], row["daily_tokens"]))
-        return Principal(row["id"], row["name"], row["role"], limits)
+        role = row["owner_role"] if row["owner_user_id"] is not None else row["role"]  # the owner's role now
+        return Principal(row["id"], row["name"], role, limits, row["owner_user_id"])

@@ -14,7 +14,7 @@ import msgspec
 from appliance.audit import API_KEY_SHAPE, AuditLog, audited
 from appliance.auth.passwords import DEFAULT_PARAMS, MAX_LENGTH, Argon2Params, PasswordHasher, check_password
 from appliance.auth.rbac import Rbac
-from appliance.errors import InvalidRequest, NotFound
+from appliance.errors import Forbidden, InvalidRequest, NotFound
 from appliance.logs import get_logger
 
 log = get_logger(__name__)
@@ -146,6 +146,27 @@ class UserService:
             with event.commit():
                 self.conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, user.id))
         return self.get(name)
+
+    def update(self, name: str, *, role: str | None = None, disabled: bool | None = None, actor: str = "system",
+               acting_user_id: str | None = None) -> User:
+        """Change a user's role and/or disable or enable them. `acting_user_id` is the caller's own user (if any):
+        nobody changes their own role or disables themselves this way, so an admin cannot lock the box out alone."""
+        if role is None and disabled is None:
+            raise InvalidRequest('nothing to change; send "role" and/or "disabled"', code="empty_update")
+        user = self.get(name)
+        if user.id == acting_user_id and ((role is not None and role != user.role) or disabled):
+            refusal = Forbidden("you cannot change your own role or disable yourself; ask another admin to do it "
+                                "(or use `appliance users` on the box)", code="self_change_refused")
+            if self.audit is not None:
+                self.audit.record_failure(actor, "user.update", user.id, refusal, name=user.name,
+                                          **({"role": role[:80]} if role is not None else {}),
+                                          **({"disabled": disabled} if disabled is not None else {}))
+            raise refusal
+        if role is not None and role != user.role:
+            self.set_role(user.name, role, actor=actor)
+        if disabled is not None and disabled != user.disabled:
+            self._set_disabled(user.name, disabled, actor)
+        return self.get(user.name)
 
     def verify_password(self, name: str, password: str) -> User | None:
         """The user when the name and password match an enabled user, else None. Unknown names cost one hash too,
