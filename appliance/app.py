@@ -85,9 +85,13 @@ class Services:
         self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog), audit=self.audit)
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
         self.vllm = VllmEngine(settings.vllm)
-        self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics)
+        self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics,
+                               on_event=self.audit_model_event)
         self.quotas = QuotaService(self.conn)
         self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas)
+
+    def audit_model_event(self, action: str, model: str, outcome: str, details: dict[str, object]) -> None:
+        self.audit.record("supervisor", action, model, outcome, **details)  # type: ignore[arg-type]
 
     @functools.cached_property
     def gpus(self) -> list[Gpu]:

@@ -21,6 +21,8 @@ log = get_logger(__name__)
 
 NewWorker = Callable[[str, contextlib.AsyncExitStack], Awaitable[Worker]]
 """Build (not start) a worker for a model name; resources it needs stay open until the stack closes."""
+OnEvent = Callable[[str, str, str, dict[str, object]], None]
+"""Told of lifecycle events: (action, model, outcome, details), e.g. ("model.load", "m", "ok", {...})."""
 
 STABLE_AFTER_S = 60.0
 
@@ -51,13 +53,14 @@ class ModelSlot:
 
 class WorkerPool:
     def __init__(self, models: ModelSettings, gateway: GatewaySettings, supervisor: SupervisorSettings,
-                 new_worker: NewWorker, metrics: Metrics, parallel: int = 1) -> None:
+                 new_worker: NewWorker, metrics: Metrics, parallel: int = 1, on_event: OnEvent | None = None) -> None:
         self.models = models
         self.gateway = gateway
         self.supervisor = supervisor
         self.new_worker = new_worker
         self.metrics = metrics
         self.parallel = parallel
+        self.on_event = on_event
         self.slots: dict[str, ModelSlot] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -99,17 +102,26 @@ class WorkerPool:
                 worker = await self.new_worker(name, stack)
                 await worker.start()
                 await worker.wait_ready()
-            except BaseException:
+            except BaseException as exc:
                 await stack.aclose()
                 self._note_crash(slot)
+                self._event("model.load", name, "error", reason=str(getattr(exc, "message", type(exc).__name__))[:300])
                 raise
             slot.worker, slot.resources, slot.started_at = worker, stack, time.monotonic()
             slot.last_used = slot.started_at  # idle time counts from readiness, not from the first request
             self.metrics.model_load_seconds.labels(name).observe(slot.started_at - started)
             self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
             log.info("model.loaded", model=name, pid=worker.pid, seconds=round(slot.started_at - started, 3))
+            self._event("model.load", name, "ok", seconds=round(slot.started_at - started, 3))
             self._spawn(self._watch(slot, worker))
             return worker
+
+    def _event(self, action: str, model: str, outcome: str, **details: object) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(action, model, outcome, details)
+            except Exception:  # an audit failure must not take a model down; it is logged
+                log.exception("model.event_failed", action=action, model=model)
 
     def _note_crash(self, slot: ModelSlot) -> None:
         if slot.started_at and time.monotonic() - slot.started_at > STABLE_AFTER_S:
@@ -127,6 +139,7 @@ class WorkerPool:
         self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
         self._note_crash(slot)
         log.error("model.crashed", model=slot.name, detail=worker.failure(), crashes=slot.crashes)
+        self._event("model.crash", slot.name, "error", crashes=slot.crashes)
         if slot.pinned:
             self._spawn(self.keep_loaded(slot.name))
 
@@ -197,6 +210,7 @@ class WorkerPool:
                 idle = slot.in_use == 0 and slot.waiting == 0 and now - slot.last_used > keep_alive
                 if slot.alive and not slot.pinned and idle and not slot.load_lock.locked():
                     log.info("model.unload", model=slot.name, idle_s=round(now - slot.last_used, 1))
+                    self._event("model.unload", slot.name, "ok", reason="idle", idle_s=round(now - slot.last_used, 1))
                     async with slot.load_lock:
                         await self._retire(slot)
                     self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))

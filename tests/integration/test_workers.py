@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,7 +16,7 @@ import psutil
 import pytest
 
 from tests.integration.conftest import Running
-from tests.server import DEFAULT_MODEL
+from tests.server import DEFAULT_MODEL, appliance
 
 NO_EOS = {"0": -100, "2": -100}
 PROMPT = [{"role": "user", "content": "Tell me a very long story about a lighthouse."}]
@@ -46,6 +47,12 @@ def metric(running: Running, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.split()[-1])
     return total
+
+
+def audit_records(running: Running, action: str) -> list[dict[str, str]]:
+    assert running.process is not None
+    out = appliance("audit", "export", "--action", action, data_dir=running.process.data_dir).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def long_stream(running: Running, max_tokens: int = 3000) -> openai.Stream:  # type: ignore[type-arg]
@@ -98,6 +105,8 @@ def test_worker_killed_mid_stream_gives_clean_error_and_restarts(start_server: C
     [new_worker] = running.process.workers()
     assert new_worker.pid != worker.pid
     assert metric(running, "appliance_worker_restarts_total") == 1
+    assert [r["outcome"] for r in audit_records(running, "model.crash")] == ["error"]
+    assert [r["outcome"] for r in audit_records(running, "model.load")] == ["ok", "ok"]
 
 
 def test_sigterm_drains_the_stream_in_flight(start_server: Callable[..., Running]) -> None:
@@ -160,3 +169,5 @@ def test_idle_model_unloads_after_keep_alive_and_reloads_on_demand(start_server:
                                                      temperature=0)
     assert reply.choices[0].message.content is not None
     assert metric(running, "appliance_model_load_seconds_count") == 2
+    [unload] = audit_records(running, "model.unload")
+    assert unload["actor"] == "supervisor" and unload["target"] == DEFAULT_MODEL
