@@ -205,3 +205,19 @@ def test_foreign_host_headers_are_refused(server: Running, host: str) -> None:
 @pytest.mark.parametrize("host", ["localhost", "localhost:8080", "127.0.0.1", "[::1]:8080"])
 def test_local_host_headers_are_served(server: Running, host: str) -> None:
     assert httpx.get(server.url + "/v1/models", headers={**server.headers, "Host": host}).status_code == 200
+
+
+def test_prompts_and_completions_never_reach_the_log(server: Running) -> None:
+    if server.process is None:
+        pytest.skip("needs the local server's log")
+    marker = "zebra-quokka-" + "7f3a9c"
+    reply = server.client().chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": f"Repeat exactly: {marker}"}], max_tokens=24,
+        temperature=0)
+    completion = reply.choices[0].message.content or ""
+    list(server.client().completions.create(model=DEFAULT_MODEL, prompt=f"{marker} {marker}", max_tokens=8,
+                                            stream=True))
+    log = server.process.log_path.read_text(errors="replace")
+    assert '"path": "/v1/chat/completions"' in log  # the requests were logged, without their text
+    assert marker not in log
+    assert len(completion) < 8 or completion not in log
