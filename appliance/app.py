@@ -88,7 +88,7 @@ class Services:
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics,
                                on_event=self.audit_model_event)
         self.quotas = QuotaService(self.conn)
-        self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas)
+        self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas, self.audit)
 
     def audit_model_event(self, action: str, model: str, outcome: str, details: dict[str, object]) -> None:
         self.audit.record("supervisor", action, model, outcome, **details)  # type: ignore[arg-type]

@@ -135,17 +135,31 @@ def _keys(loaded: LoadedSettings) -> Any:
     return ApiKeyService(audit.conn, derive_pepper(data.read_master_key()), audit=audit, roles=roles)
 
 
+def _limits_text(item: Any) -> str:
+    """`rpm=60 daily_tokens=1000`, or `quotas=none`."""
+    return " ".join(f"{k}={getattr(item, k)}" for k in ("rpm", "tpm", "daily_tokens")
+                    if getattr(item, k) is not None) or "quotas=none"
+
+
+def _narrowed_text(key: Any) -> str:
+    """`scopes=chat:use,models:read models=all collections=all`."""
+    return " ".join(f"{k}={','.join(v) if (v := getattr(key, k)) is not None else 'all'}"
+                    for k in ("scopes", "models", "collections"))
+
+
 def cmd_keys_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     from appliance.auth.keys import parse_duration
     from appliance.auth.quotas import Limits
+    from appliance.auth.restrictions import Restrictions, split_names
 
     expires = parse_duration(args.expires) if args.expires else None
     limits = Limits(args.rpm, args.tpm, args.daily_tokens)
-    key, secret = _keys(loaded).create(args.name, args.role, expires, limits=limits, actor=_actor())
-    quotas = " ".join(f"{k}={v}" for k, v in (("rpm", key.rpm), ("tpm", key.tpm), ("daily_tokens", key.daily_tokens))
-                      if v is not None) or "quotas=none"
-    print(f"created API key {key.id} '{key.name}' role={key.role} expires={key.expires_at or 'never'} {quotas}",
-          file=sys.stderr)
+    narrowed = Restrictions(*(split_names(text) if text is not None else None
+                              for text in (args.scopes, args.models, args.collections)))
+    key, secret = _keys(loaded).create(args.name, args.role, expires, limits=limits, actor=_actor(),
+                                       narrowed=narrowed)
+    print(f"created API key {key.id} '{key.name}' role={key.role} expires={key.expires_at or 'never'} "
+          f"{_limits_text(key)} {_narrowed_text(key)}", file=sys.stderr)
     print("store it now: it is shown only this once", file=sys.stderr, flush=True)
     print(secret)
     return 0
@@ -155,7 +169,7 @@ def cmd_keys_list(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     for key in _keys(loaded).list():
         state = "revoked" if key.revoked_at else "active"
         print(f"{key.id}\t{key.name}\t{key.role}\t{state}\texpires={key.expires_at or 'never'}\t"
-              f"last_used={key.last_used_at or 'never'}")
+              f"last_used={key.last_used_at or 'never'}\t{_narrowed_text(key)}\t{_limits_text(key)}")
     return 0
 
 
@@ -201,10 +215,24 @@ def _read_new_password(service: Any, name: str, role: str, from_stdin: bool) -> 
 
 
 def cmd_users_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    from appliance.auth.quotas import Limits
+
     service = _users(loaded)
     password = _read_new_password(service, args.name, args.role, args.password_stdin)
-    user = service.create(args.name, args.role, password, actor=_actor())
-    print(f"created user {user.name} (role {user.role})")
+    user = service.create(args.name, args.role, password, actor=_actor(),
+                          limits=Limits(args.rpm, args.tpm, args.daily_tokens))
+    print(f"created user {user.name} (role {user.role}, {_limits_text(user)})")
+    return 0
+
+
+def cmd_users_set_limits(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    changes = {k: v for k, v in (("rpm", args.rpm), ("tpm", args.tpm), ("daily_tokens", args.daily_tokens))
+               if v is not KEEP}
+    if not changes:
+        raise InvalidRequest("nothing to change; give --rpm, --tpm and/or --daily-tokens (a number, or none to "
+                             "remove the limit)", code="empty_update")
+    user = _users(loaded).set_limits(args.name, changes, actor=_actor())
+    print(f"{user.name} now has {_limits_text(user)}")
     return 0
 
 
@@ -213,7 +241,8 @@ def cmd_users_list(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     if not users:
         print("no users; `appliance users create NAME --role admin` adds one", file=sys.stderr)
     for user in users:
-        print(f"{user.name}\t{user.role}\t{'disabled' if user.disabled else 'active'}\tcreated={user.created_at}")
+        print(f"{user.name}\t{user.role}\t{'disabled' if user.disabled else 'active'}\tcreated={user.created_at}\t"
+              f"{_limits_text(user)}")
     return 0
 
 
@@ -258,6 +287,16 @@ def cmd_audit_export(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     except BrokenPipeError:  # `appliance audit export | head` is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+KEEP = object()  # an option of `users set-limits` not given: that limit stays as it is
+
+
+def _limit_or_none(text: str) -> int | None:
+    """A positive whole number, or `none` for no limit."""
+    if text.strip().lower() == "none":
+        return None
+    return _positive_int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -307,7 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--rpm", type=_positive_int, help="requests per minute; default unlimited")
     create.add_argument("--tpm", type=_positive_int, help="tokens (prompt + completion) per minute; default unlimited")
     create.add_argument("--daily-tokens", type=_positive_int, help="tokens per UTC day; default unlimited")
-    add("list", cmd_keys_list, "API keys (never their secrets)", keys)
+    create.add_argument("--scopes", help="comma-separated permissions, each granted by the role (e.g. "
+                        "chat:use,models:read); default the role's every permission")
+    create.add_argument("--models", help="comma-separated models the key may use; default every model")
+    create.add_argument("--collections", help="comma-separated RAG collections the key may use; default all")
+    add("list", cmd_keys_list, "API keys with their scopes, models, collections and limits (never secrets)", keys)
     revoke = add("revoke", cmd_keys_revoke, "revoke an API key by id", keys)
     revoke.add_argument("id")
     add("has-admin", cmd_keys_has_admin, "exit 0 when an active admin key exists (used by install.sh)", keys)
@@ -319,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     ucreate.add_argument("--role", required=True)
     ucreate.add_argument("--password-stdin", action="store_true",
                          help="read the password as one line from standard input")
+    ucreate.add_argument("--rpm", type=_positive_int, help="requests per minute, session and own keys together; "
+                         "default unlimited")
+    ucreate.add_argument("--tpm", type=_positive_int, help="tokens per minute; default unlimited")
+    ucreate.add_argument("--daily-tokens", type=_positive_int, help="tokens per UTC day; default unlimited")
     add("list", cmd_users_list, "users with their role and state (never their password hashes)", users)
     for name, handler, helptext in (("disable", cmd_users_disable, "stop a user from logging in"),
                                     ("enable", cmd_users_enable, "let a disabled user log in again")):
@@ -326,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     set_role = add("set-role", cmd_users_set_role, "give a user another role", users)
     set_role.add_argument("name")
     set_role.add_argument("role")
+    limits = add("set-limits", cmd_users_set_limits, "set or remove a user's quota limits (shared by their session "
+                 "and their own keys); limits not given stay as they are", users)
+    limits.add_argument("name")
+    for flag, what in (("--rpm", "requests per minute"), ("--tpm", "tokens per minute"),
+                       ("--daily-tokens", "tokens per UTC day")):
+        limits.add_argument(flag, type=_limit_or_none, default=KEEP, help=f"{what}, or none for no limit")
 
     audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(dest="sub", required=True)
     add("verify", cmd_audit_verify, "check the hash chain; exits 1 naming the first broken record", audit)

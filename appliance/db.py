@@ -103,6 +103,16 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE api_keys ADD COLUMN owner_user_id TEXT NULL REFERENCES users(id) ON DELETE CASCADE;
     CREATE INDEX api_keys_owner ON api_keys(owner_user_id);
     """,
+    # 7: what a key may touch, each a JSON array of names (NULL: no narrowing): `scopes` (permissions, within its
+    # role), `models` and `collections`; and quota limits per user (NULL is unlimited), spent as 'user:<id>'.
+    """
+    ALTER TABLE api_keys ADD COLUMN scopes TEXT;
+    ALTER TABLE api_keys ADD COLUMN models TEXT;
+    ALTER TABLE api_keys ADD COLUMN collections TEXT;
+    ALTER TABLE users ADD COLUMN rpm INTEGER CHECK (rpm IS NULL OR rpm > 0);
+    ALTER TABLE users ADD COLUMN tpm INTEGER CHECK (tpm IS NULL OR tpm > 0);
+    ALTER TABLE users ADD COLUMN daily_tokens INTEGER CHECK (daily_tokens IS NULL OR daily_tokens > 0);
+    """,
 )
 
 

@@ -9,7 +9,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie, State
 
-from appliance.auth.guards import PUBLIC, permission
+from appliance.auth.guards import PUBLIC, effective_permissions, permission
 from appliance.auth.sessions import LoginService, SessionPrincipal
 from appliance.errors import InvalidRequest
 
@@ -74,8 +74,10 @@ async def logout(request: Request[Any, Any, State], state: State) -> Response[No
 @get("/api/me", summary="Who this request acts as", opt=permission("self:read"), tags=["Web UI"])
 async def me(request: Request[Any, Any, State], state: State) -> Response[dict[str, Any]]:
     principal = request.user
-    granted = state.services.rbac.roles.get(principal.role, frozenset())
-    return Response({"name": principal.name, "role": principal.role, "permissions": sorted(granted),
+    granted = effective_permissions(principal, state.services.rbac)
+    narrowed = {name: sorted(value) for name in ("scopes", "models", "collections")
+                if (value := getattr(principal, name, None)) is not None}
+    return Response({"name": principal.name, "role": principal.role, "permissions": sorted(granted), **narrowed,
                      "via": "session" if isinstance(principal, SessionPrincipal) else "api_key"},
                     headers={"cache-control": "no-store"})
 

@@ -1,6 +1,7 @@
 """API keys over JSON: `/api/keys` for admins (keys:manage: every key) and `/api/me/keys` for a logged-in user's
 own keys (keys:own); thin handlers over `appliance.auth.keys.ApiKeyService`. Secrets are returned once, at
-creation, under "key", and never listed."""
+creation, under "key", and never listed. A key may be narrowed with "scopes", "models" and "collections"
+(`appliance.auth.restrictions`); listings show them with the key's limits."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from litestar.params import FromPath
 from appliance.auth.guards import permission
 from appliance.auth.keys import ApiKey, ApiKeyService, parse_duration
 from appliance.auth.quotas import Limits
+from appliance.auth.restrictions import Restrictions
 from appliance.auth.sessions import SessionPrincipal
 from appliance.errors import InvalidRequest
 
@@ -29,6 +31,12 @@ class NewKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rpm: int | None = None
     tpm: int | None = None
     daily_tokens: int | None = None
+    scopes: list[str] | None = None  # permissions within the role; None: the whole role
+    models: list[str] | None = None  # None: every model
+    collections: list[str] | None = None  # None: every collection the role may use
+
+    def narrowed(self) -> Restrictions:
+        return Restrictions(self.scopes, self.models, self.collections)
 
 
 class NewOwnKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -38,6 +46,12 @@ class NewOwnKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rpm: int | None = None
     tpm: int | None = None
     daily_tokens: int | None = None
+    scopes: list[str] | None = None
+    models: list[str] | None = None
+    collections: list[str] | None = None
+
+    def narrowed(self) -> Restrictions:
+        return Restrictions(self.scopes, self.models, self.collections)
 
 
 def decode_body(raw: bytes, kind: type[Body], example: str) -> Body:
@@ -76,7 +90,8 @@ def _listing(keys: list[ApiKey]) -> dict[str, Any]:
     return {"object": "list", "data": msgspec.to_builtins(keys)}
 
 
-KEY_EXAMPLE = '{"name": "ci", "role": "user", "expires": "30d", "rpm": 60, "tpm": null, "daily_tokens": null}'
+KEY_EXAMPLE = ('{"name": "ci", "role": "user", "expires": "30d", "rpm": 60, "tpm": null, "daily_tokens": null, '
+               '"scopes": ["chat:use", "models:read"], "models": null, "collections": null}')
 
 
 @get("/api/keys", summary="List every API key (never a secret)", opt=permission("keys:manage"), tags=["Admin"])
@@ -90,7 +105,7 @@ async def create_key(request: Request[Any, Any, Any], api_keys: NamedDependency[
                      ) -> Response[dict[str, Any]]:
     body = decode_body(await request.body(), NewKey, KEY_EXAMPLE)
     key, secret = api_keys.create(body.name, body.role, _expiry(body.expires), actor=actor_of(request),
-                                  limits=Limits(body.rpm, body.tpm, body.daily_tokens))
+                                  limits=Limits(body.rpm, body.tpm, body.daily_tokens), narrowed=body.narrowed())
     return _created(key, secret)
 
 
@@ -115,7 +130,7 @@ async def create_own_key(request: Request[Any, Any, Any], api_keys: NamedDepende
     body = decode_body(await request.body(), NewOwnKey, '{"name": "laptop", "expires": "30d"}')
     key, secret = api_keys.create_for_user(user.user_id, user.role, body.name, body.role, _expiry(body.expires),
                                            limits=Limits(body.rpm, body.tpm, body.daily_tokens),
-                                           actor=user.subject)
+                                           actor=user.subject, narrowed=body.narrowed())
     return _created(key, secret)
 
 

@@ -1,5 +1,6 @@
 """Token-aware quotas (DESIGN section 2, step 5): requests per minute, tokens per minute and a token budget per UTC
-day, for a subject: an API key (`key:<id>`) now, a user (`user:<id>`) later. No HTTP in here.
+day, for a subject: an API key (`key:<id>`) or a user (`user:<id>`). No HTTP in here. A request may spend on more
+than one subject (a user's own key: the key's limits and its owner's); `reserve_all` takes from each or from none.
 
 Minute limits are leaky buckets (GCRA, the scheme of nginx's `limit_req`), one per subject and limit: the bucket
 holds what the subject has used and drains at limit/60 per second; a request is admitted when its cost fits under
@@ -31,7 +32,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -118,6 +119,18 @@ class QuotaStatus:
 NO_STATUS = QuotaStatus()
 
 
+def _tightest(windows: Iterable[Window | None]) -> Window | None:
+    present = [w for w in windows if w is not None]
+    return min(present, key=lambda w: (w.remaining, -w.reset)) if present else None
+
+
+def merge_status(statuses: Iterable[QuotaStatus]) -> QuotaStatus:
+    """Several subjects' limits as one: per kind of limit, the one with the least room left."""
+    listed = list(statuses)
+    return QuotaStatus(_tightest(s.requests for s in listed), _tightest(s.tokens for s in listed),
+                       _tightest(s.day for s in listed))
+
+
 @dataclass(eq=False)
 class Reservation:
     """What `reserve` took for one request; settle or release it exactly once (later calls do nothing)."""
@@ -160,7 +173,7 @@ class QuotaService:
         with self._lock:
             now = self.clock()
             usage = self._current(subject, limits, now)
-            self._check(usage, limits, tokens, now)
+            self._check(usage, limits, tokens, now, _whose(subject))
             if limits.rpm:
                 usage.requests += 1
             if limits.tpm:
@@ -169,6 +182,20 @@ class QuotaService:
                 usage.day_tokens += tokens
             self._save(subject, usage)
             return Reservation(subject, limits, tokens, usage.day, self._status(usage, limits, now))
+
+    def reserve_all(self, subjects: Sequence[tuple[str, Limits]], tokens: int) -> list[Reservation]:
+        """Reserve on every (subject, limits) with a limit, or on none: when one refuses, those already taken are
+        released and its `RateLimited` is raised."""
+        taken: list[Reservation] = []
+        try:
+            for subject, limits in subjects:
+                if not limits.unlimited:
+                    taken.append(self.reserve(subject, limits, tokens))
+        except RateLimited:
+            for reservation in taken:
+                self.release(reservation)
+            raise
+        return taken
 
     def settle(self, reservation: Reservation, used_tokens: int) -> None:
         """Replace the reservation's estimate with the tokens the request really used."""
@@ -218,28 +245,28 @@ class QuotaService:
             usage.day, usage.day_tokens = int(now // DAY_SECONDS), 0
         return usage
 
-    def _check(self, usage: _Usage, limits: Limits, tokens: int, now: float) -> None:
+    def _check(self, usage: _Usage, limits: Limits, tokens: int, now: float, whose: str) -> None:
         refusals: list[tuple[float, str, str]] = []  # (wait, limit, message); inf = waiting cannot help
         if limits.rpm and usage.requests + 1 > limits.rpm + _EPSILON:
             wait = _minute_wait(usage.requests, 1, limits.rpm)
-            refusals.append((wait, "rpm", f"this key's limit of {limits.rpm} requests per minute (rpm) is reached; "
+            refusals.append((wait, "rpm", f"{whose} limit of {limits.rpm} requests per minute (rpm) is reached; "
                                           f"retry in {math.ceil(wait)} s"))
         if limits.tpm and tokens > limits.tpm:
-            refusals.append((math.inf, "tpm", _too_large(tokens, f"{limits.tpm} tokens per minute (tpm)")))
+            refusals.append((math.inf, "tpm", _too_large(tokens, whose, f"{limits.tpm} tokens per minute (tpm)")))
         elif limits.tpm and usage.tokens + tokens > limits.tpm + _EPSILON:
             wait = _minute_wait(usage.tokens, tokens, limits.tpm)
             left = max(0, math.floor(limits.tpm - usage.tokens))
-            refusals.append((wait, "tpm", f"this key's limit of {limits.tpm} tokens per minute (tpm) has {left} left "
+            refusals.append((wait, "tpm", f"{whose} limit of {limits.tpm} tokens per minute (tpm) has {left} left "
                                           f"and this request needs about {tokens} (prompt estimate plus max_tokens); "
                                           f"retry in {math.ceil(wait)} s, or lower max_tokens"))
         if limits.daily_tokens and tokens > limits.daily_tokens:
-            refusals.append((math.inf, "daily_tokens",
-                             _too_large(tokens, f"a daily budget of {limits.daily_tokens} tokens (daily_tokens)")))
+            budget = f"a daily budget of {limits.daily_tokens} tokens (daily_tokens)"
+            refusals.append((math.inf, "daily_tokens", _too_large(tokens, whose, budget)))
         elif limits.daily_tokens and usage.day_tokens + tokens > limits.daily_tokens:
             wait = DAY_SECONDS - now % DAY_SECONDS
             left = max(0, limits.daily_tokens - usage.day_tokens)
             refusals.append((wait, "daily_tokens",
-                             f"this key's daily budget of {limits.daily_tokens} tokens (daily_tokens) has {left} left "
+                             f"{whose} daily budget of {limits.daily_tokens} tokens (daily_tokens) has {left} left "
                              f"and this request needs about {tokens} (prompt estimate plus max_tokens); it renews at "
                              f"00:00 UTC, in {format_reset(wait)}; lower max_tokens to fit in what is left"))
         if refusals:
@@ -282,6 +309,10 @@ class QuotaService:
             log.warning("quota.persist_failed", subject=subject, error=str(exc))
 
 
-def _too_large(tokens: int, allowance: str) -> str:
-    return (f"this request needs about {tokens} tokens (prompt estimate plus max_tokens) but this key allows "
+def _whose(subject: str) -> str:
+    return "your user's" if subject.startswith("user:") else "this key's"
+
+
+def _too_large(tokens: int, whose: str, allowance: str) -> str:
+    return (f"this request needs about {tokens} tokens (prompt estimate plus max_tokens) but {whose} limits allow "
             f"{allowance}, so waiting will not help; lower max_tokens or shorten the prompt")

@@ -72,8 +72,9 @@ def _iso(moment: datetime) -> str:
 class SessionPrincipal(msgspec.Struct, frozen=True):
     """Who a request with a session cookie acts as: the user, with the role they have now.
 
-    Shaped like `appliance.auth.keys.Principal` (name, role, limits, subject) so that the permission guard and the
-    quota check treat both alike. Users have no quota limits yet; their usage is counted as `user:<id>`."""
+    Shaped like `appliance.auth.keys.Principal` (name, role, limits, subject, quotas, scopes, models, collections)
+    so that the permission guard, the gateway and the quota check treat both alike. A session is never narrower than
+    its user's role; its requests spend the user's limits, counted as `user:<id>`."""
 
     user_id: str
     name: str
@@ -81,10 +82,17 @@ class SessionPrincipal(msgspec.Struct, frozen=True):
     session_id: str
     csrf_token: str
     limits: Limits = UNLIMITED
+    scopes: None = None
+    models: None = None
+    collections: None = None
 
     @property
     def subject(self) -> str:
         return f"user:{self.user_id}"
+
+    @property
+    def quotas(self) -> tuple[tuple[str, Limits], ...]:
+        return ((self.subject, self.limits),)
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,8 @@ class SessionService:
             raise ended
         session_id = token_hash(token)
         row = self.conn.execute(
-            "SELECT s.last_seen_at, s.expires_at, u.id AS user_id, u.name, u.role, u.disabled_at "
+            "SELECT s.last_seen_at, s.expires_at, u.id AS user_id, u.name, u.role, u.disabled_at, u.rpm, u.tpm, "
+            "u.daily_tokens "
             "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = ?", (session_id,)).fetchone()
         if row is None:
             raise ended
@@ -140,7 +149,9 @@ class SessionService:
             raise ended
         if now - last_seen >= LAST_SEEN_RESOLUTION:
             self.conn.execute("UPDATE sessions SET last_seen_at = ? WHERE id = ?", (_iso(now), session_id))
-        return SessionPrincipal(row["user_id"], row["name"], row["role"], session_id, csrf_token(token))
+        limits = Limits(row["rpm"], row["tpm"], row["daily_tokens"])
+        return SessionPrincipal(row["user_id"], row["name"], row["role"], session_id, csrf_token(token),
+                                UNLIMITED if limits.unlimited else limits)
 
     def end(self, session_id: str) -> bool:
         """End one session by its id (the token's hash); False when there was none."""

@@ -1,18 +1,23 @@
 """Users: people who log in with a name and a password (Argon2id), each with one role; created, listed, disabled,
-enabled and given a new role, every change audited. There is no default user and no default password."""
+enabled, given a new role or quota limits, every change audited. There is no default user and no default password.
+
+A user's limits (rpm, tpm, daily_tokens; None is unlimited) apply to everything they do: their web session and every
+key they made for themselves, together, counted as `user:<id>` (`appliance.auth.quotas`)."""
 
 from __future__ import annotations
 
 import re
 import sqlite3
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 
 from appliance.audit import API_KEY_SHAPE, AuditLog, audited
 from appliance.auth.passwords import DEFAULT_PARAMS, MAX_LENGTH, Argon2Params, PasswordHasher, check_password
+from appliance.auth.quotas import UNLIMITED, Limits
 from appliance.auth.rbac import Rbac
 from appliance.errors import Forbidden, InvalidRequest, NotFound
 from appliance.logs import get_logger
@@ -21,8 +26,10 @@ log = get_logger(__name__)
 
 # ASCII only: SQLite's NOCASE folds ASCII letters, so `Alice` and `ALICE` are one name and nothing else collides.
 NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
-_FIELDS = ("id", "name", "role", "disabled_at", "created_at", "password_changed_at")
-_SELECT = "SELECT id, name, role, disabled_at, created_at, password_changed_at, password_hash FROM users"
+_FIELDS = ("id", "name", "role", "disabled_at", "created_at", "password_changed_at", "rpm", "tpm", "daily_tokens")
+_SELECT = ("SELECT id, name, role, disabled_at, created_at, password_changed_at, rpm, tpm, daily_tokens, "
+           "password_hash FROM users")
+LIMIT_FIELDS = ("rpm", "tpm", "daily_tokens")
 
 
 class User(msgspec.Struct, frozen=True):
@@ -32,10 +39,27 @@ class User(msgspec.Struct, frozen=True):
     disabled_at: str | None
     created_at: str
     password_changed_at: str
+    rpm: int | None = None
+    tpm: int | None = None
+    daily_tokens: int | None = None
 
     @property
     def disabled(self) -> bool:
         return self.disabled_at is not None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.rpm, self.tpm, self.daily_tokens)
+
+
+def check_limits(changes: Mapping[str, int | None]) -> None:
+    """Each limit a positive whole number, or None for no limit."""
+    for limit, value in changes.items():
+        if limit not in LIMIT_FIELDS:
+            raise InvalidRequest(f"unknown limit {limit!r}; limits: {', '.join(LIMIT_FIELDS)}", param=limit)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise InvalidRequest(f"{limit} must be a positive number of {'requests' if limit == 'rpm' else 'tokens'}"
+                                 "; use null (or `none` on the command line) for no limit", param=limit)
 
 
 def _now() -> str:
@@ -77,9 +101,12 @@ class UserService:
         if self._find(name) is not None:
             raise self._exists(name)
 
-    def create(self, name: str, role: str, password: str, *, actor: str = "system") -> User:
+    def create(self, name: str, role: str, password: str, *, actor: str = "system", limits: Limits = UNLIMITED
+               ) -> User:
         """Create a user; the password is checked against the policy and stored only as its hash."""
-        with audited(self.audit, actor, "user.create", name=name[:80], role=role) as event:
+        quotas = {k: v for k, v in msgspec.structs.asdict(limits).items() if v is not None}
+        with audited(self.audit, actor, "user.create", name=name[:80], role=role, **quotas) as event:
+            check_limits(quotas)
             self.check_new(name, role)
             check_password(password, name)
             password_hash = self.hasher.hash(password)  # before the write lock: hashing takes tens of ms
@@ -88,8 +115,9 @@ class UserService:
             with event.commit():
                 try:
                     self.conn.execute("INSERT INTO users(id, name, role, password_hash, created_at, "
-                                      "password_changed_at) VALUES (?,?,?,?,?,?)",
-                                      (user_id, name, role, password_hash, now, now))
+                                      "password_changed_at, rpm, tpm, daily_tokens) VALUES (?,?,?,?,?,?,?,?,?)",
+                                      (user_id, name, role, password_hash, now, now, limits.rpm, limits.tpm,
+                                       limits.daily_tokens))
                 except sqlite3.IntegrityError:  # created meanwhile by another process
                     raise self._exists(name) from None
         return self.get(name)
@@ -147,12 +175,29 @@ class UserService:
                 self.conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, user.id))
         return self.get(name)
 
+    def set_limits(self, name: str, changes: Mapping[str, int | None], *, actor: str = "system") -> User:
+        """Set or clear (None) some of a user's limits; the others stay. Audited as `user.update`."""
+        requested: dict[str, Any] = dict(changes)
+        with audited(self.audit, actor, "user.update", name=name[:80], **requested) as event:
+            check_limits(changes)
+            user = self.get(name)
+            event.target = user.id
+            event.details.update(name=user.name, previous={k: getattr(user, k) for k in changes})
+            if changes:
+                new = {**msgspec.structs.asdict(user.limits), **changes}
+                with event.commit():
+                    self.conn.execute("UPDATE users SET rpm = ?, tpm = ?, daily_tokens = ? WHERE id = ?",
+                                      (new["rpm"], new["tpm"], new["daily_tokens"], user.id))
+        return self.get(user.name)
+
     def update(self, name: str, *, role: str | None = None, disabled: bool | None = None, actor: str = "system",
-               acting_user_id: str | None = None) -> User:
-        """Change a user's role and/or disable or enable them. `acting_user_id` is the caller's own user (if any):
-        nobody changes their own role or disables themselves this way, so an admin cannot lock the box out alone."""
-        if role is None and disabled is None:
-            raise InvalidRequest('nothing to change; send "role" and/or "disabled"', code="empty_update")
+               acting_user_id: str | None = None, limits: Mapping[str, int | None] | None = None) -> User:
+        """Change a user's role, limits (None clears one) and/or disable or enable them. `acting_user_id` is the
+        caller's own user (if any): nobody changes their own role or disables themselves this way, so an admin
+        cannot lock the box out alone."""
+        if role is None and disabled is None and not limits:
+            raise InvalidRequest('nothing to change; send "role", "disabled", "rpm", "tpm" and/or "daily_tokens"',
+                                 code="empty_update")
         user = self.get(name)
         if user.id == acting_user_id and ((role is not None and role != user.role) or disabled):
             refusal = Forbidden("you cannot change your own role or disable yourself; ask another admin to do it "
@@ -162,8 +207,13 @@ class UserService:
                                           **({"role": role[:80]} if role is not None else {}),
                                           **({"disabled": disabled} if disabled is not None else {}))
             raise refusal
+        if limits and role is not None and role != user.role:
+            check_limits(limits)  # all or nothing: a bad limit must not leave the role changed
+            self._check_role(role)
         if role is not None and role != user.role:
             self.set_role(user.name, role, actor=actor)
+        if limits:
+            self.set_limits(user.name, limits, actor=actor)
         if disabled is not None and disabled != user.disabled:
             self._set_disabled(user.name, disabled, actor)
         return self.get(user.name)

@@ -31,11 +31,14 @@ class OpenAIController(Controller):
     path = "/v1"
     tags = ("OpenAI-compatible",)
 
-    @get("/models", summary="List the installed models", opt=permission("models:read"))
-    async def list_models(self, models: NamedDependency[ModelRegistry]) -> dict[str, Any]:
+    @get("/models", summary="List the installed models (for a key limited to some models, only those)",
+         opt=permission("models:read"))
+    async def list_models(self, request: Request[Any, Any, State], models: NamedDependency[ModelRegistry]
+                          ) -> dict[str, Any]:
+        allowed: frozenset[str] | None = getattr(request.user, "models", None)
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": _epoch(m.created_at), "owned_by": "appliance"}
-            for m in models.list()
+            for m in models.list() if allowed is None or m.name in allowed
         ]}
 
     @post("/chat/completions", summary="Create a chat completion", status_code=200, opt=permission("chat:use"))

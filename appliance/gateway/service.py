@@ -3,8 +3,13 @@
 `CompletionService.run` is the one orchestrating function of DESIGN section 2; later steps (policy, cache, RAG)
 slot in between validation and routing.
 
+A key limited to some models (`appliance keys create --models`) asking for another gets the very answer an unknown
+model gets (404 model_not_found), so that it learns nothing about what is installed; the refusal is audited
+(`model.use`, denied), which is rare enough not to flood the log.
+
 Quotas (step 5): the request's tokens are estimated (`appliance.auth.quotas.estimate_tokens`) and reserved before
-it queues; afterwards the reservation is settled with the worker's usage. Which usage, by outcome:
+it queues, on every subject the principal spends (a user's own key: the key and its owner; all or none); afterwards
+each reservation is settled with the worker's usage. Which usage, by outcome:
 * completed (whole or streamed): the worker's `usage` (prompt_tokens + completion_tokens);
 * refused before generating (a worker 4xx such as context_length_exceeded, a full queue, a model that cannot load,
   a worker that died before answering): released, the request and its tokens are given back;
@@ -16,6 +21,7 @@ it queues; afterwards the reservation is settled with the worker's usage. Which 
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,13 +30,15 @@ from typing import Any
 import httpx
 import msgspec
 
+from appliance.audit import AuditLog
 from appliance.auth.keys import Principal
-from appliance.auth.quotas import QuotaService, Reservation, estimate_prompt_tokens, estimate_tokens
+from appliance.auth.quotas import QuotaService, Reservation, estimate_prompt_tokens, estimate_tokens, merge_status
+from appliance.auth.sessions import SessionPrincipal
 from appliance.errors import ApplianceError, WorkerFailed
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, upstream_body
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
-from appliance.registry.service import ModelRegistry
+from appliance.registry.service import ModelRegistry, model_not_found
 from appliance.supervisor.pool import WorkerPool
 
 log = get_logger(__name__)
@@ -70,12 +78,21 @@ class Streamed:
 
 @dataclass
 class Metered:
-    """A request's quota reservation, and what its response has shown: the usage, or how many text chunks."""
+    """A request's quota reservations (one per subject it spends), and what its response has shown: the usage, or
+    how many text chunks."""
 
-    reservation: Reservation | None = None
+    reservations: list[Reservation] = field(default_factory=list)
     prompt_estimate: int = 0
     usage_tokens: int | None = None
     text_chunks: int = 0
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.reservations[0].tokens if self.reservations else 0
+
+    def headers(self) -> dict[str, str]:
+        """`x-ratelimit-*` for the tightest of the limits spent."""
+        return merge_status(r.status for r in self.reservations).headers() if self.reservations else {}
 
 
 def sse_error(error: ApplianceError) -> bytes:
@@ -84,15 +101,17 @@ def sse_error(error: ApplianceError) -> bytes:
 
 class CompletionService:
     def __init__(self, registry: ModelRegistry, pool: WorkerPool, metrics: Metrics,
-                 quotas: QuotaService | None = None) -> None:
+                 quotas: QuotaService | None = None, audit: AuditLog | None = None) -> None:
         self.registry = registry
         self.pool = pool
         self.metrics = metrics
         self.quotas = quotas
+        self.audit = audit
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
-                  principal: Principal | None = None) -> Completed | Streamed:
+                  principal: Principal | SessionPrincipal | None = None) -> Completed | Streamed:
         """One completion for `principal` (None: no quota applies), whole or as a stream of SSE events."""
+        self.check_model(request.model, principal)
         self.registry.get(request.model)  # 404 before queueing for an unknown model
         path = "/v1/chat/completions" if isinstance(request, ChatCompletionRequest) else "/v1/completions"
         body = upstream_body(request)
@@ -103,29 +122,44 @@ class CompletionService:
         events = self._stream(request.model, path, body, include_usage, metered)
         first = await events.__anext__()  # errors before the first byte become HTTP errors, not SSE events
         assert first is READY
-        return Streamed(events, metered.reservation.status.headers() if metered.reservation else {})
+        return Streamed(events, metered.headers())
+
+    def check_model(self, model: str, principal: Principal | SessionPrincipal | None) -> None:
+        """Refuse a model outside the key's allowed models exactly as an unknown one, and audit the refusal."""
+        allowed = principal.models if principal is not None else None
+        if allowed is None or model in allowed:
+            return
+        assert principal is not None
+        if self.audit is not None:
+            try:
+                self.audit.record(principal.subject, "model.use", model[:80], "denied",
+                                  reason="not among the key's allowed models")
+            except (sqlite3.Error, ValueError) as exc:  # e.g. a model name shaped like a key: refuse all the same
+                log.warning("audit.record_failed", action="model.use", error=str(exc))
+        raise model_not_found(model)
 
     def _reserve(self, request: ChatCompletionRequest | CompletionRequest, body: dict[str, Any],
-                 principal: Principal | None) -> Metered:
-        if self.quotas is None or principal is None or principal.limits.unlimited:
+                 principal: Principal | SessionPrincipal | None) -> Metered:
+        if self.quotas is None or principal is None or all(limits.unlimited for _, limits in principal.quotas):
             return Metered()
         if isinstance(request, ChatCompletionRequest):
             prompt = estimate_prompt_tokens([m["content"] for m in body["messages"]], len(body["messages"]))
         else:
             prompt = estimate_prompt_tokens([body["prompt"]], 0)
         tokens = estimate_tokens(prompt, body.get("max_tokens"))
-        return Metered(self.quotas.reserve(principal.subject, principal.limits, tokens), prompt)
+        return Metered(self.quotas.reserve_all(principal.quotas, tokens), prompt)
 
     def _settle(self, metered: Metered) -> None:
         """Charge what the response showed (see the module docstring); release when it showed nothing."""
-        if metered.reservation is None or self.quotas is None:
+        if self.quotas is None:
             return
-        if metered.usage_tokens is not None:
-            self.quotas.settle(metered.reservation, metered.usage_tokens)
-        elif metered.text_chunks:
-            self.quotas.settle(metered.reservation, metered.prompt_estimate + metered.text_chunks)
-        else:
-            self.quotas.release(metered.reservation)
+        for reservation in metered.reservations:
+            if metered.usage_tokens is not None:
+                self.quotas.settle(reservation, metered.usage_tokens)
+            elif metered.text_chunks:
+                self.quotas.settle(reservation, metered.prompt_estimate + metered.text_chunks)
+            else:
+                self.quotas.release(reservation)
 
     async def _whole(self, model: str, path: str, body: dict[str, Any], metered: Metered) -> Completed:
         try:
@@ -133,10 +167,10 @@ class CompletionService:
         except ApplianceError:  # refused, or failed before a usage came back: nothing to charge
             self._settle(metered)
             raise
-        if metered.reservation is not None:
-            metered.usage_tokens = usage if usage is not None else metered.reservation.tokens  # none: keep the estimate
+        if metered.reservations:
+            metered.usage_tokens = usage if usage is not None else metered.reserved_tokens  # none: keep the estimate
             self._settle(metered)
-            completed.headers = metered.reservation.status.headers()
+            completed.headers = metered.headers()
         return completed
 
     async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any]) -> tuple[Completed, int | None]:

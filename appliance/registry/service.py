@@ -104,11 +104,7 @@ class ModelRegistry:
     def get(self, name: str) -> ModelRecord:
         record = self.find(name)
         if record is None:
-            raise ModelNotFound(
-                f"The model '{name}' does not exist; `appliance models list` shows the installed models and "
-                f"`appliance models pull` adds one",
-                param="model",
-            )
+            raise model_not_found(name)
         return record
 
     def list(self) -> builtins.list[ModelRecord]:
@@ -131,3 +127,9 @@ class ModelRegistry:
     def verify(self) -> builtins.list[ModelRecord]:
         """The models whose stored file is missing or does not match its digest."""
         return [r for r in self.list() if not self.store.verify(r.sha256)]
+
+
+def model_not_found(name: str) -> ModelNotFound:
+    """The one answer for a model that is not there (or that the caller may not use: the same, so as not to tell)."""
+    return ModelNotFound(f"The model '{name}' does not exist; `appliance models list` shows the installed models and "
+                         "`appliance models pull` adds one", param="model")

@@ -168,3 +168,41 @@ def test_limits_and_usage_survive_a_restart(start_server: Callable[..., Running]
         assert 1 <= int(caught.value.response.headers["retry-after"]) <= 60
     finally:
         restarted.stop()
+
+
+def test_a_users_limits_bind_its_session_and_the_keys_it_owns_together(quota_server: Running) -> None:
+    """A user with --rpm 1: the second chat of its web session is refused, and a key it made for itself spends the
+    same budget; an admin's PATCH {"rpm": null} lifts it, audited as user.update."""
+    assert quota_server.process is not None
+    appliance("users", "create", "metered-user", "--role", "user", "--rpm", "1", "--password-stdin",
+              input="violet-Tangerine-87-harbour\n", data_dir=quota_server.process.data_dir)
+    login = httpx.post(quota_server.url + "/api/auth/login",
+                       json={"username": "metered-user", "password": "violet-Tangerine-87-harbour"})
+    assert login.status_code == 200, login.text
+    session = {"Cookie": f"appliance_session={login.cookies['appliance_session']}",
+               "X-CSRF-Token": login.json()["csrf_token"]}
+    body = {"model": DEFAULT_MODEL, "messages": QUESTION, "max_tokens": 1, "temperature": 0}
+
+    def chat(headers: dict[str, str]) -> httpx.Response:
+        return httpx.post(quota_server.url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+    first = chat(session)
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    second = chat(session)
+    assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "your user's limit" in second.json()["error"]["message"] and int(second.headers["retry-after"]) >= 1
+
+    created = httpx.post(quota_server.url + "/api/me/keys", headers=session, json={"name": "laptop"})
+    assert created.status_code == 201, created.text
+    owned = {"Authorization": f"Bearer {created.json()['key']}"}
+    shared = chat(owned)
+    assert shared.status_code == 429 and "your user's limit" in shared.json()["error"]["message"]
+
+    lifted = httpx.patch(quota_server.url + "/api/users/metered-user", headers=quota_server.headers,
+                         json={"rpm": None})
+    assert lifted.status_code == 200 and lifted.json()["rpm"] is None, lifted.text
+    assert chat(owned).status_code == 200 and chat(session).status_code == 200
+    audit = httpx.get(quota_server.url + "/api/audit", headers=quota_server.headers,
+                      params={"action": "user.update"}).json()["data"]
+    assert any(r["details"].get("name") == "metered-user" and r["details"]["rpm"] is None for r in audit)

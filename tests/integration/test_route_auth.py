@@ -116,3 +116,24 @@ def test_unknown_permission_in_the_roles_file_stops_the_server(template_dir: Pat
 @pytest.mark.parametrize("path", ["/v1/models?api_key=x", "/schema/swagger"])
 def test_keys_in_query_strings_are_not_credentials(server: Running, path: str) -> None:
     assert httpx.get(server.url + path).status_code == 401
+
+
+def test_a_scoped_admin_key_may_chat_and_nothing_more(server: Running) -> None:
+    """Effective permissions are the role's intersected with the key's scopes: admin + chat:use may only chat."""
+    if server.process is None:
+        pytest.skip("needs a local server to create keys on")
+    from tests.server import DEFAULT_MODEL, appliance
+
+    created = appliance("keys", "create", "--name", "chat-only", "--role", "admin", "--scopes", "chat:use",
+                        data_dir=server.process.data_dir)
+    assert "scopes=chat:use" in created.stderr
+    headers = {"Authorization": f"Bearer {created.stdout.strip().splitlines()[-1]}"}
+    chat = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=120, json={
+        "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+    assert chat.status_code == 200, chat.text
+    for method, path, permission in (("GET", "/metrics", "metrics:read"), ("GET", "/api/keys", "keys:manage"),
+                                     ("POST", "/api/keys", "keys:manage"), ("GET", "/v1/models", "models:read")):
+        response = httpx.request(method, server.url + path, headers=headers, json={})
+        assert response.status_code == 403, (method, path, response.text)
+        error = response.json()["error"]
+        assert error["type"] == "permission_error" and permission in error["message"] and "scopes" in error["message"]

@@ -71,3 +71,19 @@ def test_password_is_never_an_argument(data_dir: Path) -> None:
     result = appliance("users", "create", "dave", "--role", "user", "--password", PASSWORD, data_dir=data_dir,
                        check=False)
     assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_user_limits_from_the_command_line(data_dir: Path) -> None:
+    created = appliance("users", "create", "carol", "--role", "user", "--rpm", "5", "--daily-tokens", "1000",
+                        "--password-stdin", data_dir=data_dir, input=PASSWORD + "\n")
+    assert "rpm=5 daily_tokens=1000" in created.stdout
+    changed = appliance("users", "set-limits", "carol", "--rpm", "none", "--tpm", "100", data_dir=data_dir)
+    assert "tpm=100 daily_tokens=1000" in changed.stdout and "rpm=" not in changed.stdout
+    [line] = [row for row in appliance("users", "list", data_dir=data_dir).stdout.splitlines()
+              if row.startswith("carol\t")]
+    assert line.endswith("tpm=100 daily_tokens=1000")
+    nothing = appliance("users", "set-limits", "carol", data_dir=data_dir, check=False)
+    assert nothing.returncode == 1 and "--rpm" in nothing.stderr
+    records = [json.loads(r) for r in appliance("audit", "export", "--action", "user.update",
+                                                data_dir=data_dir).stdout.splitlines()]
+    assert len(records) == 1 and records[0]["details"]["tpm"] == 100 and records[0]["details"]["rpm"] is None
