@@ -75,6 +75,7 @@ class Services:
         self.metrics = Metrics()
         self.audit = AuditLog(self.conn)
         self.rbac = Rbac.load(settings.auth.rbac_file)
+        self.rbac.record_if_changed(self.audit)  # an edited roles file is a policy change: audit it
         master_key = self.data.read_master_key()
         self.keys = ApiKeyService(self.conn, derive_pepper(master_key), audit=self.audit, roles=self.rbac.roles)
         self.users = UserService(self.conn, derive_password_pepper(master_key), audit=self.audit,

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from appliance.auth.permissions import ALL, PERMISSIONS
 from appliance.resources import shipped
+
+if TYPE_CHECKING:
+    from appliance.audit import AuditLog
 
 SHIPPED_RBAC = shipped("policies/rbac.toml")
 
@@ -27,9 +33,28 @@ class RbacError(ValueError):
 
 
 class Rbac:
-    def __init__(self, roles: dict[str, frozenset[str]], descriptions: dict[str, str] | None = None) -> None:
+    def __init__(self, roles: dict[str, frozenset[str]], descriptions: dict[str, str] | None = None,
+                 source: Path | None = None) -> None:
         self.roles = roles
         self.descriptions = descriptions or {}
+        self.source = source
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of what the roles grant (not of the file's text: comments and layout do not count)."""
+        grants = {name: sorted(perms) for name, perms in sorted(self.roles.items())}
+        return hashlib.sha256(json.dumps(grants, sort_keys=True).encode()).hexdigest()
+
+    def record_if_changed(self, audit: AuditLog, actor: str = "supervisor") -> bool:
+        """Audit `policy.change` when the roles differ from the last recorded ones (or none were recorded)."""
+        last = None
+        for last in audit.export(action="policy.change", actor=actor):  # noqa: B007 - we want the newest
+            pass
+        if last is not None and isinstance(last["details"], dict) and last["details"].get("digest") == self.digest:
+            return False
+        audit.record(actor, "policy.change", "rbac", digest=self.digest, source=str(self.source or ""),
+                     roles={name: sorted(perms) for name, perms in sorted(self.roles.items())})
+        return True
 
     @classmethod
     def load(cls, path: str | Path = "") -> Rbac:
@@ -51,7 +76,7 @@ class Rbac:
             roles[name] = frozenset(PERMISSIONS) if ALL in role.permissions else frozenset(role.permissions)
         if not roles:
             raise RbacError(f"{source}: no roles defined")
-        return cls(roles, {name: role.description for name, role in parsed.roles.items()})
+        return cls(roles, {name: role.description for name, role in parsed.roles.items()}, source)
 
     def allows(self, role: str, permission: str) -> bool:
         return permission in self.roles.get(role, frozenset())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.audit import AuditLog
 from appliance.auth.guards import permission
 from appliance.auth.permissions import PERMISSIONS
 from appliance.auth.rbac import Rbac, RbacError
@@ -58,3 +59,16 @@ def test_a_route_cannot_declare_an_unregistered_permission() -> None:
     assert permission("chat:use") == {"permission": "chat:use"}
     with pytest.raises(ValueError, match="unregistered permission"):
         permission("chat:abuse")
+
+
+def test_a_change_of_roles_is_audited_once(tmp_path: Path, audit: AuditLog) -> None:
+    first = Rbac.load(write(tmp_path, '[roles.a]\npermissions = ["chat:use"]\n'))
+    assert first.record_if_changed(audit)
+    assert not first.record_if_changed(audit)  # same grants: nothing new
+    relaid = Rbac.load(write(tmp_path, '# a comment\n[roles.a]\npermissions = [ "chat:use" ]\n'))
+    assert not relaid.record_if_changed(audit)  # layout and comments are not policy
+    widened = Rbac.load(write(tmp_path, '[roles.a]\npermissions = ["chat:use", "metrics:read"]\n'))
+    assert widened.record_if_changed(audit)
+    records = list(audit.export(action="policy.change"))
+    assert [r["details"]["roles"]["a"] for r in records] == [["chat:use"], ["chat:use", "metrics:read"]]
+    assert audit.verify().ok
