@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import AuditLog
+from appliance.auth.keys import ApiKeyService, derive_pepper
+from appliance.auth.passwords import Argon2Params, derive_password_pepper
+from appliance.auth.users import UserService
 from appliance.datadir import DataDir
+
+ROLES = ("admin", "operator", "user", "auditor")
+CHEAP = Argon2Params(memory_kib=64, iterations=1)  # fast hashes where a test is not about the parameters
+PASSWORD = "violet-Tangerine-87-harbour"
 
 
 @pytest.fixture
@@ -29,3 +36,13 @@ def conn(data: DataDir) -> Iterator[sqlite3.Connection]:
 @pytest.fixture
 def audit(conn: sqlite3.Connection) -> AuditLog:
     return AuditLog(conn)
+
+
+@pytest.fixture
+def users(data: DataDir, conn: sqlite3.Connection, audit: AuditLog) -> UserService:
+    return UserService(conn, derive_password_pepper(data.read_master_key()), audit=audit, roles=ROLES, params=CHEAP)
+
+
+@pytest.fixture
+def api_keys(data: DataDir, conn: sqlite3.Connection, audit: AuditLog) -> ApiKeyService:
+    return ApiKeyService(conn, derive_pepper(data.read_master_key()), audit=audit, roles=ROLES)

@@ -4,30 +4,13 @@ audited as denied; nobody changes their own role or disables themselves."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from appliance.audit import AuditLog
-from appliance.auth.keys import ApiKeyService, derive_pepper
-from appliance.auth.passwords import Argon2Params, derive_password_pepper
+from appliance.auth.keys import ApiKeyService
 from appliance.auth.users import User, UserService
-from appliance.datadir import DataDir
 from appliance.errors import Forbidden, InvalidRequest, KeyNotFound, Unauthenticated
-
-ROLES = ("admin", "operator", "user", "auditor")
-CHEAP = Argon2Params(memory_kib=64, iterations=1)
-PASSWORD = "violet-Tangerine-87-harbour"
-
-
-@pytest.fixture
-def users(data: DataDir, conn: sqlite3.Connection, audit: AuditLog) -> UserService:
-    return UserService(conn, derive_password_pepper(data.read_master_key()), audit=audit, roles=ROLES, params=CHEAP)
-
-
-@pytest.fixture
-def api_keys(data: DataDir, conn: sqlite3.Connection, audit: AuditLog) -> ApiKeyService:
-    return ApiKeyService(conn, derive_pepper(data.read_master_key()), audit=audit, roles=ROLES)
+from tests.unit.conftest import PASSWORD
 
 
 @pytest.fixture

@@ -9,30 +9,16 @@ from datetime import UTC, datetime
 import pytest
 
 from appliance.audit import AuditLog
-from appliance.auth.keys import ApiKeyService, derive_pepper
-from appliance.auth.passwords import Argon2Params, derive_password_pepper
+from appliance.auth.keys import ApiKeyService
 from appliance.auth.quotas import UNLIMITED, Limits, QuotaService, QuotaStatus, Window, merge_status
 from appliance.auth.sessions import SessionService
 from appliance.auth.users import UserService
 from appliance.cli import KEEP, build_parser
 from appliance.config import SessionSettings
-from appliance.datadir import DataDir
 from appliance.errors import InvalidRequest, RateLimited
+from tests.unit.conftest import PASSWORD
 
-CHEAP = Argon2Params(memory_kib=64, iterations=1)
-ROLES = ("admin", "operator", "user", "auditor")
-PASSWORD = "violet-Tangerine-87-harbour"
 NOON = datetime(2026, 11, 23, 12, tzinfo=UTC).timestamp()
-
-
-@pytest.fixture
-def users(data: DataDir, conn: sqlite3.Connection, audit: AuditLog) -> UserService:
-    return UserService(conn, derive_password_pepper(data.read_master_key()), audit=audit, roles=ROLES, params=CHEAP)
-
-
-@pytest.fixture
-def api_keys(data: DataDir, conn: sqlite3.Connection, audit: AuditLog) -> ApiKeyService:
-    return ApiKeyService(conn, derive_pepper(data.read_master_key()), audit=audit, roles=ROLES)
 
 
 @pytest.fixture
