@@ -31,9 +31,16 @@ def test_init_is_idempotent_and_private(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_and_console_script_agree(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     result = appliance("--help", data_dir=tmp_path)
-    for command in ("init", "serve", "doctor", "models", "keys", "config"):
+    for command in ("init", "serve", "doctor", "models", "keys", "users", "audit", "config"):
         assert command in result.stdout
+    script = Path(sys.executable).parent / "appliance"
+    assert script.is_file(), "the console script is installed next to the interpreter"
+    direct = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    assert direct.stdout == result.stdout
 
 
 def test_config_show_lists_every_setting_with_its_source(tmp_path: Path) -> None:
