@@ -127,6 +127,12 @@ class SupervisorSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     stop_timeout: Annotated[
         float, _doc("Seconds a worker gets to exit after SIGTERM before SIGKILL.", gt=0)
     ] = 10.0
+    health_interval: Annotated[
+        float, _doc("Seconds between health checks of each running worker; 0 = no checks.", ge=0)
+    ] = 10.0
+    health_timeout: Annotated[
+        float, _doc("A worker that does not answer its health check within this many seconds is replaced.", gt=0)
+    ] = 5.0
     restart_backoff: Annotated[
         float, _doc("First delay before restarting a crashed worker; doubles on each crash.", gt=0)
     ] = 0.5

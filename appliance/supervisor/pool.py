@@ -199,21 +199,51 @@ class WorkerPool:
         return float(max(1, min(30, slot.waiting)))
 
     async def _housekeeping(self) -> None:
-        """Unload models idle for longer than keep_alive."""
-        keep_alive = self.models.keep_alive
-        if keep_alive <= 0:
-            return
+        """Unload models idle for longer than keep_alive; replace workers that stop answering health checks."""
+        keep_alive, interval = self.models.keep_alive, self.supervisor.health_interval
+        tick = min(x for x in (1.0, keep_alive / 2 if keep_alive > 0 else 1.0, interval or 1.0))
+        next_check = time.monotonic() + interval
         while not self._closing:
-            await asyncio.sleep(min(1.0, keep_alive / 2))
-            now = time.monotonic()
-            for slot in list(self.slots.values()):
-                idle = slot.in_use == 0 and slot.waiting == 0 and now - slot.last_used > keep_alive
-                if slot.alive and not slot.pinned and idle and not slot.load_lock.locked():
-                    log.info("model.unload", model=slot.name, idle_s=round(now - slot.last_used, 1))
-                    self._event("model.unload", slot.name, "ok", reason="idle", idle_s=round(now - slot.last_used, 1))
-                    async with slot.load_lock:
-                        await self._retire(slot)
-                    self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
+            await asyncio.sleep(tick)
+            if keep_alive > 0:
+                await self._unload_idle(keep_alive)
+            if interval and time.monotonic() >= next_check:
+                next_check = time.monotonic() + interval
+                await asyncio.gather(*(self._check_health(s) for s in list(self.slots.values()) if s.alive))
+
+    async def _check_health(self, slot: ModelSlot) -> None:
+        worker = slot.worker
+        if worker is None or slot.load_lock.locked():
+            return
+        try:
+            await asyncio.wait_for(worker.health(), self.supervisor.health_timeout)
+            return
+        except Exception as exc:  # no answer, a broken answer or a refused connection: the worker is wedged
+            reason = type(exc).__name__
+        if slot.worker is not worker or worker.exited.is_set():
+            return  # replaced or exited meanwhile: the exit watcher handles it
+        log.error("model.hung", model=slot.name, pid=worker.pid, reason=reason,
+                  timeout_s=self.supervisor.health_timeout)
+        self.metrics.worker_restarts.labels(slot.name).inc()
+        self._note_crash(slot)
+        self._event("model.crash", slot.name, "error", crashes=slot.crashes, reason=f"health check failed: {reason}")
+        async with slot.load_lock:
+            if slot.worker is worker:
+                await self._retire(slot)  # SIGTERM, then SIGKILL: a stopped or deadlocked process goes too
+        self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
+        if slot.pinned:
+            self._spawn(self.keep_loaded(slot.name))
+
+    async def _unload_idle(self, keep_alive: float) -> None:
+        now = time.monotonic()
+        for slot in list(self.slots.values()):
+            idle = slot.in_use == 0 and slot.waiting == 0 and now - slot.last_used > keep_alive
+            if slot.alive and not slot.pinned and idle and not slot.load_lock.locked():
+                log.info("model.unload", model=slot.name, idle_s=round(now - slot.last_used, 1))
+                self._event("model.unload", slot.name, "ok", reason="idle", idle_s=round(now - slot.last_used, 1))
+                async with slot.load_lock:
+                    await self._retire(slot)
+                self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
 
     async def close(self) -> None:
         self._closing = True

@@ -171,3 +171,21 @@ def test_idle_model_unloads_after_keep_alive_and_reloads_on_demand(start_server:
     assert metric(running, "appliance_model_load_seconds_count") == 2
     [unload] = audit_records(running, "model.unload")
     assert unload["actor"] == "supervisor" and unload["target"] == DEFAULT_MODEL
+
+
+def test_a_wedged_worker_is_found_by_health_checks_and_replaced(start_server: Callable[..., Running]) -> None:
+    running = start_server({"APPLIANCE_SUPERVISOR__HEALTH_INTERVAL": "0.5",
+                            "APPLIANCE_SUPERVISOR__HEALTH_TIMEOUT": "1", "APPLIANCE_SUPERVISOR__STOP_TIMEOUT": "1"})
+    assert running.process is not None
+    [worker] = running.process.workers()
+    worker.suspend()  # SIGSTOP: the process lives on but answers nothing, as a deadlocked one would
+    wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE,
+               what="the hung worker killed")
+    wait_until(lambda: len(running.process.workers()) == 1  # type: ignore[union-attr]
+               and httpx.get(running.url + "/readyz").status_code == 200, what="a new worker")
+    reply = running.client().chat.completions.create(model=DEFAULT_MODEL, messages=PROMPT, max_tokens=3,
+                                                     temperature=0)
+    assert reply.choices[0].message.content is not None
+    assert metric(running, "appliance_worker_restarts_total") == 1
+    [crash] = audit_records(running, "model.crash")
+    assert "health check failed" in crash["details"]["reason"]  # type: ignore[index]

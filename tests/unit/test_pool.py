@@ -30,6 +30,7 @@ class FakeWorker:
         self.exited = asyncio.Event()
         self.client: Any = None
         self.started = self.ready = self.stopped = self.stopping = False
+        self.wedged = False  # alive, but no longer answering (a deadlock, or SIGSTOP)
 
     async def start(self) -> None:
         self.started = True
@@ -41,6 +42,8 @@ class FakeWorker:
         self.ready = True
 
     async def health(self) -> dict[str, Any]:
+        if self.wedged:
+            await asyncio.Event().wait()
         return {"status": "ok"}
 
     async def stop(self) -> None:
@@ -83,11 +86,13 @@ class Factory:
 
 def make_pool(factory: Factory, metrics: Metrics | None = None, *, keep_alive: float = 300.0,
               pin_default: bool = True, max_queue: int = 32, queue_timeout: float = 120.0,
-              restart_backoff: float = 0.01, restart_backoff_max: float = 30.0) -> WorkerPool:
+              restart_backoff: float = 0.01, restart_backoff_max: float = 30.0, health_interval: float = 10.0,
+              health_timeout: float = 5.0) -> WorkerPool:
     return WorkerPool(
         ModelSettings(default=DEFAULT, keep_alive=keep_alive, pin_default=pin_default),
         GatewaySettings(max_queue=max_queue, queue_timeout=queue_timeout),
-        SupervisorSettings(restart_backoff=restart_backoff, restart_backoff_max=restart_backoff_max),
+        SupervisorSettings(restart_backoff=restart_backoff, restart_backoff_max=restart_backoff_max,
+                           health_interval=health_interval, health_timeout=health_timeout),
         factory, metrics or Metrics(),
     )
 
@@ -355,3 +360,20 @@ def test_pinned_default_keeps_being_restarted_until_it_comes_back() -> None:
             await eventually(lambda: pool.is_ready(DEFAULT), timeout=3.0)
 
     run(main)
+
+
+def test_a_worker_that_stops_answering_health_checks_is_replaced() -> None:
+    async def main() -> None:
+        factory = Factory()
+        metrics = Metrics()
+        async with make_pool(factory, metrics, health_interval=0.05, health_timeout=0.1) as pool:
+            first = cast(FakeWorker, await pool.ensure_loaded(DEFAULT))
+            other = cast(FakeWorker, await pool.ensure_loaded("other"))
+            first.wedged = True
+            await eventually(lambda: first.stopped and pool.is_ready(DEFAULT), timeout=3.0)
+            assert factory.of(DEFAULT)[-1] is not first  # the pinned default came back as a new worker
+            assert not other.stopped  # a healthy worker is left alone
+            assert metrics.worker_restarts.labels(DEFAULT)._value.get() == 1
+
+    run(main)
+
