@@ -35,11 +35,6 @@ class InvalidRequest(ApplianceError):
     error_type = "invalid_request_error"
 
 
-class PayloadTooLarge(InvalidRequest):
-    status_code = 413
-    code = "request_too_large"
-
-
 class Unauthenticated(ApplianceError):
     status_code = 401
     error_type = "authentication_error"

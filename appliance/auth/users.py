@@ -224,10 +224,11 @@ class UserService:
         row = self._find(name) if NAME_RE.fullmatch(name) else None
         stored = row["password_hash"] if row is not None else self._dummy_hash
         candidate = password if len(password) <= MAX_LENGTH else ""  # cannot match; still costs one hash
-        if not self.hasher.verify(candidate, stored) or row is None or row["disabled_at"] is not None:
+        matched, upgraded = self.hasher.verify_and_update(candidate, stored)
+        if not matched or row is None or row["disabled_at"] is not None:
             return None
-        if self.hasher.needs_rehash(stored):
+        if upgraded is not None:
             self.conn.execute("UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?",
-                              (self.hasher.hash(password), row["id"], stored))
+                              (upgraded, row["id"], stored))
             log.info("user.password_rehashed", user_id=row["id"])
         return _user(row)

@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                            n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn)
     print(f"loaded {args.name} in {time.monotonic() - started:.2f}s, n_ctx={runtime.n_ctx}", file=sys.stderr,
           flush=True)
+    if runtime.template.is_fallback:
+        print(f"{args.name} carries no chat template; chat requests use ChatML, which may not be the format it "
+              "was trained on (use /v1/completions or a GGUF with a template)", file=sys.stderr, flush=True)
     import uvicorn
 
     config = uvicorn.Config(WorkerApp(runtime, args.name), fd=args.fd, lifespan="off", access_log=False,

@@ -134,7 +134,7 @@ class WorkerProcess:
             line = raw.decode("utf-8", errors="replace").rstrip()
             self._tail.append(line)
             self._last_output = time.monotonic()
-            log.debug("worker.output", model=self.model, line=line)
+            log.info("worker.output", model=self.model, line=line)  # a few lines per load; never request text
 
     async def wait_ready(self) -> None:
         """Poll /health until it answers; fail at once if the process exits, or after a stall."""
