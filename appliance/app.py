@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -56,7 +56,7 @@ from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
 from appliance.registry.catalog import load_catalog
 from appliance.registry.service import ModelRegistry
-from appliance.registry.store import ModelStore
+from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.supervisor.pool import WorkerPool
 from appliance.supervisor.process import Worker, WorkerProcess
 
@@ -82,7 +82,8 @@ class Services:
                                  roles=self.rbac.roles)
         self.sessions = SessionService(self.conn, settings.sessions)
         self.logins = LoginService(self.users, self.sessions, LoginThrottle(settings.sessions), audit=self.audit)
-        self.store = ModelStore(self.data.models, self.data.tmp)
+        self.store = open_model_store(self.data, settings.crypto)
+        self.store.migrate_plaintext()  # blobs stored in plaintext by an earlier version are encrypted now
         self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog), audit=self.audit)
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
         self.vllm = VllmEngine(settings.vllm)
@@ -104,10 +105,13 @@ class Services:
         choice = choose_engine(record.format, self.gpus, vllm_available=vllm_ok, llamacpp_gpu=gpu_offload_supported())
         if choice.engine == "none":
             raise ModelUnavailable(f"model '{name}' cannot run on this box: {choice.reason}", code="no_engine")
-        path: Path = resources.enter_context(self.store.open_for_load(record.sha256))
+        # decrypted into memory only (a sealed memfd, or a tmpfs folder for vLLM), wiped when the stack closes
+        weights = self.store.open_for_load(record.sha256, "tmpfs" if choice.engine == "vllm" else "memfd")
+        loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
         socket_path = self.data.run / f"{record.sha256[:16]}.sock"
-        launch = (self.vllm.launch(path, name, socket_path) if choice.engine == "vllm"
-                  else self.llamacpp.launch(path, name))
+        launch = (self.vllm.launch(loaded.path, name, socket_path) if choice.engine == "vllm"
+                  else self.llamacpp.launch(loaded.path, name))
+        launch = dataclasses.replace(launch, pass_fds=loaded.fds)
         s = self.settings
         return WorkerProcess(name, launch, socket_path, load_timeout=s.supervisor.load_timeout,
                              stop_timeout=s.supervisor.stop_timeout, request_timeout=s.gateway.request_timeout)

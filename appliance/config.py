@@ -53,6 +53,28 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     catalog: Annotated[
         str, _doc("Path of the model catalog TOML; empty = the catalog shipped with the appliance.")
     ] = ""
+    allow_private_sources: Annotated[
+        bool, _doc("Let https:// and hf: pulls reach hosts that resolve to loopback or private addresses (a mirror "
+                   "on your own network; plain http:// is then allowed to such hosts only). Link-local addresses "
+                   "stay refused.")
+    ] = False
+    max_download_bytes: Annotated[
+        int, _doc("Largest model file a pull accepts, in bytes; larger ones are refused before they fill the disk.",
+                  ge=1)
+    ] = 256 << 30
+    allow_remote_code: Annotated[
+        bool, _doc("Accept Hugging Face folders whose config asks for trust_remote_code/auto_map or that ship .py "
+                   "files (their authors' code would run); only for code you have reviewed.")
+    ] = False
+    memory_limit_bytes: Annotated[
+        int, _doc("Memory that loaded models may use together (weights + KV cache, as estimated before loading), in "
+                  "bytes; 0 = no limit beyond the memory the system has free. Idle models are unloaded (least "
+                  "recently used first) to make room; a model that still does not fit is refused.", ge=0)
+    ] = 0
+    memory_headroom_bytes: Annotated[
+        int, _doc("Memory left free for the system and the appliance itself when deciding whether a model fits, "
+                  "in bytes.", ge=0)
+    ] = 256 << 20
 
 
 class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -141,6 +163,20 @@ class SupervisorSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     )
 
 
+class CryptoSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    key_source: Annotated[
+        Literal["file", "passphrase"],
+        _doc("Where new key-encryption key versions come from: a generated key file in keys/, or Argon2id over the "
+             "master passphrase (APPLIANCE_MASTER_PASSPHRASE, else a prompt)."),
+    ] = "file"
+    segment_mib: Annotated[
+        int, _doc("Plaintext bytes per authenticated segment of an encrypted model file, in MiB.", ge=1, le=4)
+    ] = 1
+    tmpfs_dir: Annotated[
+        str, _doc("A tmpfs folder where weights are decrypted for engines that need a directory (never on disk).")
+    ] = "/dev/shm"  # noqa: S108 (a private 0700 folder is made in it, checked to be tmpfs)
+
+
 class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     level: Annotated[
         Literal["debug", "info", "warning", "error"], _doc("Lowest level of log records written.")
@@ -172,6 +208,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         default_factory=SupervisorSettings
     )
     logging: Annotated[LoggingSettings, _doc("Logs.")] = msgspec.field(default_factory=LoggingSettings)
+    crypto: Annotated[CryptoSettings, _doc("Encryption of model weights at rest.")] = msgspec.field(
+        default_factory=CryptoSettings
+    )
 
     @property
     def data_path(self) -> Path:

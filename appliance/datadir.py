@@ -27,6 +27,11 @@ class DataDir:
         return self.keys / "master.key"
 
     @property
+    def wrapped_keys(self) -> Path:
+        """The data key of each model blob, wrapped under a version of the key ring (keys/kek-NNNNNN.*)."""
+        return self.keys / "wrapped"
+
+    @property
     def database(self) -> Path:
         return self.root / "appliance.db"
 
@@ -57,7 +62,7 @@ class DataDir:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.root.chmod(0o700)
-            for sub in (self.keys, self.models, self.rag, self.cache, self.run, self.tmp):
+            for sub in (self.keys, self.wrapped_keys, self.models, self.rag, self.cache, self.run, self.tmp):
                 sub.mkdir(exist_ok=True)
                 sub.chmod(0o700)
             created = False

@@ -26,7 +26,9 @@ def _gib(n: float) -> str:
 
 def _check_modes(data: DataDir) -> list[str]:
     problems = []
-    for path, wanted in ((data.root, 0o700), (data.keys, 0o700), (data.master_key, 0o600), (data.run, 0o700)):
+    key_files = [(p, 0o600) for p in sorted(data.keys.glob("kek-*"))] if data.keys.is_dir() else []
+    for path, wanted in ((data.root, 0o700), (data.keys, 0o700), (data.master_key, 0o600), (data.run, 0o700),
+                         (data.wrapped_keys, 0o700), *key_files):
         if path.exists() and stat.S_IMODE(path.stat().st_mode) & ~wanted:
             problems.append(f"{path} is mode {oct(stat.S_IMODE(path.stat().st_mode))}, expected {oct(wanted)}: "
                             f"chmod {oct(wanted)[2:]} {path}")
@@ -59,10 +61,14 @@ def run_doctor(settings: Settings) -> int:
         problems += _check_modes(data)
         from appliance.registry.catalog import load_catalog
         from appliance.registry.service import ModelRegistry
-        from appliance.registry.store import ModelStore
+        from appliance.registry.store import open_model_store
 
         catalog = load_catalog(settings.models.catalog)
-        registry = ModelRegistry(data.connect(), ModelStore(data.models, data.tmp), catalog)
+        store = open_model_store(data, settings.crypto)
+        registry = ModelRegistry(data.connect(), store, catalog)
+        versions = store.ring.versions()
+        print(f"crypto:  model weights encrypted at rest (AES-256-GCM segments); key source "
+              f"{settings.crypto.key_source}, key versions {versions or 'none yet'}")
         records = registry.list()
         print("models:" + ("" if records else "  none installed"))
         for record in records:

@@ -14,16 +14,20 @@ from appliance.datadir import DataDir
 def _registry(loaded: LoadedSettings) -> Any:
     from appliance.registry.catalog import load_catalog
     from appliance.registry.service import ModelRegistry
-    from appliance.registry.store import ModelStore
+    from appliance.registry.store import open_model_store
 
     data = DataDir(loaded.settings.data_path)
     audit = open_audit(data)
     catalog = load_catalog(loaded.settings.models.catalog)
-    return ModelRegistry(audit.conn, ModelStore(data.models, data.tmp), catalog, audit=audit)
+    return ModelRegistry(audit.conn, open_model_store(data, loaded.settings.crypto), catalog, audit=audit)
 
 
 def cmd_models_pull(args: argparse.Namespace, loaded: LoadedSettings) -> int:
-    record = _registry(loaded).pull(args.source, name=args.name, actor=cli_actor())
+    from appliance.registry.sources import ImportPolicy
+
+    registry = _registry(loaded)
+    registry.policy = ImportPolicy.from_settings(loaded.settings.models)
+    record = registry.pull(args.source, name=args.name, actor=cli_actor())
     print(f"{record.name}: {record.size_bytes / 2**20:.1f} MiB, sha256 {record.sha256}")
     return 0
 
@@ -50,10 +54,18 @@ def cmd_models_rm(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 
 
 def cmd_models_verify(args: argparse.Namespace, loaded: LoadedSettings) -> int:
-    damaged = _registry(loaded).verify()
-    for record in damaged:
-        print(f"DAMAGED {record.name}: stored file is missing or does not match sha256 {record.sha256}; "
-              f"run `appliance models pull {record.source}` again", file=sys.stderr)
+    registry = _registry(loaded)
+    if args.repair:
+        for sha256 in registry.store.migrate_plaintext():
+            print(f"encrypted the plaintext blob sha256-{sha256} left by an earlier version")
+    damaged = []
+    for record in registry.list():  # every stored model is decrypted and checked, segment by segment
+        if record.format == "remote":  # nothing stored: served by an upstream
+            continue
+        if (problem := registry.store.problem(record.sha256)) is not None:
+            damaged.append(record)
+            print(f"DAMAGED {record.name}: {problem} (sha256 {record.sha256}); "
+                  f"run `appliance models pull {record.source}` again", file=sys.stderr)
     if not damaged:
         print("all models verified")
     return 1 if damaged else 0
@@ -68,4 +80,6 @@ def register(sub: Any, add: Add) -> None:
     add("catalog", cmd_models_catalog, "models the appliance knows how to fetch", models)
     rm = add("rm", cmd_models_rm, "remove a model and its stored file", models)
     rm.add_argument("name")
-    add("verify", cmd_models_verify, "check every stored model against its digest", models)
+    verify = add("verify", cmd_models_verify, "decrypt and check every stored model against its digest", models)
+    verify.add_argument("--repair", action="store_true",
+                        help="first encrypt plaintext blobs left by an earlier version (as `serve` does at start)")

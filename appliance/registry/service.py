@@ -10,11 +10,10 @@ import msgspec
 
 from appliance.audit import AuditLog, audited
 from appliance.errors import ModelNotFound, RegistryError
+from appliance.registry import gguf_check
 from appliance.registry.catalog import Catalog
-from appliance.registry.sources import SourceSpec, open_source, parse_source
+from appliance.registry.sources import ImportPolicy, SourceSpec, open_source, parse_source
 from appliance.registry.store import ModelStore
-
-GGUF_MAGIC = b"GGUF"
 
 
 class ModelRecord(msgspec.Struct, frozen=True):
@@ -25,12 +24,6 @@ class ModelRecord(msgspec.Struct, frozen=True):
     size_bytes: int
     licence: str
     created_at: str
-
-
-def _check_gguf(head: bytes) -> None:
-    if not head.startswith(GGUF_MAGIC):
-        raise RegistryError("the file is not a GGUF model (bad magic bytes); only .gguf files can be imported",
-                            code="unsupported_format")
 
 
 def valid_model_name(name: str) -> str:
@@ -53,7 +46,8 @@ class _Wanted(msgspec.Struct, frozen=True):
 
 class ModelRegistry:
     def __init__(self, conn: sqlite3.Connection, store: ModelStore, catalog: Catalog,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, policy: ImportPolicy | None = None) -> None:
+        self.policy = policy or ImportPolicy()
         self.conn = conn
         self.store = store
         self.catalog = catalog
@@ -64,7 +58,7 @@ class ModelRegistry:
         if entry is not None:
             return _Wanted(valid_model_name(name or source_or_name), parse_source(entry.source), entry.source,
                            entry.sha256, entry.format, entry.licence)
-        spec = parse_source(source_or_name)
+        spec = parse_source(source_or_name, self.policy)
         return _Wanted(valid_model_name(name or spec.default_name), spec, source_or_name, None, "gguf", "")
 
     def pull(self, source_or_name: str, name: str | None = None, *, actor: str = "system") -> ModelRecord:
@@ -77,7 +71,7 @@ class ModelRegistry:
                     and self.store.verify(want.expected)):
                 event.details.update(sha256=existing.sha256, size_bytes=existing.size_bytes, unchanged=True)
                 return existing
-            blob = self._fetch(want.spec, want.expected)
+            blob = self._fetch(want.spec, want.expected, want.format)
             record = ModelRecord(want.name, want.source, want.format, blob.sha256, blob.size_bytes, want.licence,
                                  datetime.now(UTC).isoformat(timespec="seconds"))
             event.details.update(sha256=record.sha256, size_bytes=record.size_bytes, format=record.format)
@@ -93,9 +87,13 @@ class ModelRegistry:
             self._drop_blob_if_unused(existing.sha256)
         return record
 
-    def _fetch(self, spec: SourceSpec, expected: str | None):  # type: ignore[no-untyped-def]
-        with open_source(spec) as chunks:
-            return self.store.put(chunks, expected_sha256=expected, check_head=_check_gguf)
+    def _fetch(self, spec: SourceSpec, expected: str | None, fmt: str):  # type: ignore[no-untyped-def]
+        if fmt != "gguf":
+            raise RegistryError(f"the store holds GGUF files only, not {fmt!r}", code="unsupported_format")
+        with open_source(spec, self.policy) as download:
+            # validated on the way in: a bad header or an out-of-file tensor fails the put, so nothing is stored
+            chunks = gguf_check.validated(download, download.total)
+            return self.store.put(chunks, expected_sha256=expected or download.sha256)
 
     def find(self, name: str) -> ModelRecord | None:
         row = self.conn.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()

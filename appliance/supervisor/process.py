@@ -54,6 +54,8 @@ class LaunchSpec:
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
     inherit_socket: bool = True
+    pass_fds: Sequence[int] = ()
+    """More descriptors the child inherits under the same numbers (the decrypted weights' memfd)."""
 
 
 def redacted_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -112,7 +114,7 @@ class WorkerProcess:
             env = {**os.environ, **self.launch.env, "PYTHONUNBUFFERED": "1"}
             log.info("worker.spawn", model=self.model, argv=argv, env=redacted_env(self.launch.env))
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=(fd,) if sock else (), stdin=asyncio.subprocess.DEVNULL,
+                *argv, pass_fds=((fd,) if sock else ()) + tuple(self.launch.pass_fds), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
             )
         finally:

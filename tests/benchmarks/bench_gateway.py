@@ -368,8 +368,9 @@ def copy_data_dir(source: Path, target: Path) -> None:
 @contextlib.contextmanager
 def model_file(data_dir: Path, model: str) -> Iterator[Path]:
     """The GGUF the server will load for `model`, opened through the appliance's own store."""
+    from appliance.config import CryptoSettings
     from appliance.datadir import DataDir
-    from appliance.registry.store import ModelStore
+    from appliance.registry.store import open_model_store
 
     data = DataDir(data_dir)
     conn = data.connect()
@@ -379,8 +380,8 @@ def model_file(data_dir: Path, model: str) -> Iterator[Path]:
         conn.close()
     if row is None:
         raise BenchmarkError(f"model '{model}' is not in {data_dir}; pass --model-name or pull it there")
-    with ModelStore(data.models, data.tmp).open_for_load(row[0]) as path:
-        yield path
+    with open_model_store(data, CryptoSettings()).open_for_load(row[0]) as weights:  # decrypted into a memfd
+        yield weights.path
 
 
 # ---------------------------------------------------------------- the run

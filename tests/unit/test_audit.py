@@ -17,6 +17,7 @@ import pytest
 
 from appliance.audit import GENESIS_HASH, AuditLog, AuditLogMissing, record_hash
 from appliance.auth.keys import ApiKeyService, derive_pepper
+from appliance.crypto.keyring import KeyRing
 from appliance.datadir import DataDir
 from appliance.errors import InvalidRequest, ModelNotFound, RegistryError
 from appliance.registry.catalog import Catalog, CatalogEntry
@@ -352,7 +353,7 @@ def test_model_changes_and_refusals_are_recorded(
     good.write_bytes(b"GGUF" + os.urandom(256))
     catalog = Catalog(models={"bad": CatalogEntry(source=f"file:{good}", sha256="0" * 64, format="gguf",
                                                   licence="MIT")})
-    registry = ModelRegistry(conn, ModelStore(data.models, data.tmp), catalog, audit=audit)
+    registry = ModelRegistry(conn, ModelStore(data.models, data.tmp, KeyRing(data.keys)), catalog, audit=audit)
     pulled = registry.pull(f"file:{good}", name="m", actor="cli:alice")
     with pytest.raises(RegistryError, match="expected 0000"):
         registry.pull("bad", actor="cli:alice")

