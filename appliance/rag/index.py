@@ -1,0 +1,441 @@
+"""The two indexes of RAG kept as one: Chroma (vectors, HNSW, cosine) and a SQLite FTS5 keyword index (BM25) over
+the same chunks, with the collections and documents that own them, in `<data_dir>/rag/`.
+
+Consistency between the two stores, which cannot share a transaction, is a small journal in SQLite: a document is
+marked `pending` before Chroma is touched and `ready` in the same transaction that writes its keyword rows, and a
+deletion is marked `deleting` first. After a crash (kill -9 mid-ingestion) `repair()` removes every pending or
+deleting document from both stores, so each document is either fully present or absent; `check()` also compares
+the chunk ids of both stores and re-embeds chunks whose vectors are missing from the keyword index's text.
+
+Only the supervisor opens these files: an exclusive lock on `rag/lock` refuses a second process (the CLI's
+`appliance rag check` while the server runs)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from appliance.errors import ApplianceError
+from appliance.rag.chunking import Chunk
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS collections (
+    id              TEXT PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,
+    owner           TEXT NOT NULL,
+    readers         TEXT NOT NULL DEFAULT '[]',
+    writers         TEXT NOT NULL DEFAULT '[]',
+    embedding_model TEXT NOT NULL,
+    version         INTEGER NOT NULL DEFAULT 0,
+    state           TEXT NOT NULL DEFAULT 'ready' CHECK (state IN ('ready', 'deleting')),
+    created_at      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    document_id   TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'ready', 'deleting')),
+    chunk_count   INTEGER NOT NULL DEFAULT 0,
+    bytes         INTEGER NOT NULL DEFAULT 0,
+    metadata      TEXT NOT NULL DEFAULT '{}',
+    added_by      TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL,
+    PRIMARY KEY (collection_id, document_id)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id            INTEGER PRIMARY KEY,
+    collection_id TEXT NOT NULL,
+    document_id   TEXT NOT NULL,
+    position      INTEGER NOT NULL,
+    UNIQUE (collection_id, document_id, position)
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunk_text USING fts5(
+    collection, heading, body, tokenize = 'porter unicode61 remove_diacritics 2'
+);
+"""
+# bm25 column weights: the collection column only filters; a heading word counts less than a body word
+BM25 = "bm25(chunk_text, 0.0, 0.5, 1.0)"
+_WORD = re.compile(r"\w+", re.UNICODE)
+STOPWORDS = frozenset(
+    "a an and are as at be but by for from has have how i if in into is it its not of on or that the their then "
+    "there these they this to was what when where which who why will with you your does do can".split()
+)
+Vectors = npt.NDArray[np.float32]
+
+
+class IndexLocked(ApplianceError):
+    status_code = 409
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A chunk found by one retriever: its key and that retriever's score (higher is better)."""
+
+    chunk_key: int
+    score: float
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    key: int
+    collection_id: str
+    document_id: str
+    position: int
+    heading: str
+    text: str
+
+    @property
+    def chunk_id(self) -> str:
+        return chunk_id(self.document_id, self.position)
+
+
+@dataclass
+class CheckReport:
+    collections: int = 0
+    documents: int = 0
+    chunks: int = 0
+    unfinished: list[str] = field(default_factory=list)  # pending or deleting documents / collections
+    orphan_vectors: list[str] = field(default_factory=list)  # in Chroma, not in the keyword index
+    missing_vectors: list[str] = field(default_factory=list)  # in the keyword index, not in Chroma
+    repaired: bool = False
+
+    @property
+    def consistent(self) -> bool:
+        return not (self.unfinished or self.orphan_vectors or self.missing_vectors)
+
+
+def chunk_id(document_id: str, position: int) -> str:
+    return f"{document_id}#{position}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def keyword_query(text: str) -> str | None:
+    """An FTS5 OR-query of the words in `text` (quoted, so no FTS syntax gets through), stop words dropped."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    kept = [w for w in words if w not in STOPWORDS] or words
+    unique = list(dict.fromkeys(kept))[:64]
+    return " OR ".join(f'"{w}"' for w in unique) if unique else None
+
+
+class RagIndex:
+    def __init__(self, root: Path) -> None:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root = root
+        self._lock_file = (root / "lock").open("a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise IndexLocked(f"the RAG index in {root} is in use by another process (the running server?); "
+                              "stop it first, or use the server's API (POST /api/rag/check)",
+                              code="index_locked") from None
+        self.path = root / "index.db"
+        self._write = threading.RLock()
+        self._local = threading.local()
+        self._connection().executescript(SCHEMA)
+        self.path.chmod(0o600)
+        import chromadb
+        from chromadb.config import Settings as ChromaSettings
+
+        self.chroma = chromadb.PersistentClient(
+            path=str(root / "chroma"), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False))
+        self._max_batch = self.chroma.get_max_batch_size()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._lock_file.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection: SQLite connections are not shared across threads."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA secure_delete=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, inside a transaction."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _vectors(self, collection_id: str) -> Any:
+        return self.chroma.get_or_create_collection(f"c_{collection_id}", embedding_function=None,
+                                                    configuration={"hnsw": {"space": "cosine"}})
+
+    # collections
+
+    def create_collection(self, name: str, owner: str, readers: Sequence[str], writers: Sequence[str],
+                          embedding_model: str) -> dict[str, Any]:
+        with self._write, self._conn() as conn:
+            cid = uuid.uuid4().hex[:16]
+            conn.execute("INSERT INTO collections (id, name, owner, readers, writers, embedding_model, created_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (cid, name, owner, json.dumps(list(readers)), json.dumps(list(writers)), embedding_model,
+                          now_iso()))
+        self._vectors(cid)
+        found = self.collection(name)
+        assert found is not None
+        return found
+
+    def collection(self, name: str) -> dict[str, Any] | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM collections WHERE name = ? AND state = 'ready'", (name,)).fetchone()
+        return _collection(row) if row else None
+
+    def collections(self) -> list[dict[str, Any]]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT c.*, (SELECT count(*) FROM documents d WHERE d.collection_id = c.id AND d.state = 'ready') "
+                "AS documents FROM collections c WHERE state = 'ready' ORDER BY name").fetchall()
+        return [_collection(row) for row in rows]
+
+    def delete_collection(self, collection_id: str) -> None:
+        with self._write:
+            with self._conn() as conn:
+                conn.execute("UPDATE collections SET state = 'deleting' WHERE id = ?", (collection_id,))
+            self._drop_collection(collection_id)
+
+    def _drop_collection(self, collection_id: str) -> None:
+        with contextlib.suppress(Exception):  # chromadb raises its own NotFoundError when already gone
+            self.chroma.delete_collection(f"c_{collection_id}")
+        with self._conn() as conn:
+            conn.execute("DELETE FROM chunk_text WHERE rowid IN (SELECT id FROM chunks WHERE collection_id = ?)",
+                         (collection_id,))
+            conn.execute("DELETE FROM chunks WHERE collection_id = ?", (collection_id,))
+            conn.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
+
+    # documents
+
+    def put_document(self, collection_id: str, document_id: str, chunks: Sequence[Chunk], vectors: Vectors,
+                     metadata: dict[str, Any], added_by: str, size: int,
+                     crash_hook: Callable[[str], None] | None = None) -> None:
+        """Add or replace a document in both stores (see the module docstring for the crash protocol)."""
+        hook = crash_hook or (lambda _: None)
+        with self._write:
+            stamp = now_iso()
+            with self._conn() as conn:
+                conn.execute(
+                    "INSERT INTO documents (collection_id, document_id, state, metadata, added_by, bytes, created_at, "
+                    "updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT (collection_id, document_id) "
+                    "DO UPDATE SET state = 'pending', updated_at = excluded.updated_at",
+                    (collection_id, document_id, json.dumps(metadata), added_by, size, stamp, stamp))
+            hook("pending")
+            vectors_of = self._vectors(collection_id)
+            vectors_of.delete(where={"document_id": document_id})
+            for start in range(0, len(chunks), self._max_batch):
+                part = chunks[start : start + self._max_batch]
+                vectors_of.add(ids=[chunk_id(document_id, c.position) for c in part],
+                               embeddings=vectors[start : start + len(part)],
+                               metadatas=[{"document_id": document_id, "position": c.position} for c in part])
+                hook("vectors")
+            with self._conn() as conn:
+                self._delete_rows(conn, collection_id, document_id)
+                for chunk in chunks:
+                    key = conn.execute("INSERT INTO chunks (collection_id, document_id, position) VALUES (?, ?, ?)",
+                                       (collection_id, document_id, chunk.position)).lastrowid
+                    conn.execute("INSERT INTO chunk_text (rowid, collection, heading, body) VALUES (?, ?, ?, ?)",
+                                 (key, collection_id, chunk.heading_path, chunk.text))
+                conn.execute("UPDATE documents SET state = 'ready', chunk_count = ?, metadata = ?, added_by = ?, "
+                             "bytes = ?, updated_at = ? WHERE collection_id = ? AND document_id = ?",
+                             (len(chunks), json.dumps(metadata), added_by, size, stamp, collection_id, document_id))
+                conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
+
+    def delete_document(self, collection_id: str, document_id: str) -> bool:
+        with self._write:
+            with self._conn() as conn:
+                changed = conn.execute("UPDATE documents SET state = 'deleting' WHERE collection_id = ? AND "
+                                       "document_id = ?", (collection_id, document_id)).rowcount
+            if not changed:
+                return False
+            self._remove_document(collection_id, document_id)
+            return True
+
+    def _remove_document(self, collection_id: str, document_id: str) -> None:
+        self._vectors(collection_id).delete(where={"document_id": document_id})
+        with self._conn() as conn:
+            self._delete_rows(conn, collection_id, document_id)
+            conn.execute("DELETE FROM documents WHERE collection_id = ? AND document_id = ?",
+                         (collection_id, document_id))
+            conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
+
+    @staticmethod
+    def _delete_rows(conn: sqlite3.Connection, collection_id: str, document_id: str) -> None:
+        conn.execute("DELETE FROM chunk_text WHERE rowid IN (SELECT id FROM chunks WHERE collection_id = ? AND "
+                     "document_id = ?)", (collection_id, document_id))
+        conn.execute("DELETE FROM chunks WHERE collection_id = ? AND document_id = ?", (collection_id, document_id))
+
+    def documents(self, collection_id: str) -> list[dict[str, Any]]:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT document_id, chunk_count, bytes, metadata, added_by, created_at, updated_at "
+                                "FROM documents WHERE collection_id = ? AND state = 'ready' ORDER BY document_id",
+                                (collection_id,)).fetchall()
+        return [{"id": r["document_id"], "chunks": r["chunk_count"], "bytes": r["bytes"],
+                 "metadata": json.loads(r["metadata"]), "created_at": r["created_at"],
+                 "updated_at": r["updated_at"]} for r in rows]
+
+    # retrieval
+
+    def keyword_search(self, collection_ids: Sequence[str], query: str, limit: int) -> list[Hit]:
+        terms = keyword_query(query)
+        if not terms or not collection_ids:
+            return []
+        scope = " OR ".join(f'"{c}"' for c in collection_ids)
+        match = f"collection : ({scope}) AND {{heading body}} : ({terms})"
+        with self._conn() as conn:
+            rows = conn.execute(f"SELECT rowid, {BM25} AS rank FROM chunk_text WHERE chunk_text MATCH ? "  # noqa: S608
+                                "ORDER BY rank LIMIT ?", (match, limit)).fetchall()
+        return [Hit(int(r[0]), -float(r[1])) for r in rows]
+
+    def vector_search(self, collection_ids: Sequence[str], vector: Vectors, limit: int) -> list[Hit]:
+        found: list[tuple[str, str, int, float]] = []
+        for cid in collection_ids:
+            vectors_of = self._vectors(cid)
+            result = vectors_of.query(query_embeddings=vector.reshape(1, -1), n_results=limit,
+                                      include=["distances", "metadatas"])
+            for meta, distance in zip(result["metadatas"][0], result["distances"][0], strict=True):
+                found.append((cid, str(meta["document_id"]), int(meta["position"]), 1.0 - float(distance)))
+        found.sort(key=lambda f: -f[3])
+        found = found[:limit]
+        keys = self._keys([(c, d, p) for c, d, p, _ in found])
+        return [Hit(keys[(c, d, p)], score) for c, d, p, score in found if (c, d, p) in keys]
+
+    def _keys(self, triples: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str, int], int]:
+        """Chunk keys of (collection, document, position) triples that belong to ready documents."""
+        if not triples:
+            return {}
+        values = ",".join(["(?, ?, ?)"] * len(triples))
+        with self._conn() as conn:
+            rows = conn.execute(
+                f"WITH wanted (cid, did, pos) AS (VALUES {values}) "  # noqa: S608 (only placeholders interpolated)
+                "SELECT c.id, c.collection_id, c.document_id, c.position FROM wanted w "
+                "JOIN chunks c ON c.collection_id = w.cid AND c.document_id = w.did AND c.position = w.pos "
+                "JOIN documents d ON d.collection_id = c.collection_id AND d.document_id = c.document_id "
+                "AND d.state = 'ready'", [v for t in triples for v in t]).fetchall()
+        return {(r[1], r[2], int(r[3])): int(r[0]) for r in rows}
+
+    def chunks(self, keys: Sequence[int]) -> dict[int, StoredChunk]:
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT c.id, c.collection_id, c.document_id, c.position, t.heading, t.body FROM chunks c "  # noqa: S608
+                f"JOIN chunk_text t ON t.rowid = c.id WHERE c.id IN ({marks})", list(keys)).fetchall()
+        return {int(r[0]): StoredChunk(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5]) for r in rows}
+
+    # consistency
+
+    def repair_unfinished(self) -> list[str]:
+        """Finish what a crash interrupted: pending and deleting documents leave both stores, deleting collections
+        go. Returns what was removed."""
+        removed = []
+        with self._write:
+            with self._conn() as conn:
+                docs = conn.execute("SELECT collection_id, document_id FROM documents WHERE state != 'ready'"
+                                    ).fetchall()
+                gone = conn.execute("SELECT id, name FROM collections WHERE state = 'deleting'").fetchall()
+            for row in docs:
+                self._remove_document(row[0], row[1])
+                removed.append(f"document {row[1]!r}")
+            for row in gone:
+                self._drop_collection(row[0])
+                removed.append(f"collection {row[1]!r}")
+        return removed
+
+    def check(self, repair: bool, embed: Callable[[list[str]], Vectors] | None = None) -> CheckReport:
+        report = CheckReport()
+        with self._write:
+            with self._conn() as conn:
+                unfinished = conn.execute("SELECT document_id FROM documents WHERE state != 'ready' UNION ALL "
+                                          "SELECT name FROM collections WHERE state = 'deleting'").fetchall()
+            report.unfinished = [r[0] for r in unfinished]
+            if repair and report.unfinished:
+                self.repair_unfinished()
+            for collection in self.collections():
+                report.collections += 1
+                report.documents += collection["documents"]
+                self._check_collection(collection["id"], report, repair, embed)
+        report.repaired = repair
+        return report
+
+    def _check_collection(self, cid: str, report: CheckReport, repair: bool,
+                          embed: Callable[[list[str]], Vectors] | None) -> None:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT c.id, c.document_id, c.position, t.heading, t.body FROM chunks c JOIN "
+                                "chunk_text t ON t.rowid = c.id WHERE c.collection_id = ?", (cid,)).fetchall()
+        indexed = {chunk_id(r[1], int(r[2])): r for r in rows}
+        report.chunks += len(indexed)
+        vectors_of = self._vectors(cid)
+        stored: set[str] = set()
+        offset = 0
+        while True:
+            page = vectors_of.get(include=[], limit=self._max_batch, offset=offset)["ids"]
+            stored.update(page)
+            if len(page) < self._max_batch:
+                break
+            offset += len(page)
+        orphans = sorted(stored - indexed.keys())
+        missing = sorted(indexed.keys() - stored)
+        report.orphan_vectors += orphans
+        report.missing_vectors += missing
+        if not repair:
+            return
+        if orphans:
+            vectors_of.delete(ids=orphans)
+        if missing and embed is not None:
+            texts = [f"{indexed[m][3]}\n{indexed[m][4]}" if indexed[m][3] else indexed[m][4] for m in missing]
+            vectors_of.add(ids=missing, embeddings=embed(texts),
+                           metadatas=[{"document_id": indexed[m][1], "position": int(indexed[m][2])}
+                                      for m in missing])
+
+    def compact(self) -> None:
+        """Rewrite the keyword index and the database so deleted text leaves no trace in free pages or old
+        segments (privacy erasure)."""
+        with self._write:
+            with self._conn() as conn:
+                conn.execute("INSERT INTO chunk_text (chunk_text) VALUES ('optimize')")
+            conn = self._connection()
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _collection(row: sqlite3.Row) -> dict[str, Any]:
+    out = {"id": row["id"], "name": row["name"], "owner": row["owner"], "readers": json.loads(row["readers"]),
+           "writers": json.loads(row["writers"]), "version": row["version"],
+           "embedding_model": row["embedding_model"], "created_at": row["created_at"]}
+    if "documents" in row.keys():
+        out["documents"] = row["documents"]
+    return out
+
+
+def elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

@@ -1,0 +1,352 @@
+"""RAG as the API sees it: collections with owners and sharing, documents in and out, retrieval in three modes,
+ingestion jobs. No HTTP in here; every call names the principal it acts for.
+
+Who may use a collection: its owner (the user behind a key or session, else the key itself), the subjects in its
+`readers` / `writers` (`user:ID`, `key:ID`, `role:NAME` or `*`), and any role that grants `rag:admin`. A key
+created with `--collections` is narrowed to those names. A collection the caller may not read answers exactly like
+one that does not exist (404), so its existence is not revealed."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from appliance.audit import AuditLog
+from appliance.auth.rbac import Rbac
+from appliance.config import RagSettings
+from appliance.errors import ApplianceError, Forbidden, InvalidRequest, NotFound
+from appliance.logs import get_logger
+from appliance.observability.metrics import Metrics
+from appliance.rag.chunking import chunk_blocks
+from appliance.rag.embeddings import EmbeddingService
+from appliance.rag.index import CheckReport, Hit, RagIndex, StoredChunk
+from appliance.rag.parsers import Block, Kind, parse
+
+log = get_logger(__name__)
+Mode = Literal["hybrid", "vector", "keyword"]
+RRF_K = 60
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_SUBJECT = re.compile(r"^(\*|(user|key|role):[A-Za-z0-9._-]{1,64})$")
+
+
+class Conflict(ApplianceError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class TooLarge(InvalidRequest):
+    status_code = 413
+    code = "document_too_large"
+
+
+def owner_of(principal: Any) -> str:
+    """The subject that owns what a principal creates: the user behind a key or session, else the key."""
+    owner_user = getattr(principal, "owner_user_id", None)
+    return f"user:{owner_user}" if owner_user else str(principal.subject)
+
+
+def collection_not_found(name: str) -> NotFound:
+    return NotFound(f"collection '{name}' does not exist; GET /api/collections lists the ones you may use",
+                    code="collection_not_found", param="collection")
+
+
+@dataclass
+class Job:
+    id: str
+    owner: str
+    collection: str
+    document_id: str
+    state: Literal["queued", "running", "done", "failed"] = "queued"
+    stage: str = "queued"
+    done: int = 0
+    total: int = 0
+    error: dict[str, Any] | None = None
+    created: float = field(default_factory=time.time)
+
+    def view(self) -> dict[str, Any]:
+        progress = round(self.done / self.total, 3) if self.total else (1.0 if self.state == "done" else 0.0)
+        return {"id": self.id, "object": "ingestion.job", "state": self.state, "stage": self.stage,
+                "collection": self.collection, "document_id": self.document_id, "done": self.done,
+                "total": self.total, "progress": progress, "error": self.error}
+
+
+@dataclass(frozen=True)
+class Result:
+    chunk: StoredChunk
+    collection: str
+    score: float
+
+    def view(self) -> dict[str, Any]:
+        c = self.chunk
+        return {"document_id": c.document_id, "chunk_id": c.chunk_id, "text": c.text, "score": round(self.score, 6),
+                "collection": self.collection, "heading": c.heading, "position": c.position}
+
+
+class RagService:
+    def __init__(self, settings: RagSettings, root: Path, embeddings: EmbeddingService, rbac: Rbac,
+                 metrics: Metrics, audit: AuditLog | None = None) -> None:
+        self.settings = settings
+        self.root = root
+        self._index: RagIndex | None = None
+        self._opening = threading.Lock()
+        self.embeddings = embeddings
+        self.rbac = rbac
+        self.metrics = metrics
+        self.audit = audit
+        self.jobs: dict[str, Job] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.crash_hook: Callable[[str], None] | None = None  # tests: kill the process at a named step
+
+    @property
+    def index(self) -> RagIndex:
+        """The indexes, opened on first use (Chroma's import is slow), finishing what a crash interrupted."""
+        with self._opening:
+            if self._index is None:
+                index = RagIndex(self.root)
+                removed = index.repair_unfinished()
+                if removed:
+                    log.warning("rag.repaired", removed=removed, why="the server stopped during ingestion")
+                self._index = index
+            return self._index
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+
+    # access
+
+    def _is_admin(self, principal: Any) -> bool:
+        scopes = getattr(principal, "scopes", None)
+        return self.rbac.allows(principal.role, "rag:admin") and (scopes is None or "rag:admin" in scopes)
+
+    def _may(self, principal: Any, collection: dict[str, Any], write: bool) -> bool:
+        narrowed: tuple[str, ...] | None = getattr(principal, "collections", None)
+        if narrowed is not None and collection["name"] not in narrowed:
+            return False
+        if self._is_admin(principal) or collection["owner"] == owner_of(principal):
+            return True
+        mine = {"*", owner_of(principal), str(principal.subject), f"role:{principal.role}"}
+        allowed = set(collection["writers"]) | (set() if write else set(collection["readers"]))
+        return bool(mine & allowed)
+
+    def _collection(self, principal: Any, name: str, write: bool = False) -> dict[str, Any]:
+        collection = self.index.collection(name)
+        if collection is None or not self._may(principal, collection, write=False):
+            raise collection_not_found(name)
+        if write and not self._may(principal, collection, write=True):
+            raise Forbidden(f"you may read collection '{name}' but not change it; ask its owner to add you to "
+                            "its writers", code="collection_read_only")
+        return collection
+
+    def _record(self, principal: Any, action: str, target: str, **details: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(str(principal.subject), action, target[:200], "ok", **details)
+
+    # collections
+
+    async def create_collection(self, principal: Any, name: str, readers: Sequence[str] = (),
+                                writers: Sequence[str] = ()) -> dict[str, Any]:
+        if not _NAME.match(name):
+            raise InvalidRequest(f"collection name {name!r} is not valid: use 1-63 letters, digits, '.', '_' or "
+                                 "'-', starting with a letter or digit", param="name", code="invalid_value")
+        for subject in (*readers, *writers):
+            if not _SUBJECT.match(subject):
+                raise InvalidRequest(f"{subject!r} is not a subject: use user:ID, key:ID, role:NAME or *",
+                                     param="readers", code="invalid_value")
+        if self.index.collection(name) is not None:
+            raise Conflict(f"a collection named '{name}' exists already; pick another name", param="name")
+        collection = await asyncio.to_thread(self.index.create_collection, name, owner_of(principal), readers,
+                                             writers, self.embeddings.version)
+        self._record(principal, "rag.collection.create", name, readers=len(readers), writers=len(writers))
+        return self._view(collection)
+
+    def list_collections(self, principal: Any) -> list[dict[str, Any]]:
+        return [self._view(c) for c in self.index.collections() if self._may(principal, c, write=False)]
+
+    async def delete_collection(self, principal: Any, name: str) -> None:
+        collection = self._collection(principal, name)
+        if not (self._is_admin(principal) or collection["owner"] == owner_of(principal)):
+            raise Forbidden(f"only the owner of collection '{name}' or an admin may delete it",
+                            code="not_collection_owner")
+        await asyncio.to_thread(self.index.delete_collection, collection["id"])
+        self._record(principal, "rag.collection.delete", name)
+
+    def versions(self, principal: Any, names: Sequence[str]) -> dict[str, int]:
+        """Each collection's version (it changes with every document added or deleted), for cache keys."""
+        return {name: int(self._collection(principal, name)["version"]) for name in names}
+
+    @staticmethod
+    def _view(collection: dict[str, Any]) -> dict[str, Any]:
+        keys = ("name", "owner", "readers", "writers", "version", "embedding_model", "created_at", "documents")
+        return {"object": "collection", **{k: collection[k] for k in keys if k in collection}}
+
+    # documents
+
+    async def add_document(self, principal: Any, name: str, document_id: str, data: bytes, kind: Kind,
+                           metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Ingest now, or as a job when the document is large; returns the document or the job."""
+        collection = self._collection(principal, name, write=True)
+        _check_document_id(document_id)
+        if len(data) > self.settings.max_document_bytes:
+            raise TooLarge(f"the document is {len(data)} bytes; the limit is {self.settings.max_document_bytes} "
+                           "(rag.max_document_bytes): split it or raise the limit")
+        if not data.strip():
+            raise InvalidRequest("the document is empty", param="text", code="invalid_value")
+        job = Job(uuid.uuid4().hex, owner_of(principal), name, document_id)
+        if len(data) <= self.settings.job_threshold_bytes:
+            await self._ingest(job, principal, collection, data, kind, metadata or {})
+            return {"object": "document", "id": document_id, "collection": name, "chunks": job.total}
+        self.jobs[job.id] = job
+        task = asyncio.create_task(self._run_job(job, principal, collection, data, kind, metadata or {}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job.view()
+
+    async def _run_job(self, job: Job, principal: Any, collection: dict[str, Any], data: bytes, kind: Kind,
+                       metadata: dict[str, Any]) -> None:
+        try:
+            await self._ingest(job, principal, collection, data, kind, metadata)
+        except ApplianceError as exc:
+            job.state, job.error = "failed", exc.to_body()["error"]
+        except Exception as exc:
+            log.exception("rag.job_failed", job=job.id)
+            job.state = "failed"
+            job.error = {"message": f"ingestion failed ({type(exc).__name__}); see the server log", "type":
+                         "server_error", "param": None, "code": "ingestion_failed"}
+
+    async def _ingest(self, job: Job, principal: Any, collection: dict[str, Any], data: bytes, kind: Kind,
+                      metadata: dict[str, Any]) -> None:
+        job.state, job.stage = "running", "parsing"
+        blocks: list[Block] = await asyncio.to_thread(parse, data, kind, f"document '{job.document_id}'")
+        job.stage = "chunking"
+        s = self.settings
+        chunks = await self.embeddings.run(chunk_blocks, blocks, self.embeddings.model, s.chunk_tokens,
+                                           s.chunk_overlap)
+        if not chunks:
+            raise InvalidRequest(f"document '{job.document_id}' has no text to index", code="invalid_document")
+        job.stage, job.total = "embedding", len(chunks)
+        parts = []
+        step = s.embedding_batch * 4
+        for start in range(0, len(chunks), step):
+            embedded = await self.embeddings.embed([c.indexed_text for c in chunks[start : start + step]])
+            parts.append(embedded.vectors)
+            job.done = min(start + step, len(chunks))
+        import numpy as np
+
+        job.stage = "indexing"
+        await asyncio.to_thread(self.index.put_document, collection["id"], job.document_id, chunks,
+                                np.vstack(parts), metadata, owner_of(principal), len(data), self.crash_hook)
+        self.metrics.rag_chunks.inc(len(chunks))
+        job.state, job.stage = "done", "done"
+        self._record(principal, "rag.document.add", f"{collection['name']}/{job.document_id}", chunks=len(chunks))
+
+    async def delete_document(self, principal: Any, name: str, document_id: str) -> None:
+        collection = self._collection(principal, name, write=True)
+        if not await asyncio.to_thread(self.index.delete_document, collection["id"], document_id):
+            raise NotFound(f"collection '{name}' has no document '{document_id}'", code="document_not_found",
+                           param="document_id")
+        self._record(principal, "rag.document.delete", f"{name}/{document_id}")
+
+    def list_documents(self, principal: Any, name: str) -> list[dict[str, Any]]:
+        return self.index.documents(self._collection(principal, name)["id"])
+
+    def job(self, principal: Any, job_id: str) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job is None or (job.owner != owner_of(principal) and not self._is_admin(principal)):
+            raise NotFound(f"no ingestion job '{job_id}' (jobs are kept in memory until the server restarts)",
+                           code="job_not_found")
+        return job.view()
+
+    # retrieval
+
+    async def query(self, principal: Any, names: Sequence[str], query: str, top_k: int = 5, mode: Mode = "hybrid",
+                    per_document: int = 1) -> list[Result]:
+        if not query.strip():
+            raise InvalidRequest("'query' is empty", param="query", code="invalid_value")
+        if not 1 <= top_k <= self.settings.top_k_max:
+            raise InvalidRequest(f"top_k must be between 1 and {self.settings.top_k_max}", param="top_k",
+                                 code="invalid_value")
+        collections = {c["id"]: c["name"] for c in (self._collection(principal, n) for n in names)}
+        started = time.perf_counter()
+        depth = max(top_k * 5 * per_document, 50)
+        ids = list(collections)
+        keyword: list[Hit] = []
+        vector: list[Hit] = []
+        if mode in ("keyword", "hybrid"):
+            keyword = await asyncio.to_thread(self.index.keyword_search, ids, query, depth)
+        if mode in ("vector", "hybrid"):
+            embedded = await self.embeddings.embed([query])
+            vector = await asyncio.to_thread(self.index.vector_search, ids, embedded.vectors[0], depth)
+        ranked = fuse([keyword, vector]) if mode == "hybrid" else (keyword or vector)
+        picked = _per_document(ranked, top_k, per_document, await asyncio.to_thread(
+            self.index.chunks, [h.chunk_key for h in ranked[: depth * 2]]))
+        self.metrics.rag_query_seconds.labels(mode).observe(time.perf_counter() - started)
+        return [Result(chunk, collections[chunk.collection_id], score) for chunk, score in picked]
+
+    async def check(self, repair: bool) -> CheckReport:
+        def embed(texts: list[str]) -> Any:
+            return self.embeddings.embed_sync(texts).vectors
+
+        return await asyncio.to_thread(self.index.check, repair, embed)
+
+
+def fuse(rankings: Sequence[Sequence[Hit]]) -> list[Hit]:
+    """Reciprocal rank fusion: each chunk scores the sum of 1 / (60 + rank) over the rankings that found it."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            scores[hit.chunk_key] = scores.get(hit.chunk_key, 0.0) + 1.0 / (RRF_K + rank)
+    return [Hit(key, score) for key, score in sorted(scores.items(), key=lambda kv: -kv[1])]
+
+
+def _per_document(ranked: Sequence[Hit], top_k: int, per_document: int, chunks: dict[int, StoredChunk]
+                  ) -> list[tuple[StoredChunk, float]]:
+    taken: dict[tuple[str, str], int] = {}
+    out = []
+    for hit in ranked:
+        chunk = chunks.get(hit.chunk_key)
+        if chunk is None:
+            continue
+        doc = (chunk.collection_id, chunk.document_id)
+        if taken.get(doc, 0) >= per_document:
+            continue
+        taken[doc] = taken.get(doc, 0) + 1
+        out.append((chunk, hit.score))
+        if len(out) == top_k:
+            break
+    return out
+
+
+def _check_document_id(document_id: str) -> None:
+    if not document_id or len(document_id) > 256 or any(ord(ch) < 32 for ch in document_id):
+        raise InvalidRequest("a document id must be 1-256 printable characters", param="id", code="invalid_value")
+
+
+class NewCollection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    readers: list[str] = msgspec.field(default_factory=list)
+    writers: list[str] = msgspec.field(default_factory=list)
+
+
+class NewDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    text: str
+    metadata: dict[str, str | int | float | bool | None] = msgspec.field(default_factory=dict)
+    format: Literal["text", "markdown", "html"] = "text"
+
+
+class QueryRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    query: str
+    top_k: int = 5
+    mode: Mode = "hybrid"
+    per_document: int = 1
