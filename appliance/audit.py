@@ -27,7 +27,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -122,6 +122,7 @@ class AuditLog:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._lock = threading.RLock()
+        self.scrub: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log'").fetchone()
         if found is None:
             raise AuditLogMissing("the database has no audit log yet (it predates this version); run "
@@ -153,6 +154,8 @@ class AuditLog:
             raise ValueError(f"audit outcome {outcome!r} is not one of {', '.join(OUTCOMES)}")
         check_no_secrets(details)
         check_no_secrets({"actor": actor, "action": action, "target": target}, "record")
+        if self.scrub is not None:  # the privacy policy's `audit` surface: no PII in the clear
+            details = self.scrub(details)
         try:
             details_json = canonical_json(details)
         except (TypeError, ValueError) as exc:
@@ -164,7 +167,7 @@ class AuditLog:
             seq = max(last["seq"] if last else 0, self._high_water()) + 1
             row: dict[str, Any] = {"seq": seq, "at": _now(), "actor": actor, "action": action, "target": target,
                                    "outcome": outcome, "details": details_json,
-                                   "prev_hash": last["hash"] if last else GENESIS_HASH}
+                                   "prev_hash": last["hash"] if last else self._anchor()[1]}
             row["hash"] = record_hash(row)
             self.conn.execute(INSERT_RECORD, [row[f] for f in FIELDS])
         return row
@@ -202,8 +205,29 @@ class AuditLog:
         with self._snapshot():
             high_water = self._high_water()
             rows = self.conn.execute(SELECT_RECORDS + " ORDER BY seq")
-            result = _walk(rows, high_water)
+            result = _walk(rows, high_water, self._anchor())
         return dataclasses.replace(result, warnings=self._missing_triggers())
+
+    def _anchor(self) -> tuple[int, str]:
+        """Where the chain starts: after the last record purged by retention (appliance/privacy/retention.py)."""
+        with contextlib.suppress(sqlite3.OperationalError):  # a database from before migration 8
+            row = self.conn.execute("SELECT seq, hash FROM audit_anchor WHERE id = 1").fetchone()
+            if row is not None:
+                return int(row["seq"]), str(row["hash"])
+        return 0, GENESIS_HASH
+
+    def purge_before(self, cutoff: str) -> int:
+        """Delete the records older than `cutoff` (ISO-8601 UTC), oldest first and only as a whole prefix of the
+        chain; the anchor keeps the last one's seq and hash, so the rest still verifies. Returns how many."""
+        with self.transaction():
+            last = self.conn.execute("SELECT seq, hash FROM audit_log WHERE at < ? ORDER BY seq DESC LIMIT 1",
+                                     (cutoff,)).fetchone()
+            if last is None:
+                return 0
+            self.conn.execute("INSERT INTO audit_anchor(id, seq, hash, at) VALUES (1, ?, ?, ?) ON CONFLICT(id) DO "
+                              "UPDATE SET seq = excluded.seq, hash = excluded.hash, at = excluded.at",
+                              (last["seq"], last["hash"], _now()))
+            return int(self.conn.execute("DELETE FROM audit_log WHERE seq <= ?", (last["seq"],)).rowcount)
 
     def _missing_triggers(self) -> tuple[str, ...]:
         names = {r["name"] for r in self.conn.execute(
@@ -234,8 +258,9 @@ class AuditLog:
             yield record
 
 
-def _walk(rows: Iterable[sqlite3.Row], high_water: int) -> VerifyResult:
-    expected_seq, prev_hash, count = 1, GENESIS_HASH, 0
+def _walk(rows: Iterable[sqlite3.Row], high_water: int, anchor: tuple[int, str] = (0, GENESIS_HASH)
+          ) -> VerifyResult:
+    expected_seq, prev_hash, count = anchor[0] + 1, anchor[1], 0
 
     def broken(seq: int, reason: str) -> VerifyResult:
         return VerifyResult(False, count, seq, reason, prev_hash)

@@ -113,6 +113,35 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE users ADD COLUMN tpm INTEGER CHECK (tpm IS NULL OR tpm > 0);
     ALTER TABLE users ADD COLUMN daily_tokens INTEGER CHECK (daily_tokens IS NULL OR daily_tokens > 0);
     """,
+    # 8: privacy (appliance/privacy/). Versions of the privacy policy changed through the API (the newest wins over
+    # policies/privacy.toml). Audit retention: the oldest records may be purged, and only those at or below the
+    # anchor, which keeps the seq and hash of the last purged record so that `audit verify` starts the chain there.
+    """
+    CREATE TABLE privacy_policies (
+        version     INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at  TEXT NOT NULL,
+        actor       TEXT NOT NULL,
+        digest      TEXT NOT NULL,
+        body        TEXT NOT NULL
+    );
+    CREATE TABLE audit_anchor (
+        id    INTEGER PRIMARY KEY CHECK (id = 1),
+        seq   INTEGER NOT NULL,
+        hash  TEXT NOT NULL,
+        at    TEXT NOT NULL
+    );
+    DROP TRIGGER audit_log_no_delete;
+    CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+    WHEN OLD.seq > COALESCE((SELECT seq FROM audit_anchor WHERE id = 1), 0)
+    BEGIN
+        SELECT RAISE(ABORT, 'audit_log is append-only: records cannot be deleted');
+    END;
+    CREATE TRIGGER audit_anchor_forward BEFORE UPDATE ON audit_anchor
+    WHEN NEW.seq < OLD.seq
+    BEGIN
+        SELECT RAISE(ABORT, 'the audit anchor only moves forward');
+    END;
+    """,
 )
 
 

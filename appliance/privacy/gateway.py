@@ -1,0 +1,120 @@
+"""The privacy policy on the completion path: the `prompt` surface on what goes to the model (block -> 422;
+redact, mask, pseudonymize rewrite the messages) and the `output` surface on what comes back, whole or streamed
+(SSE events are rewritten in place; text that might still be part of an entity is held back briefly, see
+appliance/privacy/streaming.py). Called from appliance/gateway/service.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from appliance.privacy.actions import PiiBlocked, Placeholders
+from appliance.privacy.service import Privacy
+from appliance.privacy.streaming import StreamRedactor
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_OUTPUT = "the model's answer"
+
+
+class GatewayPrivacy:
+    def __init__(self, privacy: Privacy) -> None:
+        self.privacy = privacy
+
+    def screen_request(self, body: dict[str, Any]) -> None:
+        """Rewrite the upstream body's messages (or prompt) in place; PiiBlocked (422) when the policy blocks."""
+        if self.privacy.passes_everything("prompt"):
+            return
+        marks = Placeholders()  # one numbering across the messages: the same value is the same placeholder
+        if "messages" in body:
+            for message in body["messages"]:
+                if message.get("content"):
+                    message["content"] = self.privacy.enforce("prompt", message["content"], marks)
+        elif isinstance(body.get("prompt"), str):
+            body["prompt"] = self.privacy.enforce("prompt", body["prompt"], marks)
+
+    def screen_response(self, content: bytes) -> bytes:
+        """A whole OpenAI response body with the output surface applied to each choice's text."""
+        if self.privacy.passes_everything("output"):
+            return content
+        document = _decoder.decode(content)
+        marks = Placeholders()
+        for choice in document.get("choices") or []:
+            message = choice.get("message")
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                message["content"] = self.privacy.enforce("output", message["content"], marks, _OUTPUT)
+            elif isinstance(choice.get("text"), str):
+                choice["text"] = self.privacy.enforce("output", choice["text"], marks, _OUTPUT)
+        return _encoder.encode(document)
+
+    def screen_stream(self, events: AsyncIterator[bytes], error_event: Any) -> AsyncIterator[bytes]:
+        """The relayed SSE bytes (whole events, `\\n\\n`-terminated) with the output surface applied; a blocked
+        entity ends the stream with `error_event(PiiBlocked)`."""
+        if self.privacy.passes_everything("output"):
+            return events
+        return SseRedactor(self.privacy).run(events, error_event)
+
+
+class SseRedactor:
+    """Rewrites OpenAI SSE chunks: each choice's text goes through its own StreamRedactor; held text is released
+    with the choice's finish chunk, or in a chunk of its own before `[DONE]`."""
+
+    def __init__(self, privacy: Privacy) -> None:
+        self.privacy = privacy
+        self.redactors: dict[int, StreamRedactor] = {}
+        self.template: dict[str, Any] | None = None
+        self.chat = True
+
+    def _redactor(self, index: int) -> StreamRedactor:
+        if index not in self.redactors:
+            redactor = self.privacy.stream("output", _OUTPUT)
+            assert redactor is not None
+            self.redactors[index] = redactor
+        return self.redactors[index]
+
+    async def run(self, events: AsyncIterator[bytes], error_event: Any) -> AsyncIterator[bytes]:
+        try:
+            async for blob in events:
+                out = b"".join(self.event(e) for e in blob.split(b"\n\n") if e)
+                if out:
+                    yield out
+            yield self.flush()
+        except PiiBlocked as exc:
+            yield error_event(exc)
+
+    def event(self, event: bytes) -> bytes:
+        if event == b"data: [DONE]":
+            return self.flush() + event + b"\n\n"
+        if not event.startswith(b"data: {"):
+            return event + b"\n\n"
+        chunk = _decoder.decode(event[6:])
+        choices = chunk.get("choices")
+        if not choices:
+            return event + b"\n\n"
+        self.template = chunk
+        for choice in choices:
+            redactor = self._redactor(int(choice.get("index", 0)))
+            delta = choice.get("delta")
+            self.chat = isinstance(delta, dict)
+            holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
+            text = holder.get(key)
+            released = redactor.feed(text) if isinstance(text, str) else ""
+            if choice.get("finish_reason") is not None:
+                released += redactor.flush()
+            if isinstance(text, str) or released:
+                holder[key] = released
+        return b"data: " + _encoder.encode(chunk) + b"\n\n"
+
+    def flush(self) -> bytes:
+        """Held text of every choice, as one last chunk per choice (empty when nothing is held)."""
+        out = []
+        for index, redactor in self.redactors.items():
+            text = redactor.flush()
+            if text and self.template is not None:
+                piece = {"index": index, "delta": {"content": text}} if self.chat else {"index": index, "text": text}
+                chunk = {**self.template, "choices": [{**piece, "logprobs": None, "finish_reason": None}]}
+                chunk.pop("usage", None)
+                out.append(b"data: " + _encoder.encode(chunk) + b"\n\n")
+        return b"".join(out)

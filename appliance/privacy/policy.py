@@ -1,0 +1,261 @@
+"""The privacy policy (policies/privacy.toml): entity types, the action for each on each surface, retention per
+data class. Loaded and validated with msgspec; every error names the file, the line and the field that is wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal, cast
+
+import msgspec
+
+from appliance.resources import shipped
+
+SHIPPED_PRIVACY = shipped("policies/privacy.toml")
+
+Action = Literal["allow", "redact", "mask", "pseudonymize", "block"]
+ACTIONS: tuple[Action, ...] = ("allow", "redact", "mask", "pseudonymize", "block")
+Surface = Literal["prompt", "output", "logs", "audit", "usage", "conversations", "cache", "rag"]
+SURFACES: tuple[Surface, ...] = ("prompt", "output", "logs", "audit", "usage", "conversations", "cache", "rag")
+# Records that are always written cannot be refused; they can only hide the values.
+RECORD_SURFACES = frozenset({"logs", "audit", "usage"})
+BUILTIN_ENTITIES = ("email", "phone", "credit_card", "iban", "us_ssn", "ip_address", "secret")
+NER_ENTITIES = ("person", "location")
+DATA_CLASSES = ("usage", "audit", "sessions", "conversations", "rag_documents", "cache_entries", "uploads")
+DEFAULT = "default"
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_MSGSPEC_PATH = re.compile(r"\s*-\s*at `\$\.?([^`]*)`")
+
+
+class PolicyError(ValueError):
+    """The privacy policy cannot be used; the message names the file, the line and what to fix."""
+
+
+class DetectorsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    phone_regions: list[str] = msgspec.field(default_factory=lambda: ["US"])
+    ner: Literal["auto", "off"] = "auto"
+
+
+class CustomEntity(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pattern: str
+    description: str = ""
+
+
+class ConversationsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    store: bool = False
+
+
+class RetentionSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    purge_interval: str = "1h"
+    usage: str = "90d"
+    audit: str = "400d"
+    sessions: str = "30d"
+    conversations: str = "30d"
+    rag_documents: str = "0"
+    cache_entries: str = "7d"
+    uploads: str = "30d"
+
+
+class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    version: Literal[1] = 1
+    detectors: DetectorsSection = msgspec.field(default_factory=DetectorsSection)
+    surfaces: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
+    conversations: ConversationsSection = msgspec.field(default_factory=ConversationsSection)
+    retention: RetentionSection = msgspec.field(default_factory=RetentionSection)
+    custom: dict[str, CustomEntity] = msgspec.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """A validated policy. `action(surface, entity)` is what to do with an entity found on a surface."""
+
+    surfaces: Mapping[str, Mapping[str, Action]]
+    retention: Mapping[str, timedelta | None]
+    purge_interval: timedelta
+    custom: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
+    phone_regions: tuple[str, ...] = ("US",)
+    ner: Literal["auto", "off"] = "auto"
+    store_conversations: bool = False
+    text: str = ""
+    source: str = ""
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def entities(self) -> tuple[str, ...]:
+        return (*BUILTIN_ENTITIES, *NER_ENTITIES, *self.custom)
+
+    def action(self, surface: Surface, entity: str) -> Action:
+        actions = self.surfaces.get(surface, {})
+        return actions.get(entity) or actions.get(DEFAULT) or "allow"
+
+    def passes_everything(self, surface: Surface) -> bool:
+        """True when the surface allows every entity: callers may skip detection altogether."""
+        actions = self.surfaces.get(surface, {})
+        return all(a == "allow" for a in actions.values())
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """'90d', '12h', '30m', '45s', '2w', or '0' for no limit (None)."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration; write e.g. '30d', '12h', '90m', or '0' to keep forever")
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    return timedelta(seconds=seconds) if seconds else None
+
+
+def format_duration(age: timedelta | None) -> str:
+    if age is None:
+        return "forever"
+    seconds = int(age.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def locate(text: str, path: Sequence[str]) -> int | None:
+    """The 1-based line of `path` (e.g. ['surfaces', 'prompt', 'emial']) in a TOML document: the line of the key
+    itself, else of the nearest table or key above it. Good enough for error messages."""
+    target = list(path)
+    table: list[str] = []
+    best: tuple[int, int] | None = None  # (matched length, line)
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith(("'", '"')) else raw.strip()
+        header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?$", line)
+        if header:
+            table = [p.strip().strip("\"'") for p in header.group(1).split(".")]
+            full = table
+        else:
+            key = re.match(r"^([A-Za-z0-9_\-.\"' ]+?)\s*=", line)
+            if not key:
+                continue
+            full = table + [p.strip().strip("\"'") for p in key.group(1).split(".")]
+        matched = 0
+        while matched < min(len(full), len(target)) and full[matched] == target[matched]:
+            matched += 1
+        if matched == len(full) and matched and (best is None or matched > best[0]):
+            best = (matched, number)
+        if full == target:
+            return number
+    return best[1] if best else None
+
+
+def _fail(source: str, text: str, path: Sequence[str], message: str) -> PolicyError:
+    line = locate(text, path)
+    where = f"{source} line {line}" if line else source
+    return PolicyError(f"{where}: {'.'.join(path)}: {message}")
+
+
+def load_policy(path: str | Path = "") -> PrivacyPolicy:
+    """The policy at `path` (empty: the shipped policies/privacy.toml)."""
+    source = Path(path) if path else SHIPPED_PRIVACY
+    try:
+        text = source.read_text()
+    except FileNotFoundError:
+        raise PolicyError(f"no privacy policy at {source}; set privacy.policy_file to the path of privacy.toml"
+                          ) from None
+    return parse_policy(text, str(source))
+
+
+def parse_policy(text: str, source: str = "privacy.toml") -> PrivacyPolicy:
+    """Validate a policy document; raises PolicyError naming the line and field that is wrong."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        parsed = msgspec.convert(raw, PolicyFile)
+    except msgspec.ValidationError as exc:
+        match = _MSGSPEC_PATH.search(str(exc))
+        dotted = match.group(1) if match else ""
+        message = _MSGSPEC_PATH.sub("", str(exc))
+        path = [p for p in re.split(r"[.\[\]]+", dotted) if p]
+        unknown = re.search(r"unknown field `([^`]+)`", message)
+        raise _fail(source, text, [*path, unknown.group(1)] if unknown else path, message) from None
+    custom = _custom_patterns(parsed, text, source)
+    known = (*BUILTIN_ENTITIES, *NER_ENTITIES, *custom)
+    for surface, actions in parsed.surfaces.items():
+        if surface not in SURFACES:
+            raise _fail(source, text, ["surfaces", surface], f"unknown surface {surface!r}; surfaces are "
+                        f"{', '.join(SURFACES)}")
+        for entity, action in actions.items():
+            if action not in ACTIONS:
+                raise _fail(source, text, ["surfaces", surface, entity],
+                            f"unknown action {action!r}; actions are {', '.join(ACTIONS)}")
+            if entity != DEFAULT and entity not in known:
+                raise _fail(source, text, ["surfaces", surface, entity],
+                            f"unknown entity {entity!r}; entities are default, {', '.join(known)} "
+                            "(add a [custom.<name>] pattern for another)")
+            if action == "block" and surface in RECORD_SURFACES:
+                raise _fail(source, text, ["surfaces", surface, entity],
+                            f"'block' cannot apply to {surface}, which are always written; use redact, mask or "
+                            "pseudonymize")
+    return PrivacyPolicy(
+        surfaces={s: cast(dict[str, Action], dict(parsed.surfaces.get(s, {}))) for s in SURFACES},
+        retention=_retention(parsed.retention, text, source),
+        purge_interval=_purge_interval(parsed.retention.purge_interval, text, source),
+        custom=custom,
+        phone_regions=_regions(parsed.detectors.phone_regions, text, source),
+        ner=parsed.detectors.ner,
+        store_conversations=parsed.conversations.store,
+        text=text,
+        source=source,
+    )
+
+
+def _custom_patterns(parsed: PolicyFile, text: str, source: str) -> dict[str, re.Pattern[str]]:
+    custom: dict[str, re.Pattern[str]] = {}
+    for name, entity in parsed.custom.items():
+        if not _NAME.match(name) or name in (*BUILTIN_ENTITIES, *NER_ENTITIES, DEFAULT):
+            raise _fail(source, text, ["custom", name], "a custom entity needs a new lowercase name (a-z, 0-9, _) "
+                        "that is not a built-in entity")
+        try:
+            pattern = re.compile(entity.pattern)
+        except re.error as exc:
+            raise _fail(source, text, ["custom", name, "pattern"], f"not a valid regular expression: {exc}"
+                        ) from None
+        if pattern.match(""):
+            raise _fail(source, text, ["custom", name, "pattern"], "the pattern matches empty text; it would "
+                        "match everywhere")
+        custom[name] = pattern
+    return custom
+
+
+def _retention(section: RetentionSection, text: str, source: str) -> dict[str, timedelta | None]:
+    out: dict[str, timedelta | None] = {}
+    for name in DATA_CLASSES:
+        try:
+            out[name] = parse_duration(getattr(section, name))
+        except ValueError as exc:
+            raise _fail(source, text, ["retention", name], str(exc)) from None
+    return out
+
+
+def _purge_interval(value: str, text: str, source: str) -> timedelta:
+    try:
+        interval = parse_duration(value)
+    except ValueError as exc:
+        raise _fail(source, text, ["retention", "purge_interval"], str(exc)) from None
+    if interval is None or interval < timedelta(minutes=1):
+        raise _fail(source, text, ["retention", "purge_interval"], "must be at least 1m")
+    return interval
+
+
+def _regions(regions: list[str], text: str, source: str) -> tuple[str, ...]:
+    import phonenumbers
+
+    for region in regions:
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise _fail(source, text, ["detectors", "phone_regions"], f"{region!r} is not a region code; use "
+                        "two-letter ISO codes such as US, GB, DE")
+    return tuple(regions)

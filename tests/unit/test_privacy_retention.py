@@ -1,0 +1,124 @@
+"""Retention and erasure over the core's stores: what goes, what stays verifiable, and no trace left on disk."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from appliance.audit import AuditLog
+from appliance.auth.keys import ApiKeyService
+from appliance.auth.quotas import Limits, QuotaService
+from appliance.auth.sessions import SessionService
+from appliance.auth.users import UserService
+from appliance.config import SessionSettings
+from appliance.datadir import DataDir
+from appliance.errors import NotFound
+from appliance.privacy.controls import PrivacyControls
+from appliance.privacy.retention import StoreReport, Subject
+from tests.privacy_canaries import CANARIES, scan
+from tests.unit.conftest import PASSWORD
+
+AGENT = "CanaryBrowser/9.31 (agent-canary-5521)"
+CLIENT = "198.51.100.77"
+
+
+@pytest.fixture
+def controls(data: DataDir, conn: sqlite3.Connection, audit: AuditLog) -> PrivacyControls:
+    return PrivacyControls.build(conn, audit, data.read_master_key())
+
+
+def test_audit_details_hold_pseudonyms_not_pii(data: DataDir, controls: PrivacyControls, audit: AuditLog) -> None:
+    audit.record("cli:test", "user.login", "", "denied", name=CANARIES["email"], note=f"from {CANARIES['phone']}")
+    record = list(audit.export(action="user.login"))[-1]
+    assert record["details"]["name"] == controls.privacy.pseudonym("email", CANARIES["email"])
+    assert CANARIES["phone"] not in record["details"]["note"]
+    assert audit.verify().ok
+    audit.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert scan(data.root, [CANARIES["email"], CANARIES["phone"]]) == []
+
+
+def test_erasure_removes_a_user_everywhere_and_leaves_no_trace(
+        data: DataDir, conn: sqlite3.Connection, audit: AuditLog, users: UserService, api_keys: ApiKeyService,
+        controls: PrivacyControls) -> None:
+    user = users.create("canaryuser", "user", PASSWORD)
+    key, _secret = api_keys.create_for_user(user.id, "user", "laptop")
+    SessionService(conn, SessionSettings()).create(user, client=CLIENT, user_agent=AGENT)
+    quotas = QuotaService(conn)
+    quotas.reserve(f"user:{user.id}", Limits(rpm=10), 5)
+    quotas.reserve(f"key:{key.id}", Limits(rpm=10), 5)
+    counts = controls.retention.erase("canaryuser", actor="cli:test")
+    assert counts["accounts"] == 2 and counts["sessions"] == 1 and counts["usage"] == 2
+    assert conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM quota_usage").fetchone()[0] == 0
+    erased = list(audit.export(action="privacy.erase"))[-1]
+    assert erased["target"].startswith("<SUBJECT:") and "canaryuser" not in erased["target"]
+    assert audit.verify().ok
+    assert scan(data.root, [AGENT, CLIENT, _secret]) == []
+    with pytest.raises(NotFound):
+        controls.retention.erase("canaryuser", actor="cli:test")
+
+
+def test_purge_removes_old_data_and_the_audit_chain_still_verifies(
+        conn: sqlite3.Connection, audit: AuditLog, controls: PrivacyControls) -> None:
+    for i in range(5):
+        audit.record("cli:test", "thing.do", str(i))
+    QuotaService(conn).reserve("key:old", Limits(rpm=10), 5)
+    retention = controls.retention
+    retention.now = lambda: datetime.now(UTC) + timedelta(days=500)  # everything is past its age
+    counts = retention.purge(actor="cli:test")
+    assert counts["audit"] >= 5 and counts["usage"] == 1
+    result = audit.verify()
+    assert result.ok, result.reason
+    assert [r["action"] for r in audit.export()] == ["privacy.purge"]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute("DELETE FROM audit_log")
+    assert retention.next_purge is not None and retention.last_purge is not None
+
+
+def test_a_young_store_keeps_its_data(conn: sqlite3.Connection, audit: AuditLog, controls: PrivacyControls) -> None:
+    audit.record("cli:test", "thing.do", "x")
+    assert controls.retention.purge()["audit"] == 0
+    assert audit.verify().count >= 1
+
+
+class ListStore:
+    """A store from elsewhere (RAG, cache) as it plugs in."""
+
+    data_class = "cache_entries"
+
+    def __init__(self) -> None:
+        self.items: list[tuple[datetime, str]] = [(datetime(2000, 1, 1, tzinfo=UTC), "old"),
+                                                  (datetime.now(UTC), "zebra.canary.7731@example.org")]
+        self.compacted = 0
+
+    def purge_older_than(self, cutoff: datetime) -> int:
+        before = len(self.items)
+        self.items = [i for i in self.items if i[0] >= cutoff]
+        return before - len(self.items)
+
+    def erase_subject(self, subject: Subject) -> int:
+        before = len(self.items)
+        self.items = [i for i in self.items if not any(t in i[1] for t in subject.terms)]
+        return before - len(self.items)
+
+    def report(self) -> StoreReport:
+        return StoreReport(self.data_class, len(self.items), min((i[0] for i in self.items), default=None))
+
+    def compact(self) -> None:
+        self.compacted += 1
+
+
+def test_registered_stores_join_purge_erasure_and_report(controls: PrivacyControls) -> None:
+    store = ListStore()
+    controls.retention.register(store)
+    assert controls.retention.purge()["cache_entries"] == 1
+    assert controls.retention.erase("Zebra.Canary.7731@example.org", actor="cli:test")["cache_entries"] == 1
+    assert store.items == [] and store.compacted == 2
+    report = controls.retention.report()
+    by_class = {c.data_class: c for c in report.classes}
+    assert by_class["cache_entries"].retention == "7d" and by_class["audit"].count >= 1
+    assert by_class["conversations"].retention == "not stored"
+    with pytest.raises(TypeError):
+        controls.retention.register(object())  # type: ignore[arg-type]
