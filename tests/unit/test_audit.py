@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ from appliance.errors import InvalidRequest, ModelNotFound, RegistryError
 from appliance.registry.catalog import Catalog, CatalogEntry
 from appliance.registry.service import ModelRegistry
 from appliance.registry.store import ModelStore
+from tests.unit.ggufs import make_gguf
 
 
 def fill(audit: AuditLog, n: int = 5) -> list[dict[str, Any]]:
@@ -349,8 +349,7 @@ def test_services_without_an_audit_log_still_work(data: DataDir, conn: sqlite3.C
 def test_model_changes_and_refusals_are_recorded(
     data: DataDir, conn: sqlite3.Connection, audit: AuditLog, tmp_path: Path
 ) -> None:
-    good = tmp_path / "good.gguf"
-    good.write_bytes(b"GGUF" + os.urandom(256))
+    good = make_gguf(tmp_path / "good.gguf", payload_bytes=256)
     catalog = Catalog(models={"bad": CatalogEntry(source=f"file:{good}", sha256="0" * 64, format="gguf",
                                                   licence="MIT")})
     registry = ModelRegistry(conn, ModelStore(data.models, data.tmp, KeyRing(data.keys)), catalog, audit=audit)
@@ -362,7 +361,7 @@ def test_model_changes_and_refusals_are_recorded(
         registry.remove("m", actor="cli:bob")
     pull, refused, removed, missing = list(audit.export())
     assert (pull["action"], pull["target"], pull["outcome"]) == ("model.pull", "m", "ok")
-    assert pull["details"] == {"source": f"file:{good}", "sha256": pulled.sha256, "size_bytes": 260,
+    assert pull["details"] == {"source": f"file:{good}", "sha256": pulled.sha256, "size_bytes": good.stat().st_size,
                                "format": "gguf"}
     assert (refused["target"], refused["outcome"], refused["details"]["code"]) == ("bad", "error", "digest_mismatch")
     assert (removed["action"], removed["actor"], removed["details"]["sha256"]) == ("model.remove", "cli:bob",
