@@ -28,6 +28,7 @@ from appliance import __version__
 from appliance.admin.audit_routes import ROUTES as AUDIT_ROUTES
 from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
 from appliance.admin.auth_routes import cookie_name
+from appliance.admin.cache_routes import ROUTES as CACHE_ROUTES
 from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
 from appliance.admin.users_routes import ROUTES as USERS_ROUTES
 from appliance.audit import AuditLog
@@ -44,6 +45,7 @@ from appliance.auth.sessions import (
     check_csrf,
 )
 from appliance.auth.users import UserService
+from appliance.cache.service import build_cache_service, open_cache
 from appliance.config import Settings
 from appliance.datadir import DataDir
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
@@ -90,7 +92,10 @@ class Services:
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics,
                                on_event=self.audit_model_event)
         self.quotas = QuotaService(self.conn)
-        self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas, self.audit)
+        self.response_cache = build_cache_service(settings.cache, open_cache(settings.cache, self.data.cache),
+                                                  self.metrics)
+        self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas, self.audit,
+                                             cache=self.response_cache if settings.cache.enabled else None)
 
     def audit_model_event(self, action: str, model: str, outcome: str, details: dict[str, object]) -> None:
         self.audit.record("supervisor", action, model, outcome, **details)  # type: ignore[arg-type]
@@ -253,17 +258,19 @@ def create_app(settings: Settings) -> Litestar:
             else:
                 services.pool.start_loading(default)
             yield
+        services.response_cache.close()
         services.conn.close()
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
-                        *AUDIT_ROUTES],
+                        *AUDIT_ROUTES, *CACHE_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),
             "api_keys": Provide(lambda: services.keys, sync_to_thread=False),
             "users": Provide(lambda: services.users, sync_to_thread=False),
             "audit_log": Provide(lambda: services.audit, sync_to_thread=False),
+            "response_cache": Provide(lambda: services.response_cache, sync_to_thread=False),
         },
         state=State({"services": services}),
         lifespan=[lifespan],

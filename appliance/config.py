@@ -177,6 +177,33 @@ class CryptoSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = "/dev/shm"  # noqa: S108 (a private 0700 folder is made in it, checked to be tmpfs)
 
 
+class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: Annotated[
+        bool, _doc("Serve repeated deterministic requests (temperature 0 or a fixed seed) from the response cache.")
+    ] = True
+    size_limit_mb: Annotated[
+        int, _doc("Largest size of the response cache on disk, in MiB; least recently used entries go first.", ge=1)
+    ] = 1024
+    ttl: Annotated[
+        float, _doc("Seconds a cached response may be served after it was stored; 0 = until evicted.", ge=0)
+    ] = 86400.0
+    shared_roles: Annotated[
+        list[str], _doc("Roles whose keys and users share one cache partition per role ('role:<name>'); everyone "
+                        "else has their own (the key's owner, else the key).")
+    ] = msgspec.field(default_factory=list)
+    semantic: Annotated[
+        bool, _doc("Also serve a cached answer to a differently worded prompt whose embedding is close enough "
+                   "(same partition, model version and other parameters).")
+    ] = False
+    semantic_threshold: Annotated[
+        float, _doc("Cosine similarity at or above which a semantic hit is served; higher = fewer false hits.",
+                    gt=0, le=1)
+    ] = 0.95
+    semantic_max_prompts: Annotated[
+        int, _doc("Recent cached prompts kept in memory for semantic matching, over all partitions.", ge=1)
+    ] = 10000
+
+
 class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     level: Annotated[
         Literal["debug", "info", "warning", "error"], _doc("Lowest level of log records written.")
@@ -208,6 +235,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         default_factory=SupervisorSettings
     )
     logging: Annotated[LoggingSettings, _doc("Logs.")] = msgspec.field(default_factory=LoggingSettings)
+    cache: Annotated[CacheSettings, _doc("The response cache (exact and semantic).")] = msgspec.field(
+        default_factory=CacheSettings
+    )
     crypto: Annotated[CryptoSettings, _doc("Encryption of model weights at rest.")] = msgspec.field(
         default_factory=CryptoSettings
     )

@@ -18,6 +18,7 @@ PERMISSIONS: dict[str, str] = {
     "policies:manage": "Change privacy, retention and quota policies.",
     "audit:read": "Read and export the audit log.",
     "metrics:read": "Read Prometheus metrics (/metrics) and the API schema.",
+    "cache:admin": "See the response cache's size and partitions and clear it (/api/cache).",
     "self:read": "Read one's own identity (/api/me) and end one's own session (/api/auth/logout).",
 }
 ALL = "*"

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from appliance.cli import audit, crypto, keys, models, server, users
+from appliance.cli import audit, cache, crypto, keys, models, server, users
 from appliance.cli.common import KEEP, Handler
 from appliance.config import ConfigError, LoadedSettings, load_settings
 from appliance.errors import ApplianceError
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    for domain in (server, models, keys, users, audit, crypto):
+    for domain in (server, models, keys, users, audit, cache, crypto):
         domain.register(sub, add)
     return parser
 

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from appliance.auth.guards import permission
+from appliance.cache.keys import directive_of
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode_request
 from appliance.gateway.service import Completed, CompletionService
 from appliance.registry.service import ModelRegistry
@@ -21,7 +22,8 @@ async def _complete(request: Request[Any, Any, State], service: CompletionServic
                     kind: type[ChatCompletionRequest | CompletionRequest]) -> Response[bytes] | Stream:
     body: ChatCompletionRequest | CompletionRequest = decode_request(await request.body(), kind)
     request.scope["state"]["model"] = body.model
-    result = await service.run(body, request.url.path, principal=request.user)
+    result = await service.run(body, request.url.path, principal=request.user,
+                               cache=directive_of(body.cache, request.headers))
     if isinstance(result, Completed):
         return Response(result.body, media_type="application/json", headers=result.headers)
     return Stream(result.events, media_type="text/event-stream", headers={**SSE_HEADERS, **result.headers})

@@ -48,6 +48,9 @@ class SamplingFields(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     seed: int | None = None
     logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
     user: str | None = None
+    # the response cache (appliance/cache): "no-store" never caches this request, "store" caches even a
+    # non-deterministic one; left out, deterministic requests (temperature 0 or a seed) are cached
+    cache: Literal["store", "no-store"] | None = None
     # llama.cpp / vLLM extensions that OpenAI clients pass through `extra_body`
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
     min_p: TopP | None = None
@@ -120,6 +123,7 @@ def upstream_body(request: ChatCompletionRequest | CompletionRequest) -> dict[st
             body["max_tokens"] = request.max_completion_tokens
     elif isinstance(request.prompt, list):
         body["prompt"] = request.prompt[0]
+    body.pop("cache", None)  # ours, not the worker's
     if request.stream:
         body["stream_options"] = {"include_usage": True}
     return body

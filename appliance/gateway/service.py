@@ -35,6 +35,8 @@ from appliance.audit import AuditLog
 from appliance.auth.keys import Principal
 from appliance.auth.quotas import QuotaService, Reservation, estimate_prompt_tokens, estimate_tokens, merge_status
 from appliance.auth.sessions import SessionPrincipal
+from appliance.cache.keys import Directive
+from appliance.cache.service import NO_CACHE, ResponseCacheService
 from appliance.errors import ApplianceError, WorkerFailed
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, upstream_body
 from appliance.logs import get_logger
@@ -105,28 +107,47 @@ def sse_error(error: ApplianceError) -> bytes:
 
 class CompletionService:
     def __init__(self, registry: ModelRegistry, pool: WorkerPool, metrics: Metrics,
-                 quotas: QuotaService | None = None, audit: AuditLog | None = None) -> None:
+                 quotas: QuotaService | None = None, audit: AuditLog | None = None,
+                 cache: ResponseCacheService | None = None) -> None:
         self.registry = registry
         self.pool = pool
         self.metrics = metrics
         self.quotas = quotas
         self.audit = audit
+        self.cache = cache
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
-                  principal: Principal | SessionPrincipal | None = None) -> Completed | Streamed:
-        """One completion for `principal` (None: no quota applies), whole or as a stream of SSE events."""
+                  principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
+                  ) -> Completed | Streamed:
+        """One completion for `principal` (None: no quota applies), whole or as a stream of SSE events; `cache` is
+        the client's cache directive (see appliance.cache.service)."""
         self.check_model(request.model, principal)
-        self.registry.get(request.model)  # 404 before queueing for an unknown model
-        path = "/v1/chat/completions" if isinstance(request, ChatCompletionRequest) else "/v1/completions"
+        record = self.registry.get(request.model)  # 404 before queueing for an unknown model
+        chat = isinstance(request, ChatCompletionRequest)
+        path = "/v1/chat/completions" if chat else "/v1/completions"
         body = upstream_body(request)
         metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
-        if not request.stream:
-            return await self._whole(request.model, path, body, metered)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        events = self._stream(request.model, path, body, include_usage, metered)
+        lookup = NO_CACHE if self.cache is None else await self.cache.lookup(
+            body, chat=chat, model_sha256=record.sha256, principal=principal, directive=cache)
+        if lookup.entry is not None:  # a hit: a request, no tokens (see appliance.cache.service)
+            metered.usage_tokens = 0
+            self._settle(metered)
+            headers = {**metered.headers(), **lookup.headers}
+            if request.stream:
+                return Streamed(lookup.stream(request.model, include_usage), headers)
+            return Completed(lookup.whole(request.model), headers)
+        if not request.stream:
+            completed = await self._whole(request.model, path, body, metered)
+            lookup.store_whole(completed.body)
+            completed.headers.update(lookup.headers)
+            return completed
+        events = self._stream(request.model, path, body, include_usage or lookup.records, metered)
         first = await events.__anext__()  # errors before the first byte become HTTP errors, not SSE events
         assert first is READY
-        return Streamed(events, metered.headers())
+        if lookup.records:
+            events = lookup.recorded(events, include_usage)
+        return Streamed(events, {**metered.headers(), **lookup.headers})
 
     def check_model(self, model: str, principal: Principal | SessionPrincipal | None) -> None:
         """Refuse a model outside the key's allowed models exactly as an unknown one, and audit the refusal."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+CACHE_HIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
 
 
@@ -30,6 +31,20 @@ class Metrics:
         self.model_load_seconds = Histogram("appliance_model_load_seconds", "Time to start a worker and load a model.",
                                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.models_loaded = Gauge("appliance_models_loaded", "Models whose worker is running.", registry=r)
+        # the response cache: "exact" (diskcache) and "semantic" (prompt embeddings)
+        self.cache_hits = Counter("appliance_cache_hits", "Requests answered from the response cache.", ["cache"],
+                                  registry=r)
+        self.cache_misses = Counter("appliance_cache_misses", "Cacheable requests the response cache did not hold.",
+                                    ["cache"], registry=r)
+        self.cache_skipped = Counter("appliance_cache_skipped", "Requests not looked up or answers not stored, by "
+                                     "reason (no-store, nondeterministic, privacy, incomplete).", ["reason"],
+                                     registry=r)
+        self.cache_evictions = Counter("appliance_cache_evictions", "Entries pushed out by the size limit or TTL.",
+                                       ["cache"], registry=r)
+        self.cache_bytes = Gauge("appliance_cache_bytes", "Size of the response cache.", ["cache"], registry=r)
+        self.cache_entries = Gauge("appliance_cache_entries", "Entries in the response cache.", ["cache"], registry=r)
+        self.cache_hit_seconds = Histogram("appliance_cache_hit_seconds", "Time to find a cached answer.", ["cache"],
+                                           buckets=CACHE_HIT_BUCKETS, registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,7 @@ Sizes are counted in the embedding model's own tokens (all-MiniLM-L6-v2 reads 25
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
@@ -78,15 +79,23 @@ def _pack(texts: list[str], tokenizer: Tokenizer, budget: int, overlap: int) -> 
 
 
 def _windows(text: str, tokenizer: Tokenizer, budget: int, overlap: int) -> list[str]:
+    """Windows of at most `budget` word-pieces, cut between words (not inside one), each after the first starting
+    about `overlap` word-pieces before the end of the one before it."""
     spans = tokenizer.token_offsets(text)
-    step = max(budget - overlap, 1)
+    starts = [i for i in range(len(spans)) if i == 0 or spans[i][0] > spans[i - 1][1]]  # word-initial pieces
     out = []
-    for start in range(0, len(spans), step):
-        window = spans[start : start + budget]
-        out.append(text[window[0][0] : window[-1][1]])
-        if start + budget >= len(spans):
-            break
-    return out
+    start = 0
+    while True:
+        end = min(start + budget, len(spans))
+        if end < len(spans):  # back off to a word's first piece, unless one word fills the window
+            cut = starts[bisect.bisect_right(starts, end) - 1]  # the last word start at or before `end`
+            end = cut if cut > start else end
+        out.append(text[spans[start][0] : spans[end - 1][1]])
+        if end >= len(spans):
+            return out
+        nxt = max(end - overlap, start + 1)
+        word = starts[bisect.bisect_right(starts, nxt) - 1]
+        start = word if word > start else nxt
 
 
 def _tail(text: str, tokenizer: Tokenizer, tokens: int) -> str:

@@ -86,7 +86,8 @@ class EmbeddingModel:
 
     @staticmethod
     def dimensions_of(model: Any) -> int:
-        return int(model.get_sentence_embedding_dimension())
+        dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(dimension())
 
     @property
     def dimensions(self) -> int:
