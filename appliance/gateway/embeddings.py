@@ -19,7 +19,7 @@ MAX_INPUTS = 2048
 
 class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str | int | list[int]]  # strings, or token arrays: checked in `_texts`
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     user: str | None = None
@@ -65,14 +65,18 @@ class EmbeddingsEndpoint:
         return {"object": "list", "data": data, "model": request.model,
                 "usage": {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens}}
 
-    async def _texts(self, value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+    async def _texts(self, value: str | list[str | int | list[int]]) -> list[str]:
         if isinstance(value, str):
             return [value]
-        if not value:
-            return []
         if all(isinstance(v, str) for v in value):
             return [str(v) for v in value]
-        arrays: list[list[int]] = [value] if all(isinstance(v, int) for v in value) else value  # type: ignore[assignment,list-item]
+        if all(isinstance(v, int) for v in value):
+            arrays: list[list[int]] = [[int(v) for v in value]]  # type: ignore[arg-type]
+        elif all(isinstance(v, list) for v in value):
+            arrays = [list(v) for v in value]  # type: ignore[arg-type]
+        else:
+            raise InvalidRequest("'input' must be a string, a list of strings, a token array or a list of token "
+                                 "arrays", param="input", code="invalid_value")
         tokenizer = await self.embeddings.run(lambda: self.embeddings.model.model.tokenizer)
         vocab = tokenizer.vocab_size
         for i, ids in enumerate(arrays):

@@ -11,6 +11,7 @@ from litestar.response import Stream
 
 from appliance.auth.guards import permission
 from appliance.cache.keys import directive_of
+from appliance.gateway.embeddings import EmbeddingsEndpoint
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode_request
 from appliance.gateway.service import Completed, CompletionService
 from appliance.registry.service import ModelRegistry
@@ -47,6 +48,11 @@ class OpenAIController(Controller):
     async def chat_completions(self, request: Request[Any, Any, State], completions: NamedDependency[CompletionService]
                                ) -> Response[bytes] | Stream:
         return await _complete(request, completions, ChatCompletionRequest)
+
+    @post("/embeddings", summary="Create embeddings", status_code=200, opt=permission("embeddings:use"))
+    async def create_embeddings(self, request: Request[Any, Any, State],
+                                embeddings: NamedDependency[EmbeddingsEndpoint]) -> dict[str, Any]:
+        return await embeddings.create(await request.body(), request.user)
 
     @post("/completions", summary="Create a text completion", status_code=200, opt=permission("chat:use"))
     async def completions(self, request: Request[Any, Any, State], completions: NamedDependency[CompletionService]

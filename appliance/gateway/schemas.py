@@ -14,6 +14,7 @@ TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
+KeepAlive = Annotated[str, msgspec.Meta(pattern=r"^-?([0-9.]+(ns|us|µs|ms|s|m|h)?)+$", max_length=32)]
 
 
 class StreamOptions(msgspec.Struct, frozen=True):
@@ -55,10 +56,21 @@ class SamplingFields(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
     min_p: TopP | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=2)] | None = None
+    # Ollama's: how long the model stays loaded after this request (seconds or "5m"; 0 = unload, -1 = for ever)
+    keep_alive: KeepAlive | float | None = None
+
+
+class RagRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The `rag` extension of a chat request: answer from these collections (appliance.rag.chat)."""
+
+    collections: Annotated[list[str], msgspec.Meta(min_length=1, max_length=16)]
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
+    mode: Literal["hybrid", "vector", "keyword"] = "hybrid"
 
 
 class ChatCompletionRequest(SamplingFields, frozen=True, omit_defaults=True, kw_only=True):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    rag: RagRequest | None = None
     max_completion_tokens: PositiveInt | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -73,6 +85,14 @@ _PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 
 def decode_request(body: bytes, kind: type[R]) -> R:
+    return _check_semantics(decode_json(body, kind))
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def decode_json(body: bytes, kind: type[S]) -> S:
+    """`body` as `kind`, or a 400 naming the bad parameter."""
     if not body.strip():
         raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_body")
     try:
@@ -86,7 +106,10 @@ def decode_request(body: bytes, kind: type[R]) -> R:
                              code="invalid_value") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    return _check_semantics(request)
+    return request
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # the last two: grammar-constrained by the engine
 
 
 def _check_semantics(request: R) -> R:
@@ -102,9 +125,9 @@ def _check_semantics(request: R) -> R:
         if request.tools:
             raise InvalidRequest("tool calling is not supported by this server yet; remove 'tools'",
                                  param="tools", code="unsupported_parameter")
-        if request.response_format and request.response_format.get("type") not in (None, "text"):
-            raise InvalidRequest("only response_format type 'text' is supported yet", param="response_format",
-                                 code="unsupported_value")
+        if request.response_format and request.response_format.get("type") not in (None, *RESPONSE_FORMATS):
+            raise InvalidRequest("response_format type must be one of " + ", ".join(RESPONSE_FORMATS),
+                                 param="response_format", code="unsupported_value")
         for i, message in enumerate(request.messages):
             if isinstance(message.content, list) and any(isinstance(p, ImagePart) for p in message.content):
                 raise InvalidRequest("this model does not accept images", param=f"messages[{i}].content",
@@ -115,6 +138,7 @@ def _check_semantics(request: R) -> R:
 def upstream_body(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
     """The body sent to a worker: plain text content, usage always requested when streaming."""
     body: dict[str, Any] = msgspec.to_builtins(request)
+    body.pop("rag", None)  # the gateway's own extension, answered before the worker
     if isinstance(request, ChatCompletionRequest):
         body["messages"] = [
             {**msgspec.to_builtins(m), "content": _text_of(m.content)} for m in request.messages

@@ -45,6 +45,16 @@ class Metrics:
         self.cache_entries = Gauge("appliance_cache_entries", "Entries in the response cache.", ["cache"], registry=r)
         self.cache_hit_seconds = Histogram("appliance_cache_hit_seconds", "Time to find a cached answer.", ["cache"],
                                            buckets=CACHE_HIT_BUCKETS, registry=r)
+        self.embedding_cache = Counter("appliance_embedding_cache_lookups", "Embedding cache lookups by result.",
+                                       ["result"], registry=r)
+        self.embedding_cache_hit_ratio = Gauge("appliance_embedding_cache_hit_ratio",
+                                               "Share of embedding lookups served from the cache since start.",
+                                               registry=r)
+        self.embedded_texts = Counter("appliance_embedded_texts", "Texts embedded by the model (cache misses).",
+                                      registry=r)
+        self.rag_query_seconds = Histogram("appliance_rag_query_seconds", "Retrieval time of a RAG query, by mode.",
+                                           ["mode"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rag_chunks = Counter("appliance_rag_chunks_ingested", "Chunks added to RAG collections.", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,49 @@
+"""Loaded by the server under test (PYTHONPATH) and its workers, never by the product.
+
+APPLIANCE_TEST_NET_LOG=FILE: any attempt to reach beyond loopback is written to FILE and fails as an unreachable
+network would (a Python audit hook on socket.connect and getaddrinfo).
+APPLIANCE_TEST_RAG_CRASH_DOC=ID and APPLIANCE_TEST_RAG_CRASH_AT=STEP: the process kills itself (SIGKILL) at that
+step of ingesting that document (appliance.rag.index.RagIndex.put_document's crash hook)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+LOCAL = {None, "", "localhost", "127.0.0.1", "::1", b"localhost", b"127.0.0.1"}
+
+if log_path := os.environ.get("APPLIANCE_TEST_NET_LOG"):
+
+    def _refuse(what: str) -> None:
+        with open(log_path, "a") as log:
+            log.write(f"{os.getpid()} {' '.join(sys.argv[:3])}: {what}\n")
+        raise OSError(101, "Network is unreachable (test)")
+
+    def _hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "socket.connect":
+            address = args[1]
+            if isinstance(address, tuple) and address[0] not in LOCAL:
+                _refuse(f"connect {address!r}")
+        elif event == "socket.getaddrinfo" and args[0] not in LOCAL:
+            _refuse(f"getaddrinfo {args[0]!r}")
+
+    sys.addaudithook(_hook)
+
+if (crash_doc := os.environ.get("APPLIANCE_TEST_RAG_CRASH_DOC")) and "serve" in sys.argv:
+    crash_at = os.environ.get("APPLIANCE_TEST_RAG_CRASH_AT", "vectors")
+    from appliance.rag import index as _index
+
+    _put = _index.RagIndex.put_document
+
+    def _put_and_crash(self: Any, collection_id: str, document_id: str, *args: Any, **kwargs: Any) -> None:
+        def hook(step: str) -> None:
+            if document_id == crash_doc and step == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        args = args[:5]  # chunks, vectors, metadata, added_by, size; the product's own hook is replaced
+        kwargs.pop("crash_hook", None)
+        _put(self, collection_id, document_id, *args, crash_hook=hook, **kwargs)
+
+    _index.RagIndex.put_document = _put_and_crash  # type: ignore[method-assign]
