@@ -30,6 +30,7 @@ from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
 from appliance.admin.auth_routes import cookie_name
 from appliance.admin.cache_routes import ROUTES as CACHE_ROUTES
 from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
+from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
 from appliance.admin.users_routes import ROUTES as USERS_ROUTES
 from appliance.audit import AuditLog
 from appliance.auth.guards import PUBLIC, permission, permission_guard
@@ -54,8 +55,9 @@ from appliance.engines.vllm import VllmEngine
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
-from appliance.logs import get_logger
+from appliance.logs import get_logger, install_scrubber
 from appliance.observability.metrics import Metrics
+from appliance.privacy.controls import PrivacyControls
 from appliance.registry.catalog import load_catalog
 from appliance.registry.service import ModelRegistry
 from appliance.registry.store import LoadableWeights, open_model_store
@@ -79,6 +81,8 @@ class Services:
         self.rbac = Rbac.load(settings.auth.rbac_file)
         self.rbac.record_if_changed(self.audit)  # an edited roles file is a policy change: audit it
         master_key = self.data.read_master_key()
+        self.privacy = PrivacyControls.build(self.conn, self.audit, master_key, settings.privacy.policy_file)
+        install_scrubber(lambda text: self.privacy.privacy.apply("logs", text).text)  # no PII in the logs
         self.keys = ApiKeyService(self.conn, derive_pepper(master_key), audit=self.audit, roles=self.rbac.roles)
         self.users = UserService(self.conn, derive_password_pepper(master_key), audit=self.audit,
                                  roles=self.rbac.roles)
@@ -96,6 +100,7 @@ class Services:
                                                   self.metrics)
         self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas, self.audit,
                                              cache=self.response_cache if settings.cache.enabled else None)
+        self.completions.privacy = self.privacy.gateway
 
     def audit_model_event(self, action: str, model: str, outcome: str, details: dict[str, object]) -> None:
         self.audit.record("supervisor", action, model, outcome, **details)  # type: ignore[arg-type]
@@ -257,13 +262,15 @@ def create_app(settings: Settings) -> Litestar:
                           hint=f"run `appliance models pull {default}`; /readyz stays 503 until then")
             else:
                 services.pool.start_loading(default)
+            purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
             yield
+            purging.cancel()
         services.response_cache.close()
         services.conn.close()
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
-                        *AUDIT_ROUTES, *CACHE_ROUTES],
+                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),

@@ -204,6 +204,13 @@ class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 10000
 
 
+class PrivacySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    policy_file: Annotated[
+        str, _doc("Path of the privacy policy (privacy.toml: PII actions per surface, retention); empty = "
+                  "policies/privacy.toml shipped with the appliance. A version saved through the API wins.")
+    ] = ""
+
+
 class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     level: Annotated[
         Literal["debug", "info", "warning", "error"], _doc("Lowest level of log records written.")
@@ -235,6 +242,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         default_factory=SupervisorSettings
     )
     logging: Annotated[LoggingSettings, _doc("Logs.")] = msgspec.field(default_factory=LoggingSettings)
+    privacy: Annotated[PrivacySettings, _doc("PII detection and actions, retention and erasure.")] = msgspec.field(
+        default_factory=PrivacySettings
+    )
     cache: Annotated[CacheSettings, _doc("The response cache (exact and semantic).")] = msgspec.field(
         default_factory=CacheSettings
     )

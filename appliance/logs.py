@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -43,6 +43,28 @@ def configure(settings: LoggingSettings) -> None:
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _PiiScrubber:
+    """A processor applying the privacy policy's `logs` surface to every string value of a record."""
+
+    def __init__(self, scrub: Callable[[str], str]) -> None:
+        self.scrub = scrub
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for name, value in event.items():
+            if isinstance(value, str) and len(value) >= 6 and name not in ("timestamp", "level"):
+                event[name] = self.scrub(value)
+        return event
+
+
+def install_scrubber(scrub: Callable[[str], str] | None) -> None:
+    """From now on pass every record's strings (exceptions included) through `scrub` before rendering; None
+    removes it. The app installs the privacy policy's `logs` surface here (appliance/privacy/)."""
+    processors = [p for p in structlog.get_config()["processors"] if not isinstance(p, _PiiScrubber)]
+    if scrub is not None:
+        processors.insert(max(len(processors) - 1, 0), _PiiScrubber(scrub))  # just before the renderer
+    structlog.configure(processors=processors)
 
 
 def get_logger(name: str) -> Any:

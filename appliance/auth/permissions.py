@@ -17,6 +17,10 @@ PERMISSIONS: dict[str, str] = {
     "keys:own": "Create, list and revoke one's own API keys.",
     "policies:manage": "Change privacy, retention and quota policies.",
     "audit:read": "Read and export the audit log.",
+    "privacy:read": "Read the privacy report (what data is held, counts, oldest item, next purge) and the privacy "
+                    "policy in force (/api/privacy/report, GET /api/privacy/policy).",
+    "privacy:admin": "Change the privacy policy (PUT /api/privacy/policy), run a purge and erase a subject's data "
+                     "(/api/privacy/purge, /api/privacy/erasures).",
     "metrics:read": "Read Prometheus metrics (/metrics) and the API schema.",
     "cache:admin": "See the response cache's size and partitions and clear it (/api/cache).",
     "self:read": "Read one's own identity (/api/me) and end one's own session (/api/auth/logout).",

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from appliance.cli import audit, cache, crypto, keys, models, server, users
+from appliance.cli import privacy as privacy_cli
 from appliance.cli.common import KEEP, Handler
 from appliance.config import ConfigError, LoadedSettings, load_settings
 from appliance.errors import ApplianceError
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for domain in (server, models, keys, users, audit, cache, crypto):
         domain.register(sub, add)
+    privacy_cli.register(sub, add)  # privacy purge|erase|report, policies check
     return parser
 
 

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from appliance.crypto.files import atomic_write, crash_point, remove_stale_temps
+from appliance.errors import ModelUnavailable
 
 KEY_LEN = 32
 PASSPHRASE_ENV = "APPLIANCE_MASTER_PASSPHRASE"  # noqa: S105 (the name of a variable, not a secret)
@@ -33,8 +34,10 @@ ARGON2_ITERATIONS = 3
 ARGON2_LANES = 4
 
 
-class KeyRingError(Exception):
+class KeyRingError(ModelUnavailable):
     """A key version is missing or cannot be opened; the message says what to do."""
+
+    code = "key_unavailable"
 
 
 def passphrase_from_env_or_prompt() -> str:

@@ -104,16 +104,21 @@ class StreamEncryptor:
     def update(self, chunk: bytes) -> Iterator[bytes]:
         """Seal every full segment that is certainly not the last (one more byte must follow it)."""
         self._buffer += chunk
-        size = self.header.segment_size
-        while len(self._buffer) > size:
-            yield self._seal(bytes(self._buffer[:size]), last=False)
-            del self._buffer[:size]
+        size, start = self.header.segment_size, 0
+        view = memoryview(self._buffer)
+        try:
+            while len(self._buffer) - start > size:
+                yield self._seal(view[start : start + size], last=False)
+                start += size
+        finally:
+            view.release()
+        del self._buffer[:start]
 
     def finish(self) -> bytes:
         """The last segment (0..S plaintext bytes, flagged last)."""
         return self._seal(bytes(self._buffer), last=True)
 
-    def _seal(self, plain: bytes, *, last: bool) -> bytes:
+    def _seal(self, plain: bytes | memoryview, *, last: bool) -> bytes:
         sealed = self._seg.aead.encrypt(self._seg.nonce(self._counter, last), plain, self._seg.aad)
         self._counter += 1
         return sealed

@@ -41,6 +41,7 @@ from appliance.errors import ApplianceError, WorkerFailed
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, upstream_body
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
+from appliance.privacy.gateway import GatewayPrivacy
 from appliance.registry.service import ModelRegistry, model_not_found
 from appliance.supervisor.pool import WorkerPool
 
@@ -114,6 +115,7 @@ class CompletionService:
         self.metrics = metrics
         self.quotas = quotas
         self.audit = audit
+        self.privacy: GatewayPrivacy | None = None  # the prompt and output surfaces, set by the app
         self.cache = cache
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
@@ -126,6 +128,8 @@ class CompletionService:
         chat = isinstance(request, ChatCompletionRequest)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         body = upstream_body(request)
+        if self.privacy is not None:  # step 4: PII in the prompt is blocked (422) or rewritten
+            self.privacy.screen_request(body)
         metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         lookup = NO_CACHE if self.cache is None else await self.cache.lookup(
@@ -211,7 +215,8 @@ class CompletionService:
         usage = _decoder.decode(response.content).get("usage")
         self._count_tokens(model, usage or {})
         self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
-        return Completed(response.content), _total(usage) if usage else None
+        content = response.content if self.privacy is None else self.privacy.screen_response(response.content)
+        return Completed(content), _total(usage) if usage else None
 
     async def _stream(self, model: str, path: str, body: dict[str, Any], include_usage: bool, metered: Metered
                       ) -> AsyncIterator[bytes]:
@@ -224,7 +229,10 @@ class CompletionService:
                         if response.status_code != 200:
                             raise UpstreamError(response.status_code, await response.aread())
                         yield READY
-                        async for event in self._relay(model, response, include_usage, started, metered):
+                        relayed = self._relay(model, response, include_usage, started, metered)
+                        if self.privacy is not None:  # the output surface, entities split across chunks included
+                            relayed = self.privacy.screen_stream(relayed, sse_error)
+                        async for event in relayed:
                             yield event
                 except httpx.TransportError as exc:
                     error = WorkerFailed(_worker_failure(model, exc))

@@ -96,6 +96,7 @@ class ModelStore:
         """Encrypt a stream into a staging file, verify its digest, then move blob and wrapped key into place.
 
         Only ciphertext touches the disk. On any failure nothing is left behind and an existing blob is untouched."""
+        self.ring.active()  # no key (e.g. no passphrase): fail before fetching anything
         digest = hashlib.sha256()
         size = 0
         data_key = new_data_key()
@@ -152,11 +153,7 @@ class ModelStore:
         env_path = self._envelope_path(sha256)
         if not env_path.is_file():
             raise IntegrityError(f"its wrapped data key {env_path} is missing")
-        try:
-            data_key = unwrap(self.ring, Envelope.decode(env_path.read_bytes()), raw, sha256)
-        except KeyRingError as exc:
-            raise IntegrityError(str(exc)) from None
-        return header, data_key
+        return header, unwrap(self.ring, Envelope.decode(env_path.read_bytes()), raw, sha256)
 
     def _plaintext(self, sha256: str) -> Iterator[bytes]:
         path = self._path(sha256)
@@ -238,6 +235,8 @@ class ModelStore:
                 digest.update(plain)
         except IntegrityError as exc:
             return str(exc)
+        except KeyRingError as exc:
+            return exc.message
         if digest.hexdigest() != sha256:
             return "the decrypted weights do not match their digest"
         return None
