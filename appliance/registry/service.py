@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
 import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
-from appliance.audit import AuditLog, audited
+from appliance.audit import AuditEvent, AuditLog, audited
 from appliance.errors import ModelNotFound, RegistryError
 from appliance.registry import gguf_check
 from appliance.registry.catalog import Catalog
+from appliance.registry.folder import check_folder, pack_folder
 from appliance.registry.sources import ImportPolicy, SourceSpec, open_source, parse_source
 from appliance.registry.store import ModelStore
+
+_UPSERT = ("INSERT INTO models(name, source, format, sha256, size_bytes, licence, created_at) VALUES (?,?,?,?,?,?,?) "
+           "ON CONFLICT(name) DO UPDATE SET source=excluded.source, format=excluded.format, sha256=excluded.sha256, "
+           "size_bytes=excluded.size_bytes, licence=excluded.licence, created_at=excluded.created_at")
 
 
 class ModelRecord(msgspec.Struct, frozen=True):
@@ -76,13 +84,7 @@ class ModelRegistry:
                                  datetime.now(UTC).isoformat(timespec="seconds"))
             event.details.update(sha256=record.sha256, size_bytes=record.size_bytes, format=record.format)
             with event.commit():
-                self.conn.execute(
-                    "INSERT INTO models(name, source, format, sha256, size_bytes, licence, created_at) "
-                    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET source=excluded.source, "
-                    "format=excluded.format, sha256=excluded.sha256, size_bytes=excluded.size_bytes, "
-                    "licence=excluded.licence, created_at=excluded.created_at",
-                    msgspec.structs.astuple(record),
-                )
+                self.conn.execute(_UPSERT, msgspec.structs.astuple(record))
         if existing is not None and existing.sha256 != record.sha256:
             self._drop_blob_if_unused(existing.sha256)
         return record
@@ -94,6 +96,35 @@ class ModelRegistry:
             # validated on the way in: a bad header or an out-of-file tensor fails the put, so nothing is stored
             chunks = gguf_check.validated(download, download.total)
             return self.store.put(chunks, expected_sha256=expected or download.sha256)
+
+    def add_folder(self, name: str, folder: Path, *, source: str, licence: str = "",
+                   actor: str = "system") -> ModelRecord:
+        """Store a Hugging Face model folder (packed into one blob) under `name`, format "hf" (served by vLLM)."""
+        with audited(self.audit, actor, "model.add", name, source=source, format="hf") as event:
+            files = check_folder(folder)
+            blob = self.store.put(pack_folder(folder, files))
+            record = self._record(valid_model_name(name), source, "hf", blob.sha256, blob.size_bytes, licence, event)
+        return record
+
+    def add_remote(self, name: str, url: str, upstream_model: str, *, actor: str = "system") -> ModelRecord:
+        """Record `name` as served by an OpenAI-compatible upstream at `url` (its key is kept by the remote engine,
+        never here). Nothing is stored; the digest is that of the source, so the record stays unique."""
+        source = remote_source(url, upstream_model)
+        with audited(self.audit, actor, "model.add", name, source=source, format="remote") as event:
+            digest = hashlib.sha256(source.encode()).hexdigest()
+            record = self._record(valid_model_name(name), source, "remote", digest, 0, "", event)
+        return record
+
+    def _record(self, name: str, source: str, fmt: str, sha256: str, size: int, licence: str,
+                event: AuditEvent) -> ModelRecord:
+        existing = self.find(name)
+        record = ModelRecord(name, source, fmt, sha256, size, licence, datetime.now(UTC).isoformat(timespec="seconds"))
+        event.details.update(sha256=sha256, size_bytes=size)
+        with event.commit():
+            self.conn.execute(_UPSERT, msgspec.structs.astuple(record))
+        if existing is not None and existing.sha256 != sha256:
+            self._drop_blob_if_unused(existing.sha256)
+        return record
 
     def find(self, name: str) -> ModelRecord | None:
         row = self.conn.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
@@ -124,7 +155,23 @@ class ModelRegistry:
 
     def verify(self) -> builtins.list[ModelRecord]:
         """The models whose stored file is missing or does not match its digest."""
-        return [r for r in self.list() if not self.store.verify(r.sha256)]
+        return [r for r in self.list() if r.format != "remote" and not self.store.verify(r.sha256)]
+
+
+def remote_source(url: str, upstream_model: str) -> str:
+    """`remote:<base url>#<upstream model>`, the source of a model served by an OpenAI-compatible upstream."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise RegistryError(f"{url!r} is not an upstream base URL; give one like https://host:8000/v1", param="url")
+    if not upstream_model or "#" in upstream_model:
+        raise RegistryError("name the upstream's model (--upstream-model)", param="upstream_model")
+    return f"remote:{url.rstrip('/')}#{upstream_model}"
+
+
+def parse_remote_source(source: str) -> tuple[str, str]:
+    """(base URL, upstream model) of a `remote:` source."""
+    url, _, model = source.removeprefix("remote:").rpartition("#")
+    return url, model
 
 
 def model_not_found(name: str) -> ModelNotFound:

@@ -16,42 +16,60 @@ H100 = Gpu("NVIDIA H100 80GB HBM3", 81559)
 
 
 def test_gguf_on_cpu() -> None:
-    choice = choose_engine("gguf", [], vllm_available=True, llamacpp_gpu=True)
+    choice = choose_engine("gguf", [], vllm="cpu", llamacpp_gpu=True)
     assert (choice.engine, choice.device) == ("llamacpp", "CPU")
     assert "no GPU" in choice.reason
 
 
 def test_gguf_with_gpu_and_gpu_build() -> None:
-    choice = choose_engine("gguf", [H100], vllm_available=False, llamacpp_gpu=True)
+    choice = choose_engine("gguf", [H100], vllm=None, llamacpp_gpu=True)
     assert choice.engine == "llamacpp"
     assert choice.device == f"GPU ({H100.name})"
 
 
 def test_gguf_with_gpu_but_cpu_only_build() -> None:
-    choice = choose_engine("gguf", [H100], vllm_available=True, llamacpp_gpu=False)
+    choice = choose_engine("gguf", [H100], vllm="cuda", llamacpp_gpu=False)
     assert (choice.engine, choice.device) == ("llamacpp", "CPU")
     assert "without GPU support" in choice.reason
 
 
-def test_hf_without_gpu_cannot_run() -> None:
-    choice = choose_engine("hf", [], vllm_available=True, llamacpp_gpu=False)
-    assert choice.engine == "none"
-    assert "no NVIDIA GPU" in choice.reason and "GGUF" in choice.reason
+def test_hf_on_cpu_with_vllm_cpu() -> None:
+    choice = choose_engine("hf", [], vllm="cpu", llamacpp_gpu=False)
+    assert (choice.engine, choice.device) == ("vllm", "CPU")
+    assert "no NVIDIA GPU" in choice.reason
 
 
-def test_hf_with_gpu_but_no_vllm_cannot_run() -> None:
-    choice = choose_engine("hf", [H100], vllm_available=False, llamacpp_gpu=True)
+def test_hf_without_gpu_and_a_cuda_vllm_cannot_run() -> None:
+    choice = choose_engine("hf", [], vllm="cuda", llamacpp_gpu=False)
     assert choice.engine == "none"
-    assert "vLLM is not installed" in choice.reason
+    assert "NVIDIA GPU" in choice.reason and "vllm-cpu" in choice.reason and "GGUF" in choice.reason
+
+
+def test_hf_without_vllm_cannot_run() -> None:
+    for gpus in ([], [H100]):
+        choice = choose_engine("hf", gpus, vllm=None, llamacpp_gpu=True)
+        assert choice.engine == "none"
+        assert "not installed" in choice.reason and "install.sh" in choice.reason
 
 
 def test_hf_with_gpu_and_vllm() -> None:
-    choice = choose_engine("hf", [H100, Gpu("second", 1024)], vllm_available=True, llamacpp_gpu=False)
+    choice = choose_engine("hf", [H100, Gpu("second", 1024)], vllm="cuda", llamacpp_gpu=False)
     assert (choice.engine, choice.device) == ("vllm", f"GPU ({H100.name})")
 
 
+def test_hf_with_gpu_but_the_cpu_build_runs_on_cpu_and_says_why() -> None:
+    choice = choose_engine("hf", [H100], vllm="cpu", llamacpp_gpu=False)
+    assert (choice.engine, choice.device) == ("vllm", "CPU")
+    assert "rerun install.sh" in choice.reason
+
+
+def test_remote_goes_upstream_whatever_the_box() -> None:
+    for gpus in ([], [H100]):
+        assert choose_engine("remote", gpus, vllm=None, llamacpp_gpu=False).engine == "remote"
+
+
 def test_unknown_format() -> None:
-    assert choose_engine("onnx", [H100], vllm_available=True, llamacpp_gpu=True).engine == "none"
+    assert choose_engine("onnx", [H100], vllm="cuda", llamacpp_gpu=True).engine == "none"
 
 
 def option(argv: list[str], flag: str) -> str:
@@ -88,14 +106,36 @@ def test_cpu_build_never_asks_for_gpu_layers() -> None:
     assert option(argv, "--n-gpu-layers") == "0"
 
 
-def test_vllm_launch_binds_its_own_socket_offline() -> None:
-    settings = VllmSettings(python="/opt/vllm/bin/python", gpu_memory_utilization=0.5, extra_args=["--x", "1"])
-    spec = VllmEngine(settings).launch(Path("/models/qwen"), "qwen", Path("/run/w.sock"))
+def test_vllm_launch_on_a_gpu_binds_its_own_socket_offline() -> None:
+    settings = VllmSettings(python="/opt/vllm/bin/python", gpu_memory_utilization=0.5, tensor_parallel_size=2,
+                            max_model_len=4096, extra_args=["--x", "1"])
+    engine = VllmEngine(settings)
+    engine.build = "cuda"  # what the probe of a GPU box's engine environment finds
+    spec = engine.launch(Path("/models/qwen"), "qwen", Path("/run/w.sock"))
     argv = list(spec.argv)
-    assert argv[0] == "/opt/vllm/bin/python"
+    assert argv[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     assert option(argv, "--uds") == "/run/w.sock"
+    assert option(argv, "--model") == "/models/qwen"
     assert option(argv, "--served-model-name") == "qwen"
     assert option(argv, "--gpu-memory-utilization") == "0.5"
+    assert option(argv, "--tensor-parallel-size") == "2"
+    assert option(argv, "--max-model-len") == "4096"
+    assert "--enforce-eager" not in argv
     assert argv[-2:] == ["--x", "1"]
     assert not spec.inherit_socket
-    assert spec.env["HF_HUB_OFFLINE"] == "1"
+    assert spec.env["HF_HUB_OFFLINE"] == "1" and spec.env["VLLM_NO_USAGE_STATS"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in spec.env
+
+
+def test_vllm_launch_on_cpu_runs_eagerly_with_a_bounded_kv_cache() -> None:
+    engine = VllmEngine(VllmSettings(python="/e/bin/python", cpu_kvcache_space_gib=2))
+    engine.build = "cpu"
+    spec = engine.launch(Path("/m"), "m", Path("/run/w.sock"))
+    argv = list(spec.argv)
+    assert "--enforce-eager" in argv and "--gpu-memory-utilization" not in argv and "--max-model-len" not in argv
+    assert spec.env["VLLM_CPU_KVCACHE_SPACE"] == "2" and spec.env["VLLM_HOST_IP"] == "127.0.0.1"
+
+
+def test_vllm_probe_reads_the_engine_environment(tmp_path: Path) -> None:
+    assert VllmEngine(VllmSettings(python=sys.executable)).build is None  # the appliance's own venv has no vLLM
+    assert VllmEngine(VllmSettings(python=str(tmp_path / "missing" / "python"))).build is None
