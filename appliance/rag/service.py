@@ -94,9 +94,10 @@ class Result:
 
 class RagService:
     def __init__(self, settings: RagSettings, root: Path, embeddings: EmbeddingService, rbac: Rbac,
-                 metrics: Metrics, audit: AuditLog | None = None) -> None:
+                 metrics: Metrics, audit: AuditLog | None = None, repair_on_open: bool = True) -> None:
         self.settings = settings
         self.root = root
+        self.repair_on_open = repair_on_open
         self._index: RagIndex | None = None
         self._opening = threading.Lock()
         self.embeddings = embeddings
@@ -113,7 +114,7 @@ class RagService:
         with self._opening:
             if self._index is None:
                 index = RagIndex(self.root)
-                removed = index.repair_unfinished()
+                removed = index.repair_unfinished() if self.repair_on_open else []
                 if removed:
                     log.warning("rag.repaired", removed=removed, why="the server stopped during ingestion")
                 self._index = index

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import Running
-from tests.server import ServerProcess
+from tests.server import ServerProcess, appliance
 
 pytestmark = pytest.mark.slow
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -85,8 +85,6 @@ def corpus(api: httpx.Client) -> str:
 
 def key_for(rag: Running, role: str, *extra: str) -> str:
     assert rag.process is not None
-    from tests.server import appliance
-
     args = ["keys", "create", "--name", f"k-{role}", "--role", role, *extra]
     return appliance(*args, data_dir=rag.process.data_dir).stdout.strip().splitlines()[-1]
 
@@ -329,7 +327,12 @@ def test_kill_during_ingestion_leaves_documents_whole_or_absent(start_server: Ca
     api.close()
     assert server.process.proc is not None and server.process.proc.wait(30) == -9
 
-    again = ServerProcess(server.process.data_dir).start()
+    data_dir = server.process.data_dir
+    found = appliance("rag", "check", data_dir=data_dir, check=False)
+    assert found.returncode == 1 and '"doomed"' in found.stdout, found.stdout + found.stderr
+    again = ServerProcess(data_dir).start()  # the start repairs (the CLI's --repair would too)
+    while_running = appliance("rag", "check", data_dir=data_dir, check=False)
+    assert while_running.returncode == 1 and "in use by another process" in while_running.stderr
     try:
         with httpx.Client(base_url=again.url, headers=headers, timeout=120) as api:
             docs = api.get("/api/collections/durable/documents").json()["data"]

@@ -1,0 +1,47 @@
+"""`appliance rag check [--repair]`: compare Chroma and the keyword index (the server must be stopped: both are
+owned by one process; while it runs, use `POST /api/rag/check?repair=true`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from appliance.auth.rbac import Rbac
+from appliance.cli.common import Add
+from appliance.config import LoadedSettings
+from appliance.datadir import DataDir
+from appliance.observability.metrics import Metrics
+from appliance.rag.embeddings import EmbeddingService
+from appliance.rag.service import RagService
+
+
+def cmd_rag_check(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    settings = loaded.settings
+    data = DataDir(settings.data_path)
+    data.require_initialised()
+    metrics = Metrics()
+    embeddings = EmbeddingService(settings.rag, data.cache / "embeddings", metrics)
+    rag = RagService(settings.rag, data.rag, embeddings, Rbac.load(settings.auth.rbac_file), metrics,
+                     repair_on_open=False)
+    try:
+        report = asyncio.run(rag.check(repair=args.repair))
+    finally:
+        rag.close()
+        embeddings.close()
+    print(json.dumps({"consistent": report.consistent, **report.__dict__}, indent=2))
+    if report.consistent or args.repair:
+        print(f"{report.collections} collections, {report.documents} documents, {report.chunks} chunks: "
+              + ("consistent" if report.consistent else "repaired; run the check again to confirm"))
+        return 0
+    print("the indexes differ (see above); run `appliance rag check --repair` to fix them")
+    return 1
+
+
+def register(sub: Any, add: Add) -> None:
+    rag = sub.add_parser("rag", help="the RAG indexes").add_subparsers(dest="sub", required=True)
+    check = add("check", cmd_rag_check, "compare Chroma and the keyword index; --repair fixes what differs (the "
+                "server must be stopped)", rag)
+    check.add_argument("--repair", action="store_true", help="finish interrupted ingestion, drop orphan vectors, "
+                       "re-embed missing ones")
