@@ -63,6 +63,7 @@ from appliance.registry.catalog import load_catalog
 from appliance.registry.folder import unpacked_from_store
 from appliance.registry.service import ModelRegistry, parse_remote_source
 from appliance.registry.store import LoadableWeights, open_model_store
+from appliance.supervisor.placement import GgufMemoryEstimator, Placement
 from appliance.supervisor.pool import WorkerPool
 from appliance.supervisor.process import Worker, WorkerProcess
 
@@ -98,6 +99,9 @@ class Services:
         self.remote_keys = RemoteCredentials(self.data.keys / "remote")
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics,
                                on_event=self.audit_model_event)
+        # memory fit: estimated from the GGUF header, read through the store (only its first segments decrypted)
+        self.pool.placement = Placement(settings.models, GgufMemoryEstimator(self.registry.get, self.store._plaintext,
+                                                                             settings.llamacpp))
         self.quotas = QuotaService(self.conn)
         self.response_cache = build_cache_service(settings.cache, open_cache(settings.cache, self.data.cache),
                                                   self.metrics)

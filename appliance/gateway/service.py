@@ -204,7 +204,7 @@ class CompletionService:
 
     async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any]) -> tuple[Completed, int | None]:
         started = time.perf_counter()
-        async with self.pool.acquire(model) as worker:
+        async with self.pool.acquire(model, keep_alive=body.pop("keep_alive", None)) as worker:
             try:
                 response = await worker.client.post(path, content=_encoder.encode(body),
                                                     headers={"content-type": "application/json"})
@@ -222,7 +222,7 @@ class CompletionService:
                       ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         try:
-            async with self.pool.acquire(model) as worker:
+            async with self.pool.acquire(model, keep_alive=body.pop("keep_alive", None)) as worker:
                 try:
                     async with worker.client.stream("POST", path, content=_encoder.encode(body),
                                                     headers={"content-type": "application/json"}) as response:

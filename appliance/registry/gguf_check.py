@@ -256,6 +256,17 @@ def read_gguf(path: Path) -> GgufInfo:
         return _parse_growing(iter(lambda: fh.read(1 << 20), b""), size, bytearray())
 
 
+def read_gguf_stream(chunks: Iterable[bytes], size: int) -> GgufInfo:
+    """Validate and return the header of a GGUF given as a byte stream of `size` bytes; reads only the header."""
+    source = iter(chunks)
+    try:
+        return _parse_growing(source, size, bytearray())
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()  # e.g. stop decrypting the rest of the file
+
+
 def validated(chunks: Iterable[bytes], expected_size: int | None = None) -> Iterator[bytes]:
     """Pass a GGUF byte stream through, validating it on the way; raises (before the last chunk is handed on)
     when the header is bad or the tensors lie beyond the end of the stream, so a store refuses the file."""

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from appliance.config import GatewaySettings, ModelSettings, SupervisorSettings
-from appliance.errors import ApplianceError, ModelUnavailable, QueueFull
+from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable, QueueFull
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
+from appliance.supervisor.placement import MemoryNeed, Placement, gib
 from appliance.supervisor.process import Worker
 
 log = get_logger(__name__)
@@ -25,6 +27,25 @@ OnEvent = Callable[[str, str, str, dict[str, object]], None]
 """Told of lifecycle events: (action, model, outcome, details), e.g. ("model.load", "m", "ok", {...})."""
 
 STABLE_AFTER_S = 60.0
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: str | float | None) -> float | None:
+    """Ollama's `keep_alive`: seconds as a number, or a duration like "5m", "1h30m", "-1"; negative = forever,
+    0 = unload right after the request. None = the configured default."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else float(value)
+    text = value.strip()
+    with contextlib.suppress(ValueError):
+        return float(text)
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text)
+    parts = _DURATION.findall(body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        raise InvalidRequest(f"keep_alive {value!r} is not a duration; use seconds or e.g. \"5m\", \"1h\", 0 to "
+                             "unload after the request, -1 to keep the model loaded", param="keep_alive",
+                             code="invalid_value")
+    return sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
 @dataclass
@@ -40,6 +61,8 @@ class ModelSlot:
     started_at: float = 0.0
     crashes: int = 0
     not_before: float = 0.0
+    need: MemoryNeed | None = None  # reserved by placement from before the load until the worker is retired
+    keep_alive: float | None = None  # the last request's keep_alive; None = the configured one
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gate: asyncio.Semaphore = field(init=False)
 
@@ -53,7 +76,8 @@ class ModelSlot:
 
 class WorkerPool:
     def __init__(self, models: ModelSettings, gateway: GatewaySettings, supervisor: SupervisorSettings,
-                 new_worker: NewWorker, metrics: Metrics, parallel: int = 1, on_event: OnEvent | None = None) -> None:
+                 new_worker: NewWorker, metrics: Metrics, parallel: int = 1, on_event: OnEvent | None = None,
+                 placement: Placement | None = None) -> None:
         self.models = models
         self.gateway = gateway
         self.supervisor = supervisor
@@ -61,6 +85,7 @@ class WorkerPool:
         self.metrics = metrics
         self.parallel = parallel
         self.on_event = on_event
+        self.placement = placement
         self.slots: dict[str, ModelSlot] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -96,6 +121,7 @@ class WorkerPool:
             await self._retire(slot)
             if (delay := slot.not_before - time.monotonic()) > 0:
                 await asyncio.sleep(delay)  # crash backoff: a model that keeps dying must not spin
+            await self._make_room(slot)
             started = time.monotonic()
             stack = contextlib.AsyncExitStack()
             try:
@@ -104,6 +130,7 @@ class WorkerPool:
                 await worker.wait_ready()
             except BaseException as exc:
                 await stack.aclose()
+                slot.need = None
                 self._note_crash(slot)
                 self._event("model.load", name, "error", reason=str(getattr(exc, "message", type(exc).__name__))[:300])
                 raise
@@ -137,6 +164,7 @@ class WorkerPool:
             return
         self.metrics.worker_restarts.labels(slot.name).inc()
         self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
+        slot.need = None  # the dead process's memory is free again
         self._note_crash(slot)
         log.error("model.crashed", model=slot.name, detail=worker.failure(), crashes=slot.crashes)
         self._event("model.crash", slot.name, "error", crashes=slot.crashes)
@@ -156,17 +184,47 @@ class WorkerPool:
     def start_loading(self, name: str) -> None:
         self._spawn(self.keep_loaded(name))
 
+    async def _make_room(self, slot: ModelSlot) -> None:
+        """Reserve the model's memory: unload idle models, least recently used first, until it fits, or refuse."""
+        if self.placement is None:
+            return
+        need = await self.placement.need(slot.name, self.parallel)
+        while True:
+            others = [s for s in self.slots.values() if s is not slot and s.need is not None]
+            held = {s.name: s.need for s in others if s.need is not None}
+            loading = sum(s.need.total for s in others if s.need is not None and not s.alive)
+            free = self.placement.free(held) - loading  # a loading model has not taken its memory yet
+            if need.total <= free:
+                slot.need = need
+                return
+            idle = [s for s in others if s.alive and not s.pinned and s.in_use == 0 and s.waiting == 0
+                    and not s.load_lock.locked()]
+            if not idle or need.total > free + sum(s.need.total for s in idle if s.need is not None):
+                # nothing to unload, or unloading every idle model would not make room: leave them be
+                self._event("model.load", slot.name, "refused", reason="memory", need_bytes=need.total,
+                            free_bytes=max(free, 0))
+                raise self.placement.refusal(slot.name, need, free, [s.name for s in others if s.alive])
+            victim = min(idle, key=lambda s: s.last_used)
+            log.info("model.evict", model=victim.name, for_model=slot.name, need=gib(need.total), free=gib(free))
+            self._event("model.unload", victim.name, "ok", reason="memory", for_model=slot.name)
+            async with victim.load_lock:
+                await self._retire(victim)
+            self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
+
     async def _retire(self, slot: ModelSlot) -> None:
         worker, resources = slot.worker, slot.resources
         slot.worker = slot.resources = None
+        slot.need = None
         if worker is not None:
             await worker.stop()
         if resources is not None:
             await resources.aclose()
 
     @contextlib.asynccontextmanager
-    async def acquire(self, name: str) -> AsyncIterator[Worker]:
-        """Wait for a free slot of the model (bounded queue), load it if needed, and hold it."""
+    async def acquire(self, name: str, keep_alive: str | float | None = None) -> AsyncIterator[Worker]:
+        """Wait for a free slot of the model (bounded queue), load it if needed, and hold it. `keep_alive` (Ollama's)
+        sets how long the model stays loaded after this request: 0 = unload at once, negative = for ever."""
+        keep = keep_alive_seconds(keep_alive)
         slot = self.slot(name)
         if slot.waiting >= self.gateway.max_queue and slot.gate.locked():
             raise QueueFull(
@@ -194,6 +252,10 @@ class WorkerPool:
             slot.in_use -= 1
             slot.last_used = time.monotonic()
             slot.gate.release()
+            if keep is not None:
+                slot.keep_alive = keep
+            if slot.keep_alive == 0 and slot.in_use == 0 and slot.waiting == 0 and not slot.pinned:
+                self._spawn(self._unload_idle(0.0, only=slot))
 
     def _retry_after(self, slot: ModelSlot) -> float:
         return float(max(1, min(30, slot.waiting)))
@@ -205,8 +267,7 @@ class WorkerPool:
         next_check = time.monotonic() + interval
         while not self._closing:
             await asyncio.sleep(tick)
-            if keep_alive > 0:
-                await self._unload_idle(keep_alive)
+            await self._unload_idle(keep_alive)
             if interval and time.monotonic() >= next_check:
                 next_check = time.monotonic() + interval
                 await asyncio.gather(*(self._check_health(s) for s in list(self.slots.values()) if s.alive))
@@ -234,10 +295,13 @@ class WorkerPool:
         if slot.pinned:
             self._spawn(self.keep_loaded(slot.name))
 
-    async def _unload_idle(self, keep_alive: float) -> None:
+    async def _unload_idle(self, keep_alive: float, only: ModelSlot | None = None) -> None:
+        """Unload models idle for longer than their keep-alive: the last request's, else the configured one
+        (a configured 0 means for ever; a request's 0 means at once, a negative one for ever)."""
         now = time.monotonic()
-        for slot in list(self.slots.values()):
-            idle = slot.in_use == 0 and slot.waiting == 0 and now - slot.last_used > keep_alive
+        for slot in [only] if only else list(self.slots.values()):
+            limit = slot.keep_alive if slot.keep_alive is not None else (keep_alive or -1.0)
+            idle = slot.in_use == 0 and slot.waiting == 0 and limit >= 0 and now - slot.last_used >= limit
             if slot.alive and not slot.pinned and idle and not slot.load_lock.locked():
                 log.info("model.unload", model=slot.name, idle_s=round(now - slot.last_used, 1))
                 self._event("model.unload", slot.name, "ok", reason="idle", idle_s=round(now - slot.last_used, 1))

@@ -1,0 +1,130 @@
+"""Memory fit: before a model loads, estimate what it needs (weights + KV cache for its context + compute buffers,
+from its GGUF metadata) and compare with what is free (RAM from psutil, an operator's budget); the pool evicts idle
+models, least recently used first, or refuses with the numbers and what to do."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import psutil
+
+from appliance.config import LlamaCppSettings, ModelSettings
+from appliance.errors import ModelUnavailable
+from appliance.registry.gguf_check import GgufInfo, read_gguf_stream
+
+GIB = float(1 << 30)
+CONTEXT_CAP = 8192  # the llama.cpp engine's cap when n_ctx = 0 (its trained length, at most this)
+KV_BYTES = 2  # f16 K and V caches, llama.cpp's default
+# the worker process (Python, llama-cpp-python, the scheduler) before any model: ~55 MiB measured, rounded up
+BASE_OVERHEAD = 96 << 20
+
+
+class InsufficientMemory(ModelUnavailable):
+    """A model does not fit in the memory left, even after unloading every idle model."""
+
+    code = "insufficient_memory"
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    weights: int
+    kv_cache: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB else f"{n / (1 << 20):.0f} MiB"
+
+
+def estimate_gguf(info: GgufInfo, *, n_ctx: int = 0, parallel: int = 1, n_batch: int = 512) -> MemoryNeed:
+    """What llama.cpp allocates for this model: its tensors, an f16 KV cache of parallel x n_ctx tokens over every
+    layer's KV heads, and compute buffers (logits, activations) with a base for the worker process.
+
+    Checked against the default model (n_ctx 8192, one sequence): estimated 372 MiB; a Python process that loaded
+    it with llama-cpp-python and generated had 338 MiB resident (the estimate errs on the safe side)."""
+    layers = info.arch_int("block_count")
+    embd = info.arch_int("embedding_length")
+    heads = info.arch_int("attention.head_count", 1) or 1
+    heads_kv = info.arch_int("attention.head_count_kv", heads) or heads
+    head_k = info.arch_int("attention.key_length", embd // heads)
+    head_v = info.arch_int("attention.value_length", embd // heads)
+    context = n_ctx or min(info.arch_int("context_length", 4096) or 4096, CONTEXT_CAP)
+    kv = parallel * context * layers * heads_kv * (head_k + head_v) * KV_BYTES
+    tokens = info.metadata.get("tokenizer.ggml.tokens", 0)  # arrays are kept as their length
+    vocab = info.arch_int("vocab_size") or (tokens if isinstance(tokens, int) else 0)
+    compute = parallel * vocab * 8 + n_batch * embd * 16 + BASE_OVERHEAD  # logits + sampling, activations
+    return MemoryNeed(info.tensor_bytes, kv, compute)
+
+
+def system_free_ram() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+class ModelRecordLike(Protocol):
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def size_bytes(self) -> int: ...
+
+
+class GgufMemoryEstimator:
+    """The need of a registered model, from its GGUF header (read through the store, so it works on encrypted
+    blobs: only the first segments are decrypted). Cached per digest: a file's header never changes."""
+
+    def __init__(self, find: Callable[[str], ModelRecordLike], plaintext: Callable[[str], Iterable[bytes]],
+                 llamacpp: LlamaCppSettings) -> None:
+        self.find = find
+        self.plaintext = plaintext
+        self.llamacpp = llamacpp
+        self._headers: dict[str, GgufInfo] = {}
+
+    async def __call__(self, name: str, parallel: int) -> MemoryNeed:
+        record = self.find(name)
+        if record.format != "gguf":  # folders (vLLM) size their own cache: count what is stored; remote: nothing
+            return MemoryNeed(record.size_bytes, 0, BASE_OVERHEAD if record.size_bytes else 0)
+        info = self._headers.get(record.sha256)
+        if info is None:
+            info = await asyncio.to_thread(read_gguf_stream, self.plaintext(record.sha256), record.size_bytes)
+            self._headers[record.sha256] = info
+        return estimate_gguf(info, n_ctx=self.llamacpp.n_ctx, parallel=parallel, n_batch=self.llamacpp.n_batch)
+
+
+class Placement:
+    """Decides whether a model fits next to the loaded ones. `estimate(name, parallel)` is awaited for the need;
+    `free_ram()` is the system's available memory (a fake in unit tests, psutil otherwise)."""
+
+    def __init__(self, models: ModelSettings, estimate: Callable[[str, int], Awaitable[MemoryNeed]],
+                 free_ram: Callable[[], int] = system_free_ram) -> None:
+        self.models = models
+        self.estimate = estimate
+        self.free_ram = free_ram
+
+    async def need(self, name: str, parallel: int) -> MemoryNeed:
+        return await self.estimate(name, parallel)
+
+    def free(self, held: Mapping[str, MemoryNeed]) -> int:
+        """Bytes a new model may take now: the system's free RAM less the headroom, and within the budget."""
+        free = self.free_ram() - self.models.memory_headroom_bytes
+        if self.models.memory_limit_bytes:
+            free = min(free, self.models.memory_limit_bytes - sum(n.total for n in held.values()))
+        return free
+
+    def refusal(self, name: str, need: MemoryNeed, free: int, others: Iterable[str]) -> InsufficientMemory:
+        loaded = sorted(others)
+        unload = (f"unload {', '.join(repr(o) for o in loaded)} (busy or pinned now)" if loaded
+                  else "free memory on the box")
+        budget = (f" (models.memory_limit_bytes = {gib(self.models.memory_limit_bytes)})"
+                  if self.models.memory_limit_bytes else "")
+        return InsufficientMemory(
+            f"model '{name}' needs {gib(need.total)} (weights {gib(need.weights)}, KV cache {gib(need.kv_cache)}, "
+            f"buffers {gib(need.overhead)}) but {gib(max(free, 0))} is free{budget}; {unload}, lower the context "
+            "(llamacpp.n_ctx) or pick a smaller quantization", param="model")
