@@ -13,7 +13,7 @@ from appliance.admin.keys_routes import decode_body
 from appliance.auth.guards import permission
 from appliance.errors import InvalidRequest
 from appliance.rag.parsers import detect_kind
-from appliance.rag.service import NewCollection, NewDocument, QueryRequest, RagService
+from appliance.rag.service import DocumentBatch, DocumentBody, Incoming, NewCollection, QueryRequest, RagService
 
 TAGS = ["RAG"]
 DOCUMENT_EXAMPLE = '{"id": "handbook", "text": "...", "metadata": {"source": "intranet"}, "format": "markdown"}'
@@ -48,8 +48,8 @@ async def list_documents(request: Request[Any, Any, Any], name: FromPath[str], r
 
 
 @post("/api/collections/{name:str}/documents", opt=permission("rag:write"), tags=TAGS,
-      summary="Add or replace a document: JSON {id, text, metadata, format} or a multipart file upload (txt, md, "
-              "html, pdf); large ones become a job (202)")
+      summary="Add or replace documents: JSON {id, text, metadata, format}, or {documents: [...]} for many at "
+              "once, or a multipart file upload (txt, md, html, pdf); large ones become a job (202)")
 async def add_document(request: Request[Any, Any, Any], name: FromPath[str], rag: NamedDependency[RagService]
                        ) -> Response[dict[str, Any]]:
     content_type = request.headers.get("content-type", "")
@@ -64,9 +64,11 @@ async def add_document(request: Request[Any, Any, Any], name: FromPath[str], rag
         result = await rag.add_document(request.user, name, document_id, data, kind,
                                         {"filename": upload.filename or ""})
     else:
-        body = decode_body(await request.body(), NewDocument, DOCUMENT_EXAMPLE)
-        result = await rag.add_document(request.user, name, body.id, body.text.encode(), body.format,
-                                        dict(body.metadata))
+        raw = await request.body()
+        batch = (decode_body(raw, DocumentBatch, f'{{"documents": [{DOCUMENT_EXAMPLE}]}}').documents
+                 if raw.lstrip().startswith(b'{"documents"') else [decode_body(raw, DocumentBody, DOCUMENT_EXAMPLE)])
+        result = await rag.add_documents(request.user, name, [
+            Incoming(d.id, d.text.encode(), d.format, dict(d.metadata)) for d in batch])
     return Response(result, status_code=202 if result["object"] == "ingestion.job" else 201)
 
 

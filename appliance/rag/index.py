@@ -103,6 +103,17 @@ class StoredChunk:
         return chunk_id(self.document_id, self.position)
 
 
+@dataclass(frozen=True)
+class NewDocument:
+    """A parsed, chunked and embedded document on its way into both stores."""
+
+    id: str
+    chunks: Sequence[Chunk]
+    vectors: Vectors  # one row per chunk
+    metadata: dict[str, Any]
+    size: int
+
+
 @dataclass
 class CheckReport:
     collections: int = 0
@@ -237,35 +248,48 @@ class RagIndex:
     def put_document(self, collection_id: str, document_id: str, chunks: Sequence[Chunk], vectors: Vectors,
                      metadata: dict[str, Any], added_by: str, size: int,
                      crash_hook: Callable[[str], None] | None = None) -> None:
-        """Add or replace a document in both stores (see the module docstring for the crash protocol)."""
+        """Add or replace one document in both stores."""
+        self.put_documents(collection_id, [NewDocument(document_id, chunks, vectors, metadata, size)], added_by,
+                           crash_hook)
+
+    def put_documents(self, collection_id: str, documents: Sequence[NewDocument], added_by: str,
+                      crash_hook: Callable[[str], None] | None = None) -> None:
+        """Add or replace documents in both stores, in one pass over each (see the module docstring for the crash
+        protocol: all of them are pending until the transaction that makes them ready)."""
         hook = crash_hook or (lambda _: None)
+        ids = [d.id for d in documents]
         with self._write:
             stamp = now_iso()
             with self._conn() as conn:
-                conn.execute(
+                conn.executemany(
                     "INSERT INTO documents (collection_id, document_id, state, metadata, added_by, bytes, created_at, "
                     "updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT (collection_id, document_id) "
                     "DO UPDATE SET state = 'pending', updated_at = excluded.updated_at",
-                    (collection_id, document_id, json.dumps(metadata), added_by, size, stamp, stamp))
+                    [(collection_id, d.id, json.dumps(d.metadata), added_by, d.size, stamp, stamp)
+                     for d in documents])
             hook("pending")
             vectors_of = self._vectors(collection_id)
-            vectors_of.delete(where={"document_id": document_id})
-            for start in range(0, len(chunks), self._max_batch):
-                part = chunks[start : start + self._max_batch]
-                vectors_of.add(ids=[chunk_id(document_id, c.position) for c in part],
-                               embeddings=vectors[start : start + len(part)],
-                               metadatas=[{"document_id": document_id, "position": c.position} for c in part])
+            for start in range(0, len(ids), 500):
+                vectors_of.delete(where={"document_id": {"$in": ids[start : start + 500]}})
+            rows = [(chunk_id(d.id, c.position), d.vectors[k], {"document_id": d.id, "position": c.position})
+                    for d in documents for k, c in enumerate(d.chunks)]
+            for start in range(0, len(rows), self._max_batch):
+                part = rows[start : start + self._max_batch]
+                vectors_of.add(ids=[r[0] for r in part], embeddings=np.vstack([r[1] for r in part]),
+                               metadatas=[r[2] for r in part])
                 hook("vectors")
             with self._conn() as conn:
-                self._delete_rows(conn, collection_id, document_id)
-                for chunk in chunks:
-                    key = conn.execute("INSERT INTO chunks (collection_id, document_id, position) VALUES (?, ?, ?)",
-                                       (collection_id, document_id, chunk.position)).lastrowid
-                    conn.execute("INSERT INTO chunk_text (rowid, collection, heading, body) VALUES (?, ?, ?, ?)",
-                                 (key, collection_id, chunk.heading_path, chunk.text))
-                conn.execute("UPDATE documents SET state = 'ready', chunk_count = ?, metadata = ?, added_by = ?, "
-                             "bytes = ?, updated_at = ? WHERE collection_id = ? AND document_id = ?",
-                             (len(chunks), json.dumps(metadata), added_by, size, stamp, collection_id, document_id))
+                for d in documents:
+                    self._delete_rows(conn, collection_id, d.id)
+                    for chunk in d.chunks:
+                        key = conn.execute("INSERT INTO chunks (collection_id, document_id, position) VALUES "
+                                           "(?, ?, ?)", (collection_id, d.id, chunk.position)).lastrowid
+                        conn.execute("INSERT INTO chunk_text (rowid, collection, heading, body) VALUES (?, ?, ?, ?)",
+                                     (key, collection_id, chunk.heading_path, chunk.text))
+                    conn.execute("UPDATE documents SET state = 'ready', chunk_count = ?, metadata = ?, added_by = ?, "
+                                 "bytes = ?, updated_at = ? WHERE collection_id = ? AND document_id = ?",
+                                 (len(d.chunks), json.dumps(d.metadata), added_by, d.size, stamp, collection_id,
+                                  d.id))
                 conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
 
     def delete_document(self, collection_id: str, document_id: str) -> bool:

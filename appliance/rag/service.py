@@ -16,9 +16,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+import numpy as np
 
 from appliance.audit import AuditLog
 from appliance.auth.rbac import Rbac
@@ -26,9 +27,9 @@ from appliance.config import RagSettings
 from appliance.errors import ApplianceError, Forbidden, InvalidRequest, NotFound
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
-from appliance.rag.chunking import chunk_blocks
+from appliance.rag.chunking import Chunk, chunk_blocks
 from appliance.rag.embeddings import EmbeddingService
-from appliance.rag.index import CheckReport, Hit, RagIndex, StoredChunk
+from appliance.rag.index import CheckReport, Hit, NewDocument, RagIndex, StoredChunk
 from appliance.rag.parsers import Block, Kind, parse
 
 log = get_logger(__name__)
@@ -78,6 +79,16 @@ class Job:
         return {"id": self.id, "object": "ingestion.job", "state": self.state, "stage": self.stage,
                 "collection": self.collection, "document_id": self.document_id, "done": self.done,
                 "total": self.total, "progress": progress, "error": self.error}
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A document as it arrives: its id, bytes, format and metadata."""
+
+    id: str
+    data: bytes
+    kind: Kind
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -195,28 +206,43 @@ class RagService:
 
     async def add_document(self, principal: Any, name: str, document_id: str, data: bytes, kind: Kind,
                            metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Ingest now, or as a job when the document is large; returns the document or the job."""
+        """One document: ingested now, or as a job when large; returns the document or the job."""
+        return await self.add_documents(principal, name, [Incoming(document_id, data, kind, metadata or {})])
+
+    async def add_documents(self, principal: Any, name: str, documents: Sequence[Incoming]) -> dict[str, Any]:
+        """Documents embedded together (one pass, full batches) and written to both indexes together; a job when
+        their size passes rag.job_threshold_bytes."""
         collection = self._collection(principal, name, write=True)
-        _check_document_id(document_id)
-        if len(data) > self.settings.max_document_bytes:
-            raise TooLarge(f"the document is {len(data)} bytes; the limit is {self.settings.max_document_bytes} "
-                           "(rag.max_document_bytes): split it or raise the limit")
-        if not data.strip():
-            raise InvalidRequest("the document is empty", param="text", code="invalid_value")
-        job = Job(uuid.uuid4().hex, owner_of(principal), name, document_id)
-        if len(data) <= self.settings.job_threshold_bytes:
-            await self._ingest(job, principal, collection, data, kind, metadata or {})
-            return {"object": "document", "id": document_id, "collection": name, "chunks": job.total}
+        if not documents:
+            raise InvalidRequest("no documents to add", param="documents", code="invalid_value")
+        if len({d.id for d in documents}) != len(documents):
+            raise InvalidRequest("a document id appears twice in one request", param="documents",
+                                 code="invalid_value")
+        for d in documents:
+            _check_document_id(d.id)
+            if len(d.data) > self.settings.max_document_bytes:
+                raise TooLarge(f"document '{d.id}' is {len(d.data)} bytes; the limit is "
+                               f"{self.settings.max_document_bytes} (rag.max_document_bytes): split it or raise it")
+            if not d.data.strip():
+                raise InvalidRequest(f"document '{d.id}' is empty", param="text", code="invalid_value")
+        label = documents[0].id if len(documents) == 1 else f"{len(documents)} documents"
+        job = Job(uuid.uuid4().hex, owner_of(principal), name, label)
+        if sum(len(d.data) for d in documents) <= self.settings.job_threshold_bytes:
+            await self._ingest(job, principal, collection, documents)
+            if len(documents) == 1:
+                return {"object": "document", "id": documents[0].id, "collection": name, "chunks": job.total}
+            return {"object": "list", "collection": name, "data": [{"object": "document", "id": d.id}
+                                                                    for d in documents], "chunks": job.total}
         self.jobs[job.id] = job
-        task = asyncio.create_task(self._run_job(job, principal, collection, data, kind, metadata or {}))
+        task = asyncio.create_task(self._run_job(job, principal, collection, documents))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job.view()
 
-    async def _run_job(self, job: Job, principal: Any, collection: dict[str, Any], data: bytes, kind: Kind,
-                       metadata: dict[str, Any]) -> None:
+    async def _run_job(self, job: Job, principal: Any, collection: dict[str, Any],
+                       documents: Sequence[Incoming]) -> None:
         try:
-            await self._ingest(job, principal, collection, data, kind, metadata)
+            await self._ingest(job, principal, collection, documents)
         except ApplianceError as exc:
             job.state, job.error = "failed", exc.to_body()["error"]
         except Exception as exc:
@@ -225,31 +251,38 @@ class RagService:
             job.error = {"message": f"ingestion failed ({type(exc).__name__}); see the server log", "type":
                          "server_error", "param": None, "code": "ingestion_failed"}
 
-    async def _ingest(self, job: Job, principal: Any, collection: dict[str, Any], data: bytes, kind: Kind,
-                      metadata: dict[str, Any]) -> None:
-        job.state, job.stage = "running", "parsing"
-        blocks: list[Block] = await asyncio.to_thread(parse, data, kind, f"document '{job.document_id}'")
-        job.stage = "chunking"
+    async def _ingest(self, job: Job, principal: Any, collection: dict[str, Any],
+                      documents: Sequence[Incoming]) -> None:
         s = self.settings
-        chunks = await self.embeddings.run(chunk_blocks, blocks, self.embeddings.model, s.chunk_tokens,
-                                           s.chunk_overlap)
-        if not chunks:
-            raise InvalidRequest(f"document '{job.document_id}' has no text to index", code="invalid_document")
-        job.stage, job.total = "embedding", len(chunks)
+        job.state, job.stage = "running", "parsing"
+        chunked: list[list[Chunk]] = []
+        for d in documents:
+            blocks: list[Block] = await asyncio.to_thread(parse, d.data, d.kind, f"document '{d.id}'")
+            chunks = await self.embeddings.run(chunk_blocks, blocks, self.embeddings.model, s.chunk_tokens,
+                                               s.chunk_overlap)
+            if not chunks:
+                raise InvalidRequest(f"document '{d.id}' has no text to index", code="invalid_document")
+            chunked.append(chunks)
+        texts = [c.indexed_text for chunks in chunked for c in chunks]
+        job.stage, job.total = "embedding", len(texts)
         parts = []
-        step = s.embedding_batch * 4
-        for start in range(0, len(chunks), step):
-            embedded = await self.embeddings.embed([c.indexed_text for c in chunks[start : start + step]])
-            parts.append(embedded.vectors)
-            job.done = min(start + step, len(chunks))
-        import numpy as np
-
+        step = s.embedding_batch * 8
+        for start in range(0, len(texts), step):
+            parts.append((await self.embeddings.embed(texts[start : start + step])).vectors)
+            job.done = min(start + step, len(texts))
+        vectors = np.vstack(parts)
+        ready = []
+        offset = 0
+        for d, chunks in zip(documents, chunked, strict=True):
+            ready.append(NewDocument(d.id, chunks, vectors[offset : offset + len(chunks)], d.metadata, len(d.data)))
+            offset += len(chunks)
         job.stage = "indexing"
-        await asyncio.to_thread(self.index.put_document, collection["id"], job.document_id, chunks,
-                                np.vstack(parts), metadata, owner_of(principal), len(data), self.crash_hook)
-        self.metrics.rag_chunks.inc(len(chunks))
+        await asyncio.to_thread(self.index.put_documents, collection["id"], ready, owner_of(principal),
+                                self.crash_hook)
+        self.metrics.rag_chunks.inc(len(texts))
         job.state, job.stage = "done", "done"
-        self._record(principal, "rag.document.add", f"{collection['name']}/{job.document_id}", chunks=len(chunks))
+        for added in ready:
+            self._record(principal, "rag.document.add", f"{collection['name']}/{added.id}", chunks=len(added.chunks))
 
     async def delete_document(self, principal: Any, name: str, document_id: str) -> None:
         collection = self._collection(principal, name, write=True)
@@ -339,11 +372,15 @@ class NewCollection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     writers: list[str] = msgspec.field(default_factory=list)
 
 
-class NewDocument(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class DocumentBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: str
     text: str
     metadata: dict[str, str | int | float | bool | None] = msgspec.field(default_factory=dict)
     format: Literal["text", "markdown", "html"] = "text"
+
+
+class DocumentBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    documents: Annotated[list[DocumentBody], msgspec.Meta(min_length=1, max_length=10_000)]
 
 
 class QueryRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

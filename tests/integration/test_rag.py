@@ -343,3 +343,15 @@ def test_kill_during_ingestion_leaves_documents_whole_or_absent(start_server: Ca
             assert top_document(api, "durable", "chess pieces", "hybrid") == "keep"
     finally:
         again.stop()
+
+
+def test_many_documents_in_one_request(api: httpx.Client) -> None:
+    api.post("/api/collections", json={"name": "batch"})
+    docs = [{"id": f"d{i}", "text": f"Item number {i} is a {colour} marble."}
+            for i, colour in enumerate(["red", "green", "blue"])]
+    added = api.post("/api/collections/batch/documents", json={"documents": docs})
+    assert added.status_code == 201 and [d["id"] for d in added.json()["data"]] == ["d0", "d1", "d2"]
+    assert top_document(api, "batch", "green marble", "keyword") == "d1"
+    twice = api.post("/api/collections/batch/documents", json={"documents": [docs[0], docs[0]]})
+    assert twice.status_code == 400 and "twice" in twice.json()["error"]["message"]
+    assert len(api.get("/api/collections/batch/documents").json()["data"]) == 3

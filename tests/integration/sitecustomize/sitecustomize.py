@@ -35,15 +35,13 @@ if (crash_doc := os.environ.get("APPLIANCE_TEST_RAG_CRASH_DOC")) and "serve" in 
     crash_at = os.environ.get("APPLIANCE_TEST_RAG_CRASH_AT", "vectors")
     from appliance.rag import index as _index
 
-    _put = _index.RagIndex.put_document
+    _put = _index.RagIndex.put_documents
 
-    def _put_and_crash(self: Any, collection_id: str, document_id: str, *args: Any, **kwargs: Any) -> None:
+    def _put_and_crash(self: Any, collection_id: str, documents: Any, added_by: str, *_: Any, **__: Any) -> None:
         def hook(step: str) -> None:
-            if document_id == crash_doc and step == crash_at:
+            if step == crash_at and any(d.id == crash_doc for d in documents):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        args = args[:5]  # chunks, vectors, metadata, added_by, size; the product's own hook is replaced
-        kwargs.pop("crash_hook", None)
-        _put(self, collection_id, document_id, *args, crash_hook=hook, **kwargs)
+        _put(self, collection_id, documents, added_by, hook)
 
-    _index.RagIndex.put_document = _put_and_crash  # type: ignore[method-assign]
+    _index.RagIndex.put_documents = _put_and_crash  # type: ignore[method-assign]
