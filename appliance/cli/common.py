@@ -26,9 +26,12 @@ def cli_actor() -> str:
 
 def open_audit(data: DataDir) -> Any:
     from appliance.audit import AuditLog
+    from appliance.privacy.controls import PrivacyControls
 
     data.require_initialised()
-    return AuditLog(data.connect())
+    audit = AuditLog(data.connect())
+    PrivacyControls.build(audit.conn, audit, data.read_master_key())  # the audit surface: no PII in the clear
+    return audit
 
 
 def limits_text(item: Any) -> str:

@@ -91,7 +91,9 @@ class CreditCardDetector:
         return _spans(self._pattern, text, "credit_card", self._valid)
 
     @staticmethod
-    def _valid(value: str, *_: object) -> bool:
+    def _valid(value: str, text: str, start: int, _end: int) -> bool:
+        if in_iban_shape(text, start):
+            return False
         separators = {c for c in value if not c.isdigit()}
         if len(separators) > 1:
             return False
@@ -116,6 +118,15 @@ def iban_ok(compact: str) -> bool:
     rearranged = compact[4:] + compact[:4]
     number = "".join(str(int(c, 36)) for c in rearranged)
     return int(number) % 97 == 1
+
+
+_IBAN_HEAD = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4})* ?$")
+
+
+def in_iban_shape(text: str, start: int) -> bool:
+    """True when the digits at `start` continue an IBAN-shaped run (`DE89 3704 ...`): valid or not, its groups
+    are not a card or a phone number."""
+    return bool(_IBAN_HEAD.search(text[max(0, start - 40):start]))
 
 
 class IbanDetector:
@@ -228,10 +239,17 @@ _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
 )
 
 
+# Every secret format above starts with one of these: one scan decides whether the patterns need to run at all.
+_SECRET_HINT = re.compile(r"apl_|AKIA|ASIA|ABIA|ACCA|(?i:aws_?secret)|eyJ|-----BEGIN|gh[pousr]_|github_pat_|sk-|"
+                          r"[sr]k_live_|xox[abprs]-|AIza")
+
+
 class SecretDetector:
     types = frozenset({"secret"})
 
     def detect(self, text: str) -> list[Entity]:
+        if not _SECRET_HINT.search(text):
+            return []
         out: list[Entity] = []
         for pattern, valid in _SECRET_PATTERNS:
             out += _spans(pattern, text, "secret", valid)
@@ -253,6 +271,8 @@ class PhoneDetector:
         found: dict[tuple[int, int], Entity] = {}
         for region in self.regions:
             for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
+                if in_iban_shape(text, match.start):
+                    continue
                 found.setdefault((match.start, match.end),
                                  Entity(match.start, match.end, "phone", match.raw_string))
         return list(found.values())
@@ -292,7 +312,7 @@ def presidio_available() -> bool:
 
 
 # Which finding wins where two overlap: validated formats before looser ones.
-PRIORITY: Mapping[str, int] = {"secret": 0, "credit_card": 1, "iban": 2, "us_ssn": 3, "email": 4, "ip_address": 5,
+PRIORITY: Mapping[str, int] = {"secret": 0, "iban": 1, "credit_card": 2, "us_ssn": 3, "email": 4, "ip_address": 5,
                                "phone": 6, "person": 8, "location": 9}
 
 
