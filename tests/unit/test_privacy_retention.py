@@ -122,3 +122,19 @@ def test_registered_stores_join_purge_erasure_and_report(controls: PrivacyContro
     assert by_class["conversations"].retention == "not stored"
     with pytest.raises(TypeError):
         controls.retention.register(object())  # type: ignore[arg-type]
+
+
+def test_purge_leaves_no_trace_of_what_it_deleted(
+        data: DataDir, conn: sqlite3.Connection, audit: AuditLog, users: UserService,
+        controls: PrivacyControls) -> None:
+    user = users.create("olduser", "user", PASSWORD)
+    SessionService(conn, SessionSettings()).create(user, client=CLIENT, user_agent=AGENT)
+    target = "model-canary-target-4417"
+    audit.record("cli:test", "model.pull", target)
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the rows are in the database file too, not only the WAL
+    assert scan(data.root, [AGENT, target]) != []
+    controls.retention.now = lambda: datetime.now(UTC) + timedelta(days=500)
+    counts = controls.retention.purge(actor="cli:test")
+    assert counts["sessions"] == 1 and counts["audit"] >= 2
+    assert scan(data.root, [AGENT, CLIENT, target]) == []
+    assert audit.verify().ok
