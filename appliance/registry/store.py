@@ -269,23 +269,7 @@ class ModelStore:
         return migrated
 
     def _encrypt_in_place(self, sha256: str, plain: BinaryIO) -> None:
-        data_key = new_data_key()
-        encryptor = StreamEncryptor(data_key, StreamHeader.fresh(self.segment_size))
-        fd, tmp_name = _mkstemp(self.staging)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(encryptor.start())
-                while chunk := plain.read(CHUNK):
-                    for sealed in encryptor.update(chunk):
-                        out.write(sealed)
-                out.write(encryptor.finish())
-                out.flush()
-                os.fsync(out.fileno())
-            self._install(tmp, encryptor.header.encode(), data_key, sha256)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self.put(iter(lambda: plain.read(CHUNK), b""), expected_sha256=sha256)
         # The plaintext inode is now unlinked but still open here: overwrite it unless another link shares it.
         # Best effort: SSDs and copy-on-write filesystems may keep old blocks.
         stat = os.fstat(plain.fileno())

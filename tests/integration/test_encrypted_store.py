@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,18 +23,10 @@ from appliance.crypto.streaming import MAGIC
 from appliance.datadir import DataDir
 from appliance.registry.store import ModelStore, open_model_store
 from tests.integration.conftest import Running, new_key
+from tests.integration.test_workers import wait_until
 from tests.server import DEFAULT_MODEL, ServerProcess, appliance, clone_data_dir
 
 PROMPT = [{"role": "user", "content": "Say hello."}]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def store_of(data_dir: Path) -> ModelStore:
