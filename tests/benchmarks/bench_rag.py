@@ -1,0 +1,219 @@
+"""RAG benchmark on a corpus nobody on the project wrote: the Python standard library's docstrings (the first line of
+a function's, class's or module's docstring is the query, the rest is the document).
+
+Measures, in one run, in-process (no HTTP, no LLM):
+* retrieval quality: recall@1, recall@10 and MRR for vector, keyword and hybrid (per document);
+* ingestion throughput of RagService (parse, chunk, embed with the cache cold, write Chroma and FTS5) against
+  sentence-transformers encoding the same chunk texts directly (target >= 0.9x);
+* query latency p50/p95 per mode at 10k and 100k chunks (target: hybrid p95 <= 50 ms). The larger collections
+  are filled with the corpus's real chunks and vectors, repeated with a little noise on the vectors and a variant
+  word in the text, so that sizes can be reached without hours of embedding; each query still embeds its text.
+
+    .venv/bin/python -m tests.benchmarks.bench_rag --docs 2000 --sizes 10000,100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import random
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.auth.keys import Principal
+from appliance.auth.rbac import Rbac
+from appliance.config import RagSettings
+from appliance.observability.metrics import Metrics
+from appliance.rag.chunking import Chunk
+from appliance.rag.embeddings import EmbeddingService
+from appliance.rag.index import NewDocument
+from appliance.rag.service import Incoming, RagService
+from appliance.resources import shipped
+
+SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "lib2to3", "turtledemo", "site-packages", "ensurepip", "pydoc_data"}
+MODES = ("vector", "keyword", "hybrid")
+ME = Principal(key_id="bench", name="bench", role="admin")
+
+
+def stdlib_pairs() -> Iterator[tuple[str, str, str]]:
+    """(id, query, document) from docstrings whose first line is a sentence and whose rest says more."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if SKIP_DIRS & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        module = path.relative_to(root).with_suffix("").as_posix().replace("/", ".")
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            first, _, rest = doc.strip().partition("\n")
+            rest = rest.strip()
+            if len(first.split()) >= 4 and len(rest) >= 120 and len(rest.split()) >= 20:
+                name = getattr(node, "name", "")
+                yield f"{module}.{name}" if name else module, first.strip(), rest
+
+
+def corpus(n: int, seed: int) -> list[tuple[str, str, str]]:
+    pairs = list(stdlib_pairs())
+    counts: dict[str, int] = {}
+    for _, query, _ in pairs:
+        counts[query] = counts.get(query, 0) + 1
+    unique = [p for p in pairs if counts[p[1]] == 1]  # a query two documents answer cannot be scored
+    random.Random(seed).shuffle(unique)
+    return unique[:n]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def rank_of(results: list[Any], wanted: str) -> int | None:
+    for rank, result in enumerate(results, start=1):
+        if result.chunk.document_id == wanted:
+            return rank
+    return None
+
+
+async def quality(rag: RagService, pairs: list[tuple[str, str, str]], collection: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for mode in MODES:
+        ranks = []
+        for doc_id, query, _ in pairs:
+            results = await rag.query(ME, [collection], query, top_k=10, mode=mode, per_document=1)  # type: ignore[arg-type]
+            ranks.append(rank_of(results, doc_id))
+        out[mode] = {"recall@1": sum(r == 1 for r in ranks) / len(ranks),
+                     "recall@10": sum(r is not None for r in ranks) / len(ranks),
+                     "mrr": sum(1 / r for r in ranks if r) / len(ranks)}
+    return out
+
+
+async def ingest(rag: RagService, pairs: list[tuple[str, str, str]], collection: str) -> tuple[float, int]:
+    docs = [Incoming(doc_id, text.encode(), "text", {}) for doc_id, _, text in pairs]
+    started = time.perf_counter()
+    chunks = 0
+    for start in range(0, len(docs), 500):
+        result = await rag.add_documents(ME, collection, docs[start : start + 500])
+        chunks += int(result.get("chunks", 0))
+    return time.perf_counter() - started, chunks
+
+
+def baseline(rag: RagService, pairs: list[tuple[str, str, str]]) -> float:
+    """sentence-transformers on the very chunk texts the service embedded, one call, same batch size."""
+    model = rag.embeddings.model
+    texts: list[str] = []
+    for doc_id, _, _text in pairs:
+        rows = rag.index.chunks([k for k in _chunk_keys(rag, doc_id)])
+        texts += [f"{c.heading}\n{c.text}" if c.heading else c.text for c in rows.values()]
+    started = time.perf_counter()
+    model.model.encode(texts, batch_size=rag.settings.embedding_batch, normalize_embeddings=True,
+                       convert_to_numpy=True, show_progress_bar=False)
+    return time.perf_counter() - started
+
+
+def _chunk_keys(rag: RagService, doc_id: str) -> list[int]:
+    conn = rag.index._connection()
+    return [int(r[0]) for r in conn.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))]
+
+
+def fill(rag: RagService, collection_id: str, source: list[tuple[Chunk, np.ndarray]], size: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    batch: list[NewDocument] = []
+    for i in range(size):
+        chunk, vector = source[i % len(source)]
+        noisy = vector + rng.normal(0, 0.03, vector.shape).astype(np.float32)
+        noisy /= np.linalg.norm(noisy)
+        variant = Chunk(0, chunk.headings, f"{chunk.text} variant{i // len(source)}")
+        batch.append(NewDocument(f"s{i}", [variant], noisy.reshape(1, -1), {}, len(chunk.text)))
+        if len(batch) == 2000:
+            rag.index.put_documents(collection_id, batch, "bench")
+            batch = []
+    if batch:
+        rag.index.put_documents(collection_id, batch, "bench")
+
+
+async def latency(rag: RagService, collection: str, queries: list[str]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for mode in MODES:
+        times = []
+        for query in queries:
+            started = time.perf_counter()
+            await rag.query(ME, [collection], query, top_k=5, mode=mode)  # type: ignore[arg-type]
+            times.append((time.perf_counter() - started) * 1000)
+        out[mode] = (percentile(times, 50), percentile(times, 95))
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    pairs = corpus(args.docs, args.seed)
+    print(f"corpus: {len(pairs)} docstrings from the standard library of Python {sys.version.split()[0]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Metrics()
+        settings = RagSettings()
+        embeddings = EmbeddingService(settings, Path(tmp) / "cache", metrics)
+        rag = RagService(settings, Path(tmp) / "rag", embeddings, Rbac.load(shipped("policies/rbac.toml")),
+                         metrics)
+        await embeddings.embed(["warm up the model and its threads"])
+        await rag.create_collection(ME, "stdlib")
+        took, chunks = await ingest(rag, pairs, "stdlib")
+        direct = baseline(rag, pairs)
+        print(f"\ningestion: {chunks} chunks of {len(pairs)} documents in {took:.1f} s ({chunks / took:.1f} "
+              f"chunks/s); sentence-transformers alone on the same chunks: {direct:.1f} s "
+              f"({chunks / direct:.1f} chunks/s); ratio {direct / took:.3f}x (target >= 0.9x)")
+
+        print("\nretrieval quality (per document, top 10):")
+        print(f"{'mode':<8} {'recall@1':>9} {'recall@10':>10} {'MRR':>7}")
+        for mode, q in (await quality(rag, pairs, "stdlib")).items():
+            print(f"{mode:<8} {q['recall@1']:>9.3f} {q['recall@10']:>10.3f} {q['mrr']:>7.3f}")
+
+        source = []
+        keys = [k for doc_id, _, _ in pairs for k in _chunk_keys(rag, doc_id)]
+        stored = rag.index.chunks(keys)
+        for key in keys:
+            chunk = stored[key]
+            text = f"{chunk.heading}\n{chunk.text}" if chunk.heading else chunk.text
+            vector = (await embeddings.embed([text])).vectors[0]  # from the cache
+            source.append((Chunk(0, tuple(chunk.heading.split(" > ")) if chunk.heading else (), chunk.text), vector))
+        queries = [q for _, q, _ in pairs[: args.queries]]
+        print(f"\nquery latency, top 5, {len(queries)} queries each (embedding the query included, no LLM):")
+        print(f"{'chunks':>8} {'mode':<8} {'p50 ms':>8} {'p95 ms':>8}")
+        for size in args.sizes:
+            name = f"scale{size}"
+            created = await rag.create_collection(ME, name)
+            fill_started = time.perf_counter()
+            collection_id = rag.index.collection(created["name"])["id"]  # type: ignore[index]
+            fill(rag, collection_id, source, size, args.seed)
+            fill_s = time.perf_counter() - fill_started
+            for mode, (p50, p95) in (await latency(rag, name, queries)).items():
+                print(f"{size:>8} {mode:<8} {p50:>8.1f} {p95:>8.1f}")
+            print(f"{'':>8} (filled in {fill_s:.0f} s)")
+        rag.close()
+        embeddings.close()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=2000, help="documents in the quality/ingestion corpus")
+    parser.add_argument("--queries", type=int, default=200, help="queries per mode for latency")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000],
+                        help="collection sizes in chunks for latency, comma-separated")
+    parser.add_argument("--seed", type=int, default=7)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
