@@ -48,8 +48,9 @@ class Rbac:
     def record_if_changed(self, audit: AuditLog, actor: str = "supervisor") -> bool:
         """Audit `policy.change` when the roles differ from the last recorded ones (or none were recorded)."""
         last = None
-        for last in audit.export(action="policy.change", actor=actor):  # noqa: B007 - we want the newest
-            pass
+        for record in audit.export(action="policy.change", actor=actor):  # the newest about the roles
+            if record["target"] == "rbac":
+                last = record
         if last is not None and isinstance(last["details"], dict) and last["details"].get("digest") == self.digest:
             return False
         audit.record(actor, "policy.change", "rbac", digest=self.digest, source=str(self.source or ""),

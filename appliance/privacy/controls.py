@@ -39,6 +39,20 @@ class PrivacyControls:
             retention.register(store)
         return cls(privacy, versions, retention, GatewayPrivacy(privacy), policy_file, version)
 
+    def record_if_changed(self, actor: str = "supervisor") -> bool:
+        """Audit `policy.change` (target privacy) when the policy in force at start differs from the last one
+        recorded: an edited policies/privacy.toml is a change like one made through the API."""
+        digest = self.privacy.policy.digest
+        last = None
+        for record in self.versions.audit.export(action="policy.change"):
+            if record["target"] == "privacy" and record["outcome"] == "ok":
+                last = record
+        if last is not None and isinstance(last["details"], dict) and last["details"].get("digest") == digest:
+            return False
+        self.versions.audit.record(actor, "policy.change", "privacy", digest=digest,
+                                   source=self.privacy.policy.source, version=self.version)
+        return True
+
     def change_policy(self, text: str, actor: str) -> tuple[PolicyVersion, PrivacyPolicy]:
         """Validate, store as a new version, audit, and put in force at once."""
         stored, policy = self.versions.save(text, actor)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from appliance.audit import AuditLog
 from appliance.auth.keys import ApiKeyService
 from appliance.auth.quotas import Limits, QuotaService
+from appliance.auth.rbac import Rbac
 from appliance.auth.sessions import SessionService
 from appliance.auth.users import UserService
 from appliance.config import SessionSettings
 from appliance.datadir import DataDir
 from appliance.errors import NotFound
 from appliance.privacy.controls import PrivacyControls
+from appliance.privacy.policy import SHIPPED_PRIVACY
 from appliance.privacy.retention import StoreReport, Subject
 from tests.privacy_canaries import CANARIES, scan
 from tests.unit.conftest import PASSWORD
@@ -138,3 +141,26 @@ def test_purge_leaves_no_trace_of_what_it_deleted(
     assert counts["sessions"] == 1 and counts["audit"] >= 2
     assert scan(data.root, [AGENT, CLIENT, target]) == []
     assert audit.verify().ok
+
+
+def test_a_changed_policy_file_is_audited_once(
+        data: DataDir, conn: sqlite3.Connection, audit: AuditLog, tmp_path: Path) -> None:
+    policy = tmp_path / "privacy.toml"
+    policy.write_text(SHIPPED_PRIVACY.read_text())
+    first = PrivacyControls.build(conn, audit, data.read_master_key(), str(policy))
+    assert first.record_if_changed() and not first.record_if_changed()
+    policy.write_text(SHIPPED_PRIVACY.read_text().replace('[surfaces.rag]\ndefault = "allow"',
+                                                          '[surfaces.rag]\ndefault = "redact"'))
+    second = PrivacyControls.build(conn, audit, data.read_master_key(), str(policy))
+    assert second.record_if_changed()
+    changes = [r for r in audit.export(action="policy.change") if r["target"] == "privacy"]
+    assert len(changes) == 2 and changes[0]["details"]["digest"] != changes[1]["details"]["digest"]
+
+
+def test_roles_and_privacy_changes_do_not_mask_each_other(data: DataDir, conn: sqlite3.Connection,
+                                                          audit: AuditLog) -> None:
+    rbac = Rbac.load()
+    for _ in range(2):  # two starts of an unchanged box record each policy once
+        rbac.record_if_changed(audit)
+        PrivacyControls.build(conn, audit, data.read_master_key()).record_if_changed()
+    assert [r["target"] for r in audit.export(action="policy.change")] == ["rbac", "privacy"]
