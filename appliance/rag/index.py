@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS documents (
     bytes         INTEGER NOT NULL DEFAULT 0,
     metadata      TEXT NOT NULL DEFAULT '{}',
     added_by      TEXT NOT NULL,
+    vector_key    TEXT NOT NULL UNIQUE,
     created_at    TEXT NOT NULL,
     updated_at    TEXT NOT NULL,
     PRIMARY KEY (collection_id, document_id)
@@ -262,16 +263,17 @@ class RagIndex:
             stamp = now_iso()
             with self._conn() as conn:
                 conn.executemany(
-                    "INSERT INTO documents (collection_id, document_id, state, metadata, added_by, bytes, created_at, "
-                    "updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT (collection_id, document_id) "
-                    "DO UPDATE SET state = 'pending', updated_at = excluded.updated_at",
-                    [(collection_id, d.id, json.dumps(d.metadata), added_by, d.size, stamp, stamp)
+                    "INSERT INTO documents (collection_id, document_id, state, metadata, added_by, bytes, vector_key, "
+                    "created_at, updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?) ON CONFLICT (collection_id, "
+                    "document_id) DO UPDATE SET state = 'pending', updated_at = excluded.updated_at",
+                    [(collection_id, d.id, json.dumps(d.metadata), added_by, d.size, uuid.uuid4().hex, stamp, stamp)
                      for d in documents])
+                keys = self._vector_keys(conn, collection_id, ids)
             hook("pending")
             vectors_of = self._vectors(collection_id)
             for start in range(0, len(ids), 500):
-                vectors_of.delete(where={"document_id": {"$in": ids[start : start + 500]}})
-            rows = [(chunk_id(d.id, c.position), d.vectors[k], {"document_id": d.id, "position": c.position})
+                vectors_of.delete(where={"doc": {"$in": [keys[i] for i in ids[start : start + 500]]}})
+            rows = [(f"{keys[d.id]}#{c.position}", d.vectors[k], {"doc": keys[d.id], "position": c.position})
                     for d in documents for k, c in enumerate(d.chunks)]
             for start in range(0, len(rows), self._max_batch):
                 part = rows[start : start + self._max_batch]
@@ -292,6 +294,18 @@ class RagIndex:
                                   d.id))
                 conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
 
+    @staticmethod
+    def _vector_keys(conn: sqlite3.Connection, collection_id: str, document_ids: Sequence[str]) -> dict[str, str]:
+        """Each document's random key in Chroma: Chroma holds vectors, these keys and positions, never an id or
+        a word of the documents."""
+        keys = {}
+        for start in range(0, len(document_ids), 500):
+            part = list(document_ids[start : start + 500])
+            rows = conn.execute(f"SELECT document_id, vector_key FROM documents WHERE collection_id = ? AND "  # noqa: S608
+                                f"document_id IN ({','.join('?' * len(part))})", [collection_id, *part])
+            keys.update({r[0]: r[1] for r in rows})
+        return keys
+
     def delete_document(self, collection_id: str, document_id: str) -> bool:
         with self._write:
             with self._conn() as conn:
@@ -303,7 +317,10 @@ class RagIndex:
             return True
 
     def _remove_document(self, collection_id: str, document_id: str) -> None:
-        self._vectors(collection_id).delete(where={"document_id": document_id})
+        with self._conn() as conn:
+            key = self._vector_keys(conn, collection_id, [document_id]).get(document_id)
+        if key is not None:
+            self._vectors(collection_id).delete(where={"doc": key})
         with self._conn() as conn:
             self._delete_rows(conn, collection_id, document_id)
             conn.execute("DELETE FROM documents WHERE collection_id = ? AND document_id = ?",
@@ -325,6 +342,20 @@ class RagIndex:
                  "metadata": json.loads(r["metadata"]), "created_at": r["created_at"],
                  "updated_at": r["updated_at"]} for r in rows]
 
+    def documents_where(self, condition: str, *params: str) -> list[tuple[str, str]]:
+        """(collection id, document id) of the ready documents matching a condition on the documents table (the
+        condition is the caller's constant text; values go in `params`)."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT collection_id, document_id FROM documents WHERE state = 'ready' AND "  # noqa: S608
+                                f"({condition})", params).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def document_stats(self) -> tuple[int, str | None]:
+        with self._conn() as conn:
+            count, oldest = conn.execute("SELECT COUNT(*), MIN(updated_at) FROM documents WHERE state = 'ready'"
+                                         ).fetchone()
+        return int(count), oldest
+
     # retrieval
 
     def keyword_search(self, collection_ids: Sequence[str], query: str, limit: int) -> list[Hit]:
@@ -345,24 +376,24 @@ class RagIndex:
             result = vectors_of.query(query_embeddings=vector.reshape(1, -1), n_results=limit,
                                       include=["distances", "metadatas"])
             for meta, distance in zip(result["metadatas"][0], result["distances"][0], strict=True):
-                found.append((cid, str(meta["document_id"]), int(meta["position"]), 1.0 - float(distance)))
+                found.append((cid, str(meta["doc"]), int(meta["position"]), 1.0 - float(distance)))
         found.sort(key=lambda f: -f[3])
         found = found[:limit]
         keys = self._keys([(c, d, p) for c, d, p, _ in found])
         return [Hit(keys[(c, d, p)], score) for c, d, p, score in found if (c, d, p) in keys]
 
     def _keys(self, triples: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str, int], int]:
-        """Chunk keys of (collection, document, position) triples that belong to ready documents."""
+        """Chunk keys of (collection, vector key, position) triples that belong to ready documents."""
         if not triples:
             return {}
         values = ",".join(["(?, ?, ?)"] * len(triples))
         with self._conn() as conn:
             rows = conn.execute(
-                f"WITH wanted (cid, did, pos) AS (VALUES {values}) "  # noqa: S608 (only placeholders interpolated)
-                "SELECT c.id, c.collection_id, c.document_id, c.position FROM wanted w "
-                "JOIN chunks c ON c.collection_id = w.cid AND c.document_id = w.did AND c.position = w.pos "
-                "JOIN documents d ON d.collection_id = c.collection_id AND d.document_id = c.document_id "
-                "AND d.state = 'ready'", [v for t in triples for v in t]).fetchall()
+                f"WITH wanted (cid, vkey, pos) AS (VALUES {values}) "  # noqa: S608 (only placeholders interpolated)
+                "SELECT c.id, w.cid, w.vkey, w.pos FROM wanted w "
+                "JOIN documents d ON d.collection_id = w.cid AND d.vector_key = w.vkey AND d.state = 'ready' "
+                "JOIN chunks c ON c.collection_id = d.collection_id AND c.document_id = d.document_id "
+                "AND c.position = w.pos", [v for t in triples for v in t]).fetchall()
         return {(r[1], r[2], int(r[3])): int(r[0]) for r in rows}
 
     def chunks(self, keys: Sequence[int]) -> dict[int, StoredChunk]:
@@ -413,9 +444,11 @@ class RagIndex:
     def _check_collection(self, cid: str, report: CheckReport, repair: bool,
                           embed: Callable[[list[str]], Vectors] | None) -> None:
         with self._conn() as conn:
-            rows = conn.execute("SELECT c.id, c.document_id, c.position, t.heading, t.body FROM chunks c JOIN "
-                                "chunk_text t ON t.rowid = c.id WHERE c.collection_id = ?", (cid,)).fetchall()
-        indexed = {chunk_id(r[1], int(r[2])): r for r in rows}
+            rows = conn.execute("SELECT d.vector_key, c.document_id, c.position, t.heading, t.body FROM chunks c "
+                                "JOIN chunk_text t ON t.rowid = c.id JOIN documents d ON d.collection_id = "
+                                "c.collection_id AND d.document_id = c.document_id WHERE c.collection_id = ?",
+                                (cid,)).fetchall()
+        indexed = {f"{r[0]}#{int(r[2])}": r for r in rows}
         report.chunks += len(indexed)
         vectors_of = self._vectors(cid)
         stored: set[str] = set()
@@ -437,7 +470,7 @@ class RagIndex:
         if missing and embed is not None:
             texts = [f"{indexed[m][3]}\n{indexed[m][4]}" if indexed[m][3] else indexed[m][4] for m in missing]
             vectors_of.add(ids=missing, embeddings=embed(texts),
-                           metadatas=[{"document_id": indexed[m][1], "position": int(indexed[m][2])}
+                           metadatas=[{"doc": indexed[m][0], "position": int(indexed[m][2])}
                                       for m in missing])
 
     def compact(self) -> None:

@@ -27,6 +27,8 @@ from appliance.config import RagSettings
 from appliance.errors import ApplianceError, Forbidden, InvalidRequest, NotFound
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
+from appliance.privacy.actions import Placeholders
+from appliance.privacy.service import Privacy
 from appliance.rag.chunking import Chunk, chunk_blocks
 from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.index import CheckReport, Hit, NewDocument, RagIndex, StoredChunk
@@ -118,6 +120,7 @@ class RagService:
         self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.crash_hook: Callable[[str], None] | None = None  # tests: kill the process at a named step
+        self.privacy: Privacy | None = None  # the `rag` surface of the privacy policy, applied at ingestion
 
     @property
     def index(self) -> RagIndex:
@@ -258,6 +261,8 @@ class RagService:
         chunked: list[list[Chunk]] = []
         for d in documents:
             blocks: list[Block] = await asyncio.to_thread(parse, d.data, d.kind, f"document '{d.id}'")
+            if self.privacy is not None and not self.privacy.passes_everything("rag"):
+                blocks = await asyncio.to_thread(_apply_policy, self.privacy, blocks, d.id)
             chunks = await self.embeddings.run(chunk_blocks, blocks, self.embeddings.model, s.chunk_tokens,
                                                s.chunk_overlap)
             if not chunks:
@@ -286,10 +291,18 @@ class RagService:
 
     async def delete_document(self, principal: Any, name: str, document_id: str) -> None:
         collection = self._collection(principal, name, write=True)
-        if not await asyncio.to_thread(self.index.delete_document, collection["id"], document_id):
+        if not await asyncio.to_thread(self._delete_and_compact, collection["id"], document_id):
             raise NotFound(f"collection '{name}' has no document '{document_id}'", code="document_not_found",
                            param="document_id")
         self._record(principal, "rag.document.delete", f"{name}/{document_id}")
+
+    def _delete_and_compact(self, collection_id: str, document_id: str) -> bool:
+        """Delete, then compact, so the deleted text leaves no trace on disk at once (privacy: a delete is an
+        erasure; the cost grows with the index, about a second per 100k chunks)."""
+        deleted = self.index.delete_document(collection_id, document_id)
+        if deleted:
+            self.index.compact()
+        return deleted
 
     def list_documents(self, principal: Any, name: str) -> list[dict[str, Any]]:
         return self.index.documents(self._collection(principal, name)["id"])
@@ -332,6 +345,15 @@ class RagService:
             return self.embeddings.embed_sync(texts).vectors
 
         return await asyncio.to_thread(self.index.check, repair, embed)
+
+
+def _apply_policy(privacy: Privacy, blocks: Sequence[Block], document_id: str) -> list[Block]:
+    """The privacy policy's `rag` surface on a document's text: its entities redacted, masked or pseudonymized
+    (one numbering for the whole document) before anything is indexed, or the document refused (422)."""
+    marks = Placeholders()
+    where = f"document '{document_id}'"
+    return [Block(tuple(privacy.enforce("rag", h, marks, where) for h in b.headings),
+                  privacy.enforce("rag", b.text, marks, where)) for b in blocks]
 
 
 def fuse(rankings: Sequence[Sequence[Hit]]) -> list[Hit]:

@@ -94,21 +94,22 @@ def test_a_crash_mid_ingestion_leaves_the_document_absent_after_repair(tmp_path:
     assert report.consistent, report
     assert [d["id"] for d in reopened.documents(cid)] == ["keep"]
     assert reopened.keyword_search([cid], "lost", 10) == []
-    assert set(reopened._vectors(cid).get()["ids"]) == {"keep#0"}
+    assert reopened._vectors(cid).count() == 1
+    assert reopened.check(repair=False).consistent
     reopened.close()
 
 
 def test_check_repairs_missing_and_orphan_vectors(index: RagIndex) -> None:
     cid = new_collection(index)
     index.put_document(cid, "a", chunks(["alpha", "beta"]), vectors(2, 1), {}, "u", 1)
-    index._vectors(cid).delete(ids=["a#1"])
-    index._vectors(cid).add(ids=["ghost#0"], embeddings=vectors(1, 3), metadatas=[{"document_id": "ghost",
-                                                                                    "position": 0}])
+    key = index._vector_keys(index._connection(), cid, ["a"])["a"]
+    index._vectors(cid).delete(ids=[f"{key}#1"])
+    index._vectors(cid).add(ids=["ghost#0"], embeddings=vectors(1, 3), metadatas=[{"doc": "ghost", "position": 0}])
     report = index.check(repair=False)
-    assert report.missing_vectors == ["a#1"] and report.orphan_vectors == ["ghost#0"]
+    assert report.missing_vectors == [f"{key}#1"] and report.orphan_vectors == ["ghost#0"]
     index.check(repair=True, embed=lambda texts: vectors(len(texts), 4))
     assert index.check(repair=False).consistent
-    assert set(index._vectors(cid).get()["ids"]) == {"a#0", "a#1"}
+    assert set(index._vectors(cid).get()["ids"]) == {f"{key}#0", f"{key}#1"}
 
 
 def test_a_second_process_is_refused(index: RagIndex, tmp_path: Path) -> None:
@@ -131,3 +132,25 @@ def test_reciprocal_rank_fusion_rewards_agreement() -> None:
     fused = fuse([[Hit(1, 9), Hit(2, 8), Hit(3, 7)], [Hit(3, 0.9), Hit(1, 0.8), Hit(4, 0.7)]])
     assert [h.chunk_key for h in fused][:2] == [1, 3]
     assert {h.chunk_key for h in fused} == {1, 2, 3, 4}
+
+
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_chroma_never_holds_document_ids_or_text(index: RagIndex, tmp_path: Path) -> None:
+    cid = new_collection(index)
+    index.put_document(cid, "canary-id@example.com", chunks(["zebracanary text"]), vectors(1, 1), {}, "u", 1)
+    assert len(index.keyword_search([cid], "zebracanary", 5)) == 1
+    assert files_containing(tmp_path / "rag" / "chroma", b"canary-id") == []
+    assert files_containing(tmp_path / "rag" / "chroma", b"zebracanary") == []
+
+
+def test_deleted_text_leaves_no_trace_after_compaction(index: RagIndex, tmp_path: Path) -> None:
+    cid = new_collection(index)
+    index.put_document(cid, "gone", chunks(["quokkacanary lives here"]), vectors(1, 1), {}, "u", 1)
+    index.put_document(cid, "kept", chunks(["wombat stays"]), vectors(1, 2), {}, "u", 1)
+    index.delete_document(cid, "gone")
+    index.compact()
+    assert files_containing(tmp_path / "rag", b"quokkacanary") == []
+    assert len(index.keyword_search([cid], "wombat", 5)) == 1
