@@ -46,7 +46,7 @@ from appliance.auth.sessions import (
     check_csrf,
 )
 from appliance.auth.users import UserService
-from appliance.cache.service import build_cache_service, open_cache
+from appliance.cache.setup import build_response_cache
 from appliance.config import Settings
 from appliance.datadir import DataDir
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
@@ -104,8 +104,7 @@ class Services:
         self.pool.placement = Placement(settings.models, GgufMemoryEstimator(self.registry.get, self.store._plaintext,
                                                                              settings.llamacpp))
         self.quotas = QuotaService(self.conn)
-        self.response_cache = build_cache_service(settings.cache, open_cache(settings.cache, self.data.cache),
-                                                  self.metrics)
+        self.response_cache = build_response_cache(settings.cache, self.data.cache, self.metrics, privacy=self.privacy)
         self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas, self.audit,
                                              cache=self.response_cache if settings.cache.enabled else None)
         self.completions.privacy = self.privacy.gateway

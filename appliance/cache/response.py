@@ -14,7 +14,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Entry(msgspec.Struct, array_like=True, frozen=True):
     created: float  # epoch seconds when stored
     partition: str
     model_sha256: str
+    owner: str = ""  # who asked (`user:<id>`, `key:<id>`): erasure finds their entries in shared partitions
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -91,7 +92,7 @@ class ResponseCache:
         self.size_limit_bytes = size_limit_bytes
         self._cache = diskcache.Cache(str(directory), disk=BytesOnlyDisk, size_limit=size_limit_bytes,
                                       eviction_policy="least-recently-used", tag_index=True,
-                                      statistics=False)
+                                      statistics=False, sqlite_secure_delete=1)  # deleted entries are zeroed
         self.evictions = 0
 
     def close(self) -> None:
@@ -145,15 +146,31 @@ class ResponseCache:
         """Drop everything cached for one partition (`user:<id>`, `key:<id>`, `role:<name>`): erasure on request."""
         return int(self._cache.evict(subject))
 
+    def erase_owner(self, owners: Collection[str]) -> int:
+        """Drop the entries these principals added to shared (`role:`) partitions."""
+        dropped = 0
+        for key in self.keys():
+            if key.startswith("role:") and (entry := self.get(key)) is not None and entry.owner in owners:
+                dropped += self.delete(key)
+        return dropped
+
+    def expire(self) -> int:
+        """Drop the entries past their TTL now (otherwise they go when next read or culled)."""
+        return int(self._cache.expire())
+
     def drop_model(self, model_sha256: str) -> int:
         """Drop every entry answered by one model version (it was removed or replaced)."""
         return self._drop(lambda key: key_model(key) == model_sha256)
 
+    def drop_models_except(self, model_sha256s: Collection[str]) -> int:
+        """Drop every entry answered by a model version no longer installed."""
+        return self._drop(lambda key: key_model(key) not in model_sha256s)
+
     def purge_older_than(self, seconds: float) -> int:
         """Retention: drop entries stored more than `seconds` ago, and any expired ones."""
         cutoff = time.time() - seconds
-        dropped = int(self._cache.expire())
-        return dropped + sum(1 for key, stored in self._stored_times() if stored < cutoff and self._cache.delete(key))
+        old = [key for key, stored in self._stored_times() if stored < cutoff]
+        return self.expire() + sum(1 for key in old if self._cache.delete(key))
 
     def report(self) -> CacheReport:
         partitions: dict[str, int] = {}

@@ -10,10 +10,13 @@ exact cache, so an entry cleared or evicted there is simply a miss here."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from appliance.rag.embeddings import EmbeddingService
 
 Vector = npt.NDArray[np.float32]
 
@@ -22,6 +25,17 @@ class Embedder(Protocol):
     async def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """One float32 row per text, L2-normalised."""
         ...
+
+
+class RagEmbedder:
+    """The RAG embedding model (`appliance.rag.embeddings.EmbeddingService`: its own thread, its own cache of
+    vectors keyed by text digest) as the semantic cache's `Embedder`."""
+
+    def __init__(self, service: EmbeddingService) -> None:
+        self.service = service
+
+    async def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        return (await self.service.embed(texts)).vectors
 
 
 class _Group:

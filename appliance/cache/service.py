@@ -36,7 +36,7 @@ class CacheLookup:
 
     def __init__(self, service: ResponseCacheService | None = None, *, key: str = "", context: str = "",
                  vector: Vector | None = None, partition: str = "", model_sha256: str = "", chat: bool = True,
-                 texts: list[str] | None = None, entry: Entry | None = None) -> None:
+                 texts: list[str] | None = None, entry: Entry | None = None, owner: str = "") -> None:
         self.service = service
         self.key = key
         self.context = context
@@ -46,6 +46,7 @@ class CacheLookup:
         self.chat = chat
         self.texts = texts or []
         self.entry = entry
+        self.owner = owner
 
     @property
     def records(self) -> bool:
@@ -144,7 +145,7 @@ class ResponseCacheService:
         partition = keys.partition_of(principal, self.shared_roles)
         key = keys.cache_key(model_sha256, body, partition, chat=chat, rag_versions=rag_versions)
         lookup = CacheLookup(self, key=key, partition=partition, model_sha256=model_sha256, chat=chat,
-                             texts=keys.request_texts(body))
+                             texts=keys.request_texts(body), owner=getattr(principal, "subject", ""))
         entry = self.cache.get(key)
         kind: CacheKind = "exact"
         if entry is None:
@@ -191,7 +192,7 @@ class ResponseCacheService:
             self.metrics.cache_skipped.labels("privacy").inc()
             return
         try:
-            evicted = self.cache.put(lookup.key, entry)
+            evicted = self.cache.put(lookup.key, msgspec.structs.replace(entry, owner=lookup.owner))
         except Exception as exc:
             log.warning("cache.store_failed", error_type=type(exc).__name__)
             return
@@ -211,6 +212,9 @@ class ResponseCacheService:
 
     def erase_partition(self, subject: str) -> int:
         return self.clear(subject)
+
+    def erase_owner(self, owners: Collection[str]) -> int:
+        return self.cache.erase_owner(owners)
 
     def purge_older_than(self, seconds: float) -> int:
         return self.cache.purge_older_than(seconds)

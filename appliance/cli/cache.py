@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Collection
 from typing import Any
 
 from appliance.cli.common import Add, cli_actor, open_audit
@@ -41,6 +42,14 @@ def cmd_cache_stats(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     for partition, count in sorted(report.partitions.items()):
         print(f"{partition}\t{count}")
     return 0
+
+
+def forget_removed_models(loaded: LoadedSettings, installed_sha256s: Collection[str]) -> None:
+    """After `models rm` or a pull that replaced a model: its cached answers go (a running server would no longer
+    serve them anyway, since keys name the model version; this frees the space)."""
+    with contextlib.closing(_open(loaded)) as cache:
+        if dropped := cache.drop_models_except(installed_sha256s):
+            print(f"dropped {dropped} cached responses of the model version that went")
 
 
 def register(sub: Any, add: Add) -> None:

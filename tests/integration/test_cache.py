@@ -54,8 +54,11 @@ def stream_chunks(client: openai.OpenAI, messages: list[dict[str, str]]) -> tupl
 
 
 def shape(obj: Any) -> Any:
+    """Keys and value types, recursively, as a client's parser sees them; a delta's content and whether the finish
+    reason rides on the last text chunk or on one of its own are the worker's choice, both as OpenAI streams."""
     if isinstance(obj, dict):
-        return {k: shape(v) for k, v in obj.items() if k != "prompt_tokens_details"}
+        return {k: "delta" if k == "delta" else "finish" if k == "finish_reason" else shape(v)
+                for k, v in obj.items() if k != "prompt_tokens_details"}
     if isinstance(obj, list):
         return [shape(v) for v in obj[:1]]
     return type(obj).__name__
@@ -69,8 +72,10 @@ def test_streamed_hit_has_the_chunk_shape_of_a_streamed_miss(cache_server: Runni
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in miss if c["choices"])
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in hit if c["choices"]) == text
     assert shape(hit[0]) == shape(miss[0]) and shape(hit[-1]) == shape(miss[-1])  # first chunk, usage chunk
-    assert {str(shape(c)) for c in hit[1:-1]} <= {str(shape(c)) for c in miss[1:-1]}
+    assert {str(shape(c)) for c in hit[1:-1]} == {str(shape(c)) for c in miss[1:-1]}
     assert hit[0]["choices"][0]["delta"]["role"] == "assistant"
+    finish = [c["choices"][0]["finish_reason"] for c in miss if c["choices"]][-1]
+    assert [c["choices"][0]["finish_reason"] for c in hit if c["choices"]][-1] == finish
     assert hit[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == miss[-1]["usage"]["prompt_tokens"]
     # a whole request is answered from what a stream stored, and the other way round
     assert ask(client, messages, temperature=0)[0] == "hit"
@@ -151,3 +156,27 @@ def test_admin_api_reports_and_clears_and_metrics_count(cache_server: Running) -
         refused = http.get("/api/cache", headers={"Authorization": f"Bearer {user}"})
         assert refused.status_code == 403
     assert ask(client, messages, temperature=0)[0] == "miss"
+
+
+def test_semantic_cache_serves_a_paraphrase_when_enabled(start_server: Callable[..., Running]) -> None:
+    server = start_server({"APPLIANCE_CACHE__SEMANTIC": "true", "APPLIANCE_CACHE__SEMANTIC_THRESHOLD": "0.9"})
+    client = server.client()
+    asked = [{"role": "user", "content": "What is the capital of France?"}]
+    assert ask(client, asked, temperature=0)[0] == "miss"
+    state, answer = ask(client, [{"role": "user", "content": "Tell me the capital of France."}], temperature=0)
+    assert state == "hit"
+    assert answer.choices[0].message.content == ask(client, asked, temperature=0)[1].choices[0].message.content
+    assert ask(client, [{"role": "user", "content": "What is the capital of Peru?"}], temperature=0)[0] == "miss"
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as http:
+        assert 'appliance_cache_hits_total{cache="semantic"} 1.0' in http.get("/metrics").text
+
+
+def test_models_rm_drops_that_models_cached_answers(cache_server: Running) -> None:
+    """Last in this module: it removes the model the module's server answers with."""
+    assert cache_server.process is not None
+    data_dir = cache_server.process.data_dir
+    ask(cache_server.client(), question(), temperature=0)
+    assert not appliance("cache", "stats", data_dir=data_dir).stdout.startswith("0 entries")
+    out = appliance("models", "rm", DEFAULT_MODEL, data_dir=data_dir).stdout
+    assert "dropped" in out and "cached responses" in out
+    assert appliance("cache", "stats", data_dir=data_dir).stdout.startswith("0 entries")

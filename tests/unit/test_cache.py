@@ -14,11 +14,13 @@ import pytest
 from appliance.auth.keys import Principal
 from appliance.auth.sessions import SessionPrincipal
 from appliance.cache import keys, replay
-from appliance.cache.policy import builtin_may_cache, may_cache
+from appliance.cache.policy import may_cache, no_pii, privacy_detector
 from appliance.cache.response import Entry, PickleRefused, ResponseCache, open_response_cache
 from appliance.engines.llamacpp_runtime import Piece, Usage
 from appliance.engines.llamacpp_worker import CompletionFormat
 from appliance.gateway.schemas import ChatCompletionRequest, decode_request, upstream_body
+from appliance.privacy.policy import SHIPPED_PRIVACY, parse_policy
+from appliance.privacy.service import Privacy
 
 SHA = "a" * 64
 
@@ -224,14 +226,35 @@ def test_unfinished_or_failed_streams_are_not_recorded() -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "mail me at jane.doe@example.com", "my card is 4111 1111 1111 1111", "call +44 20 7946 0958",
-    "IBAN DE89 3704 0044 0532 0130 00", "SSN 123-45-6789", "key AKIAIOSFODNN7EXAMPLE",
+    "mail me at jane.doe@example.com", "my card is 4111 1111 1111 1111", "call +1 415 555 2671",
+    "IBAN DE89 3704 0044 0532 0130 00", "SSN 536-22-8741", "key AKIAIOSFODNN7EXAMPLE",
 ])
-def test_requests_carrying_pii_are_not_cached_by_default(text: str) -> None:
-    assert not builtin_may_cache(["Hello", text])
+def test_requests_carrying_pii_are_not_cached_by_default(text: str, privacy: Privacy) -> None:
+    assert not no_pii(["Hello", text])
+    assert not may_cache(["Hello", text], privacy_detector(privacy))
 
 
 @pytest.mark.parametrize("text", ["What is the capital of France?", "Order 1234 shipped in 2024", "pi is 3.14159"])
-def test_plain_requests_may_be_cached(text: str) -> None:
-    assert builtin_may_cache([text])
-    assert may_cache([text], detector=lambda texts: False) is False  # the privacy policy, when given, decides
+def test_plain_requests_may_be_cached(text: str, privacy: Privacy) -> None:
+    assert no_pii([text]) and may_cache([text], privacy_detector(privacy))
+
+
+def test_the_policy_in_force_decides(privacy: Privacy) -> None:
+    text = ["write to jane.doe@example.com"]
+    assert not may_cache(text, privacy_detector(privacy))
+    allow = parse_policy(SHIPPED_PRIVACY.read_text().replace('[surfaces.cache]\ndefault = "block"',
+                                                                    '[surfaces.cache]\ndefault = "allow"'))
+    privacy.use_policy(allow)
+    assert may_cache(text, privacy_detector(privacy))
+
+
+@pytest.fixture
+def privacy() -> Privacy:
+    return Privacy(parse_policy(SHIPPED_PRIVACY.read_text()), b"k" * 32)
+
+
+def test_entries_of_models_no_longer_installed_are_dropped(cache: ResponseCache) -> None:
+    cache.put(f"user:u1/{SHA}/x", entry())
+    cache.put(f"user:u1/{'b' * 64}/x", entry(sha="b" * 64))
+    assert cache.drop_models_except({SHA}) == 1
+    assert list(cache.keys()) == [f"user:u1/{SHA}/x"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,12 @@ import pytest
 from appliance.auth.keys import Principal
 from appliance.cache import replay
 from appliance.cache.response import ResponseCache, open_response_cache
+from appliance.cache.retention import CacheEntriesStore
 from appliance.cache.semantic import SemanticIndex
 from appliance.cache.service import CacheLookup, ResponseCacheService
 from appliance.gateway.schemas import ChatCompletionRequest, decode_request, upstream_body
 from appliance.observability.metrics import Metrics
+from appliance.privacy.retention import Subject
 
 SHA = "c" * 64
 ALICE = Principal(key_id="alice001", name="alice", role="user")
@@ -193,3 +197,25 @@ def test_semantic_hit_for_a_paraphrase_only_in_the_same_partition(store: Respons
     assert look(service, body_of("what's the capital of France", temperature=0, max_tokens=3)).entry is None
     service.clear("key:alice001")
     assert look(service, body_of("what's the capital of France", temperature=0)).entry is None
+
+
+def test_retention_purges_erases_reports_and_compacts(store: ResponseCache, metrics: Metrics) -> None:
+    shared = ResponseCacheService(store, metrics, shared_roles=["user"])
+    own = ResponseCacheService(store, metrics)
+    look(own, body_of("Capital of Peru?", temperature=0)).store_whole(worker_answer("Lima."))  # key:alice001
+    look(shared, body_of("Capital of Chile?", temperature=0)).store_whole(worker_answer("Santiago."))  # role:user
+    look(shared, body_of("Capital of Spain?", temperature=0), principal=BOB).store_whole(worker_answer("Madrid."))
+    entries = CacheEntriesStore(own)
+    report = entries.report()
+    assert (report.data_class, report.count) == ("cache_entries", 3)
+    assert report.oldest is not None and datetime.now(UTC) - report.oldest < timedelta(minutes=1)
+    assert entries.purge_older_than(datetime.now(UTC) - timedelta(days=7)) == 0
+    # erasing alice drops her own partition and what she added to the shared one, not bob's
+    assert entries.erase_subject(Subject("alice", key_ids=frozenset({"alice001"}))) == 2
+    assert look(shared, body_of("Capital of Spain?", temperature=0), principal=ALICE).entry is not None
+    entries.compact()
+    with sqlite3.connect(store.directory / "cache.db") as conn:
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    assert not any(b"Lima." in f.read_bytes() for f in store.directory.rglob("*") if f.is_file())
+    assert entries.purge_older_than(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert entries.report().count == 0
