@@ -65,6 +65,24 @@ def install_scrubber(scrub: Callable[[str], str] | None) -> None:
     if scrub is not None:
         processors.insert(max(len(processors) - 1, 0), _PiiScrubber(scrub))  # just before the renderer
     structlog.configure(processors=processors)
+    for handler in logging.getLogger().handlers:  # the standard library's records (uvicorn's, libraries')
+        for old in [f for f in handler.filters if isinstance(f, _StdlibScrubber)]:
+            handler.removeFilter(old)
+        if scrub is not None:
+            handler.addFilter(_StdlibScrubber(scrub))
+
+
+class _StdlibScrubber(logging.Filter):
+    def __init__(self, scrub: Callable[[str], str]) -> None:
+        super().__init__()
+        self.scrub = scrub
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.scrub(record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
 
 
 def get_logger(name: str) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 CANARIES: dict[str, str] = {
     "email": "zebra.canary.7731@example.org",
     "phone": "+1 415-555-0176",
-    "credit_card": "4539 5786 4218 5559",
+    "credit_card": "4539 5786 4218 5554",
     "iban": "GB33 BUKB 2020 1555 5555 55",
     "us_ssn": "287-65-4321",
     "ip_address": "198.51.100.213",

@@ -8,6 +8,7 @@ from appliance.privacy.actions import PiiBlocked, Placeholders, Pseudonymizer, m
 from appliance.privacy.detectors import builtin_detectors, detect, iban_ok, luhn_ok
 from appliance.privacy.policy import parse_policy
 from appliance.privacy.service import Privacy
+from tests.privacy_canaries import CANARIES
 
 DETECTORS = builtin_detectors(("US",), ner="off")
 APL_KEY = "apl_" + "Q7x" * 15
@@ -117,3 +118,9 @@ def test_mask_keeps_what_identifies_it_to_its_owner() -> None:
     assert mask("email", "alice@example.com") == "a***@example.com"
     assert mask("credit_card", "4111 1111 1111 1111") == "**** **** **** 1111"
     assert mask("ip_address", "203.0.113.7") == "203.0.*.*"
+
+
+def test_every_canary_is_detected_as_its_type() -> None:
+    """The canaries the leak tests plant must be real values of their type, or those tests prove nothing."""
+    for kind, value in CANARIES.items():
+        assert found(f"value: {value} end") == [(kind, value)], kind
