@@ -16,7 +16,7 @@ SANDBOX_STOPPED = "sandbox forbids and was stopped"
 def cve_2024_34359(marker: Path) -> str:
     """The published llama-cpp-python template escape: find warnings.catch_warnings, reach builtins, run a shell."""
     return (
-        "{% for x in ().__class__.__base__.__subclasses__() %}{% if \"warning\" in x.__name__ %}"
+        "{% for x in ().__class__.__base__.__subclasses__() %}{% if x.__name__ == \"catch_warnings\" %}"
         "{{ x()._module.__builtins__['__import__']('os').system('touch " + str(marker) + "') }}"
         "{% endif %}{% endfor %}"
     )
