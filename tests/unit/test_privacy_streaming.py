@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from appliance.privacy.actions import PiiBlocked
-from appliance.privacy.gateway import SseRedactor
+from appliance.privacy.gateway import GatewayPrivacy, SseRedactor
 from appliance.privacy.policy import parse_policy
 from appliance.privacy.service import Privacy
 
@@ -106,3 +106,24 @@ def test_sse_finish_chunk_releases_the_rest() -> None:
     sse = SseRedactor(privacy())
     blob = sse.event(chunk("call 203.0.")) + sse.event(chunk("113.7", finish="stop"))
     assert texts(blob) == "call <IP_ADDRESS_1>"
+
+
+def test_the_prompt_surface_rewrites_every_message_with_one_numbering() -> None:
+    policy = parse_policy('[surfaces.prompt]\nemail = "redact"\nus_ssn = "block"\n[detectors]\nner = "off"\n')
+    gateway = GatewayPrivacy(Privacy(policy, b"k" * 32))
+    body = {"messages": [{"role": "system", "content": "Reply to ann@example.com"},
+                         {"role": "user", "content": "cc bob@example.com and ann@example.com"}]}
+    gateway.screen_request(body)
+    assert [m["content"] for m in body["messages"]] == ["Reply to <EMAIL_1>", "cc <EMAIL_2> and <EMAIL_1>"]
+    completion = {"prompt": "ssn 219-09-9998"}
+    with pytest.raises(PiiBlocked):
+        gateway.screen_request(completion)
+    assert completion["prompt"] == "ssn 219-09-9998"  # refused, not rewritten: nothing reaches the worker
+
+
+def test_whole_answers_are_rewritten_per_choice() -> None:
+    gateway = GatewayPrivacy(privacy())
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "mail jane.roe@example.org"}}],
+            "usage": {"prompt_tokens": 3}}
+    out = msgspec.json.decode(gateway.screen_response(msgspec.json.encode(body)))
+    assert out["choices"][0]["message"]["content"] == "mail <EMAIL_1>" and out["usage"] == body["usage"]
