@@ -90,7 +90,9 @@ class ResponseCache:
         self.directory = directory
         self.ttl = ttl
         self.size_limit_bytes = size_limit_bytes
-        self._cache = diskcache.Cache(str(directory), disk=BytesOnlyDisk, size_limit=size_limit_bytes,
+        # a short busy timeout: the server reads on its event loop, and a lookup that waits on another process's
+        # write (`appliance cache clear`) had better be a miss than a stall
+        self._cache = diskcache.Cache(str(directory), timeout=2, disk=BytesOnlyDisk, size_limit=size_limit_bytes,
                                       eviction_policy="least-recently-used", tag_index=True,
                                       statistics=False, sqlite_secure_delete=1)  # deleted entries are zeroed
         self.evictions = 0

@@ -27,3 +27,9 @@ def build_response_cache(settings: CacheSettings, cache_root: Path, metrics: Met
     if privacy is not None:
         privacy.retention.register(CacheEntriesStore(service))
     return service
+
+
+def cache_entries(settings: CacheSettings, cache_root: Path) -> CacheEntriesStore:
+    """The cache's entries for a retention run outside the server (`appliance privacy purge|erase|report`:
+    `controls.retention.register(cache_entries(settings.cache, data.cache))`)."""
+    return CacheEntriesStore(build_cache_service(settings, open_cache(settings, cache_root), Metrics()))

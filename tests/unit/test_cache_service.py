@@ -21,7 +21,9 @@ from appliance.cache import replay
 from appliance.cache.response import ResponseCache, open_response_cache
 from appliance.cache.retention import CacheEntriesStore
 from appliance.cache.semantic import SemanticIndex
-from appliance.cache.service import CacheLookup, ResponseCacheService
+from appliance.cache.service import CacheLookup, ResponseCacheService, open_cache
+from appliance.cache.setup import cache_entries
+from appliance.config import CacheSettings
 from appliance.gateway.schemas import ChatCompletionRequest, decode_request, upstream_body
 from appliance.observability.metrics import Metrics
 from appliance.privacy.retention import Subject
@@ -219,3 +221,14 @@ def test_retention_purges_erases_reports_and_compacts(store: ResponseCache, metr
     assert not any(b"Lima." in f.read_bytes() for f in store.directory.rglob("*") if f.is_file())
     assert entries.purge_older_than(datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert entries.report().count == 0
+
+
+def test_cache_entries_outside_the_server_see_what_the_server_stored(tmp_path: Path, metrics: Metrics) -> None:
+    settings = CacheSettings()
+    with open_cache(settings, tmp_path) as store:
+        look(ResponseCacheService(store, metrics), body_of(temperature=0)).store_whole(worker_answer())
+        cli = cache_entries(settings, tmp_path)  # as `appliance privacy erase` opens it, in another process
+        assert cli.report().count == 1
+        assert cli.erase_subject(Subject("alice", key_ids=frozenset({"alice001"}))) == 1
+        assert len(store) == 0
+        cli.service.close()
