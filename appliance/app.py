@@ -101,8 +101,8 @@ class Services:
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics,
                                on_event=self.audit_model_event)
         # memory fit: estimated from the GGUF header, read through the store (only its first segments decrypted)
-        self.pool.placement = Placement(settings.models, GgufMemoryEstimator(self.registry.get, self.store._plaintext,
-                                                                             settings.llamacpp))
+        self.pool.placement = Placement(settings.models, GgufMemoryEstimator(
+            self.registry.get, self.store._plaintext, settings.llamacpp, gpu=lambda: bool(self.gpus)))
         self.quotas = QuotaService(self.conn)
         self.response_cache = build_response_cache(settings.cache, self.data.cache, self.metrics, privacy=self.privacy)
         self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas, self.audit,

@@ -5,8 +5,8 @@ models, least recently used first, or refuses with the numbers and what to do.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import psutil
@@ -33,10 +33,25 @@ class MemoryNeed:
     weights: int
     kv_cache: int
     overhead: int
+    on_gpu: bool = False
+    """Weights and KV cache in GPU memory (llama.cpp offload, vLLM); the buffers stay in RAM either way."""
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.overhead
+
+    def of(self, resource: str) -> int:
+        """Bytes of `resource` ("RAM" or "GPU memory") this model takes."""
+        if resource == "GPU memory":
+            return self.weights + self.kv_cache if self.on_gpu else 0
+        return self.overhead if self.on_gpu else self.total
+
+
+@dataclass(frozen=True)
+class Shortage:
+    resource: str
+    needed: int
+    free: int
 
 
 def gib(n: float) -> str:
@@ -63,6 +78,12 @@ def estimate_gguf(info: GgufInfo, *, n_ctx: int = 0, parallel: int = 1, n_batch:
     return MemoryNeed(info.tensor_bytes, kv, compute)
 
 
+def _llamacpp_offloads() -> bool:
+    from appliance.engines.llamacpp import gpu_offload_supported
+
+    return gpu_offload_supported()
+
+
 def system_free_ram() -> int:
     return int(psutil.virtual_memory().available)
 
@@ -81,50 +102,77 @@ class GgufMemoryEstimator:
     blobs: only the first segments are decrypted). Cached per digest: a file's header never changes."""
 
     def __init__(self, find: Callable[[str], ModelRecordLike], plaintext: Callable[[str], Iterable[bytes]],
-                 llamacpp: LlamaCppSettings) -> None:
+                 llamacpp: LlamaCppSettings, gpu: Callable[[], bool] = lambda: False) -> None:
         self.find = find
         self.plaintext = plaintext
         self.llamacpp = llamacpp
+        self.gpu = gpu
         self._headers: dict[str, GgufInfo] = {}
 
     async def __call__(self, name: str, parallel: int) -> MemoryNeed:
         record = self.find(name)
-        if record.format != "gguf":  # folders (vLLM) size their own cache: count what is stored; remote: nothing
-            return MemoryNeed(record.size_bytes, 0, BASE_OVERHEAD if record.size_bytes else 0)
+        if record.format == "remote":
+            return MemoryNeed(0, 0, 0)
+        if record.format != "gguf":  # a folder for vLLM, which sizes its own cache: count what is stored
+            return MemoryNeed(record.size_bytes, 0, BASE_OVERHEAD, on_gpu=self.gpu())
         info = self._headers.get(record.sha256)
         if info is None:
             info = await asyncio.to_thread(read_gguf_stream, self.plaintext(record.sha256), record.size_bytes)
             self._headers[record.sha256] = info
-        return estimate_gguf(info, n_ctx=self.llamacpp.n_ctx, parallel=parallel, n_batch=self.llamacpp.n_batch)
+        need = estimate_gguf(info, n_ctx=self.llamacpp.n_ctx, parallel=parallel, n_batch=self.llamacpp.n_batch)
+        # offloaded layers (any: a partial offload is counted as whole, the safe side for the GPU)
+        return replace(need, on_gpu=self.llamacpp.n_gpu_layers != 0 and self.gpu() and _llamacpp_offloads())
+
+
+def system_free_vram() -> int | None:
+    """Free memory over every NVIDIA GPU (NVML or nvidia-smi); None without a GPU."""
+    from appliance.engines.select import probe_gpus
+
+    gpus = [g for g in probe_gpus() if g.free_mib is not None]
+    return sum(g.free_mib or 0 for g in gpus) << 20 if gpus else None
 
 
 class Placement:
     """Decides whether a model fits next to the loaded ones. `estimate(name, parallel)` is awaited for the need;
-    `free_ram()` is the system's available memory (a fake in unit tests, psutil otherwise)."""
+    `free_ram()` / `free_vram()` say what the system has free now (fakes in unit tests; psutil and NVML here)."""
 
     def __init__(self, models: ModelSettings, estimate: Callable[[str, int], Awaitable[MemoryNeed]],
-                 free_ram: Callable[[], int] = system_free_ram) -> None:
+                 free_ram: Callable[[], int] = system_free_ram,
+                 free_vram: Callable[[], int | None] = system_free_vram) -> None:
         self.models = models
         self.estimate = estimate
         self.free_ram = free_ram
+        self.free_vram = free_vram
 
     async def need(self, name: str, parallel: int) -> MemoryNeed:
         return await self.estimate(name, parallel)
 
-    def free(self, held: Mapping[str, MemoryNeed]) -> int:
-        """Bytes a new model may take now: the system's free RAM less the headroom, and within the budget."""
-        free = self.free_ram() - self.models.memory_headroom_bytes
+    def shortage(self, need: MemoryNeed, held: Iterable[MemoryNeed], loading: Iterable[MemoryNeed]
+                 ) -> Shortage | None:
+        """What is short for `need` next to the models `held` (of which `loading` have not taken their memory yet),
+        or None when it fits: RAM less the headroom, GPU memory, and the operator's budget over both."""
+        held, loading = list(held), list(loading)
+        checks = [("RAM", self.free_ram() - self.models.memory_headroom_bytes)]
+        if need.on_gpu and (vram := self.free_vram()) is not None:
+            checks.append(("GPU memory", vram))
+        for resource, free in checks:
+            free -= sum(n.of(resource) for n in loading)
+            if need.of(resource) > free:
+                return Shortage(resource, need.of(resource), free)
         if self.models.memory_limit_bytes:
-            free = min(free, self.models.memory_limit_bytes - sum(n.total for n in held.values()))
-        return free
+            free = self.models.memory_limit_bytes - sum(n.total for n in held)
+            if need.total > free:
+                return Shortage("memory", need.total, free)
+        return None
 
-    def refusal(self, name: str, need: MemoryNeed, free: int, others: Iterable[str]) -> InsufficientMemory:
+    def refusal(self, name: str, need: MemoryNeed, short: Shortage, others: Iterable[str]) -> InsufficientMemory:
         loaded = sorted(others)
         unload = (f"unload {', '.join(repr(o) for o in loaded)} (busy or pinned now)" if loaded
                   else "free memory on the box")
         budget = (f" (models.memory_limit_bytes = {gib(self.models.memory_limit_bytes)})"
-                  if self.models.memory_limit_bytes else "")
+                  if short.resource == "memory" else "")
+        parts = f"weights {gib(need.weights)}, KV cache {gib(need.kv_cache)}, buffers {gib(need.overhead)}"
         return InsufficientMemory(
-            f"model '{name}' needs {gib(need.total)} (weights {gib(need.weights)}, KV cache {gib(need.kv_cache)}, "
-            f"buffers {gib(need.overhead)}) but {gib(max(free, 0))} is free{budget}; {unload}, lower the context "
-            "(llamacpp.n_ctx) or pick a smaller quantization", param="model")
+            f"model '{name}' needs {gib(short.needed)} of {short.resource} ({parts}) but {gib(max(short.free, 0))} "
+            f"is free{budget}; {unload}, lower the context (llamacpp.n_ctx) or pick a smaller quantization",
+            param="model")

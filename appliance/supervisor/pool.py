@@ -191,21 +191,22 @@ class WorkerPool:
         need = await self.placement.need(slot.name, self.parallel)
         while True:
             others = [s for s in self.slots.values() if s is not slot and s.need is not None]
-            held = {s.name: s.need for s in others if s.need is not None}
-            loading = sum(s.need.total for s in others if s.need is not None and not s.alive)
-            free = self.placement.free(held) - loading  # a loading model has not taken its memory yet
-            if need.total <= free:
+            held = [s.need for s in others if s.need is not None]
+            loading = [s.need for s in others if s.need is not None and not s.alive]  # not taken their memory yet
+            short = self.placement.shortage(need, held, loading)
+            if short is None:
                 slot.need = need
                 return
             idle = [s for s in others if s.alive and not s.pinned and s.in_use == 0 and s.waiting == 0
                     and not s.load_lock.locked()]
-            if not idle or need.total > free + sum(s.need.total for s in idle if s.need is not None):
+            if not idle or short.needed > short.free + sum(s.need.of(short.resource) for s in idle if s.need):
                 # nothing to unload, or unloading every idle model would not make room: leave them be
-                self._event("model.load", slot.name, "refused", reason="memory", need_bytes=need.total,
-                            free_bytes=max(free, 0))
-                raise self.placement.refusal(slot.name, need, free, [s.name for s in others if s.alive])
+                self._event("model.load", slot.name, "refused", reason=f"{short.resource}", need_bytes=short.needed,
+                            free_bytes=max(short.free, 0))
+                raise self.placement.refusal(slot.name, need, short, [s.name for s in others if s.alive])
             victim = min(idle, key=lambda s: s.last_used)
-            log.info("model.evict", model=victim.name, for_model=slot.name, need=gib(need.total), free=gib(free))
+            log.info("model.evict", model=victim.name, for_model=slot.name, resource=short.resource,
+                     need=gib(short.needed), free=gib(short.free))
             self._event("model.unload", victim.name, "ok", reason="memory", for_model=slot.name)
             async with victim.load_lock:
                 await self._retire(victim)

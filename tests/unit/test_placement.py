@@ -31,30 +31,41 @@ GIB = 1 << 30
 
 
 class Box:
-    """A machine's memory as the pool sees it: what is free shrinks with every live worker, as with a real one."""
+    """A machine's memory as the pool sees it: what is free shrinks with every live worker, as with a real one.
+    Models named in `on_gpu` keep their weights in GPU memory (`vram` bytes; none = no GPU) and 1 GiB in RAM."""
 
-    def __init__(self, pool_needs: dict[str, int], total: int) -> None:
+    def __init__(self, pool_needs: dict[str, int], total: int, vram: int | None = None,
+                 on_gpu: frozenset[str] = frozenset()) -> None:
         self.needs = pool_needs
         self.total = total
+        self.vram = vram
+        self.on_gpu = on_gpu
         self.pool: WorkerPool | None = None
 
-    def free_ram(self) -> int:
+    def _used(self, resource: str) -> int:
         assert self.pool is not None
-        used = sum(self.needs[s.name] for s in self.pool.slots.values() if s.alive)
-        return self.total - used
+        return sum(s.need.of(resource) for s in self.pool.slots.values() if s.alive and s.need)
+
+    def free_ram(self) -> int:
+        return self.total - self._used("RAM")
+
+    def free_vram(self) -> int | None:
+        return None if self.vram is None else self.vram - self._used("GPU memory")
 
     async def estimate(self, name: str, parallel: int) -> MemoryNeed:
+        if name in self.on_gpu:
+            return MemoryNeed(self.needs[name], 0, GIB, on_gpu=True)
         return MemoryNeed(self.needs[name], 0, 0)
 
 
 def make_pool(factory: Factory, needs: dict[str, int], *, total: int = 100 * GIB, limit: int = 0,
-              keep_alive: float = 300.0, events: list[tuple[str, str, str, dict[str, object]]] | None = None
-              ) -> tuple[WorkerPool, Box]:
-    box = Box(needs, total)
+              keep_alive: float = 300.0, events: list[tuple[str, str, str, dict[str, object]]] | None = None,
+              vram: int | None = None, on_gpu: frozenset[str] = frozenset()) -> tuple[WorkerPool, Box]:
+    box = Box(needs, total, vram, on_gpu)
     models = ModelSettings(default=DEFAULT, keep_alive=keep_alive, memory_limit_bytes=limit, memory_headroom_bytes=0)
     pool = WorkerPool(models, GatewaySettings(), SupervisorSettings(restart_backoff=0.01), factory, Metrics(),
                       on_event=(lambda *e: events.append(e)) if events is not None else None,
-                      placement=Placement(models, box.estimate, box.free_ram))
+                      placement=Placement(models, box.estimate, box.free_ram, box.free_vram))
     box.pool = pool
     return pool, box
 
@@ -103,6 +114,8 @@ def test_estimator_reads_the_header_through_the_store_once(tmp_path: Path) -> No
 
     run(main)
     assert opened == ["ab" * 32]
+    cpu_only = GgufMemoryEstimator(lambda name: record, plaintext, LlamaCppSettings(n_gpu_layers=0), gpu=lambda: True)
+    assert not asyncio.run(cpu_only("m", 1)).on_gpu  # a GPU on the box, but no layers offloaded: all in RAM
 
 
 def test_idle_models_are_evicted_least_recently_used_first() -> None:
@@ -131,7 +144,7 @@ def test_busy_and_pinned_models_are_not_evicted_and_the_refusal_gives_the_number
         with pytest.raises(InsufficientMemory) as info:
             await use_once(pool, "big")
         message = info.value.message
-        assert "model 'big' needs 6.0 GiB" in message and "but 5.0 GiB is free" in message
+        assert "model 'big' needs 6.0 GiB of RAM" in message and "but 5.0 GiB is free" in message
         assert f"unload 'a', '{DEFAULT}'" in message and "smaller quantization" in message
         assert info.value.status_code == 503 and info.value.code == "insufficient_memory"
         assert pool.is_ready(DEFAULT) and pool.is_ready("a") and factory.of("big") == []
@@ -177,11 +190,45 @@ def test_a_loading_model_holds_its_reservation() -> None:
         pool.new_worker = slow_factory
         first = asyncio.create_task(use_once(pool, "a"))
         await eventually(lambda: pool.slot("a").need is not None)
-        with pytest.raises(InsufficientMemory, match=r"needs 5\.0 GiB .* but 3\.0 GiB is free"):
+        with pytest.raises(InsufficientMemory, match=r"needs 5\.0 GiB of RAM .* but 3\.0 GiB is free"):
             await use_once(pool, "b")  # the system shows 8 GiB free, but 5 are promised to "a"
         loading.set()
         await first
         assert pool.is_ready("a") and factory.of("b") == []
+        await pool.close()
+
+    run(main)
+
+
+def test_gpu_memory_is_checked_for_offloaded_models_and_freed_by_evicting_them() -> None:
+    async def main() -> None:
+        factory = Factory()
+        gpu = frozenset({"g1", "g2", "g3"})
+        pool, _ = make_pool(factory, {"g1": 30 * GIB, "g2": 30 * GIB, "g3": 50 * GIB, "cpu": 8 * GIB},
+                            total=64 * GIB, vram=80 * GIB, on_gpu=gpu)
+        await use_once(pool, "g1")
+        await use_once(pool, "g2")
+        await use_once(pool, "cpu")  # RAM only: the GPU's 20 GiB left do not matter to it
+        assert all(pool.is_ready(m) for m in ("g1", "g2", "cpu"))
+        await use_once(pool, "g3")  # 50 GiB of GPU memory: g1 (least recently used) goes, cpu stays
+        assert not pool.is_ready("g1") and pool.is_ready("g2") and pool.is_ready("g3") and pool.is_ready("cpu")
+        holding = Holding()
+        await holding.hold(pool, "g2")
+        await holding.hold(pool, "g3")
+        with pytest.raises(InsufficientMemory) as info:
+            await use_once(pool, "g1")
+        assert "model 'g1' needs 30.0 GiB of GPU memory" in info.value.message
+        assert "but 0 MiB is free" in info.value.message and "unload 'cpu', 'g2', 'g3'" in info.value.message
+        await holding.stack.aclose()
+        await pool.close()
+
+    run(main)
+
+
+def test_when_gpu_memory_cannot_be_read_only_the_ram_part_is_checked() -> None:
+    async def main() -> None:
+        pool, _ = make_pool(Factory(), {"g": 30 * GIB}, total=16 * GIB, vram=None, on_gpu=frozenset({"g"}))
+        await use_once(pool, "g")  # its 1 GiB of buffers fits; the GPU part is the engine's to refuse
         await pool.close()
 
     run(main)
