@@ -123,6 +123,25 @@ class _Cursor:
         return bytes(self.take(n))
 
 
+_U64 = struct.Struct("<Q")
+
+
+def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
+    """Step over an array of strings (a vocabulary: ~10^5 of them) in one tight loop, each length checked."""
+    buf, pos, end, unpack = cur.buf, cur.pos, len(cur.buf), _U64.unpack_from
+    for _ in range(count):
+        if pos + 8 > end:
+            raise _NeedMore
+        (n,) = unpack(buf, pos)
+        if n > MAX_STRING_BYTES:
+            raise InvalidGguf(f"metadata '{key}' claims a string of {n} bytes (limit {MAX_STRING_BYTES}); the file "
+                              "is damaged or crafted")
+        pos += 8 + n
+    if pos > end:
+        raise _NeedMore
+    cur.pos = pos
+
+
 def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> object:
     if vtype in _SCALARS:
         return cur.unpack(_SCALARS[vtype])
@@ -137,7 +156,9 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> object:
             raise InvalidGguf(f"metadata '{key}' claims an array of {count} items (limit {MAX_ARRAY_ITEMS})")
         if etype in _SCALARS:
             cur.take(count * struct.calcsize(_SCALARS[etype]))  # fixed-size items: skip without a loop
-        elif etype in (_STRING, _ARRAY):
+        elif etype == _STRING:
+            _skip_strings(cur, count, key)
+        elif etype == _ARRAY:
             for _ in range(count):
                 _value(cur, etype, key, depth + 1)
         else:
@@ -228,7 +249,7 @@ def _check_tensors(version: int, alignment: int, data_offset: int, metadata: dic
 
 def _parse_growing(read_more: Iterator[bytes], file_size: int, head: bytearray) -> GgufInfo:
     """Parse from `head`, pulling more bytes (doubling what is tried each time, so parsing stays linear)."""
-    want, exhausted = 1 << 16, False
+    want, exhausted = 1 << 20, False
     while True:
         while not exhausted and len(head) < min(want, file_size):
             chunk = next(read_more, b"")

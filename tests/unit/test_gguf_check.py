@@ -175,3 +175,23 @@ def test_bad_alignment_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidGguf, match="not a power of two"):
         read_gguf(path)
 
+
+
+def test_huge_string_inside_an_array_is_refused(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "hello", "world"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert read_gguf(path).metadata["tokenizer.ggml.tokens"] == 3  # arrays are kept as their length
+    second_length = kv_field_position(path, "tokenizer.ggml.tokens", 7)  # before the damage: gguf's reader trips on it
+    patch(path, second_length, "<Q", 1 << 40)
+    with pytest.raises(InvalidGguf, match=r"metadata 'tokenizer\.ggml\.tokens' claims a string of 1099511627776"):
+        read_gguf(path)
+    patch(path, second_length, "<Q", 1 << 20)  # allowed, but beyond the end of the file
+    with pytest.raises(InvalidGguf, match="ends inside its header"):
+        read_gguf(path)
