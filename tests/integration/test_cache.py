@@ -81,6 +81,15 @@ def test_streamed_hit_has_the_chunk_shape_of_a_streamed_miss(cache_server: Runni
     assert ask(client, messages, temperature=0)[0] == "hit"
 
 
+def test_text_completions_are_cached_too(cache_server: Running) -> None:
+    client, prompt = cache_server.client(), f"The colour of the sky is ({uuid.uuid4().hex[:8]})"
+    raws = [client.completions.with_raw_response.create(model=DEFAULT_MODEL, prompt=prompt, max_tokens=6,
+                                                        temperature=0) for _ in range(2)]
+    assert [r.headers["x-cache"] for r in raws] == ["miss", "hit"]
+    first, second = (r.parse() for r in raws)
+    assert second.choices[0].text == first.choices[0].text and second.object == first.object == "text_completion"
+
+
 def test_another_users_identical_request_is_a_miss(cache_server: Running) -> None:
     assert cache_server.process is not None
     other = cache_server.client(new_key(cache_server.process.data_dir, role="user"))
