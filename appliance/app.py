@@ -99,7 +99,7 @@ class Services:
         self.vllm = VllmEngine(settings.vllm)
         self.remote_keys = RemoteCredentials(self.data.keys / "remote")
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics,
-                               on_event=self.audit_model_event)
+                               parallel=settings.llamacpp.parallel, on_event=self.audit_model_event)
         # memory fit: estimated from the GGUF header, read through the store (only its first segments decrypted)
         self.pool.placement = Placement(settings.models, GgufMemoryEstimator(
             self.registry.get, self.store._plaintext, settings.llamacpp, gpu=lambda: bool(self.gpus)))

@@ -80,9 +80,17 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     threads: Annotated[int, _doc("Threads for generation; 0 = the number of physical cores.", ge=0)] = 0
     n_ctx: Annotated[
-        int, _doc("Context length in tokens; 0 = the model's trained length, capped at 8192.", ge=0)
+        int, _doc("Context length in tokens of each parallel sequence; 0 = the model's trained length, capped at "
+                  "8192. The KV cache holds parallel x n_ctx tokens.", ge=0)
     ] = 0
-    n_batch: Annotated[int, _doc("Prompt-processing batch size in tokens.", ge=1)] = 512
+    n_batch: Annotated[
+        int, _doc("Most tokens per decoding step: one per generating sequence, the rest slices of waiting prompts "
+                  "(smaller = other streams wait less behind a long prompt).", ge=1)
+    ] = 512
+    parallel: Annotated[
+        int, _doc("Sequences one llama.cpp worker decodes together (continuous batching); the gateway lets this "
+                  "many requests per model through at once and queues the rest.", ge=1, le=256)
+    ] = 1
     n_gpu_layers: Annotated[
         int, _doc("Layers offloaded to the GPU; -1 = all when a GPU build is present, 0 = CPU only.", ge=-1)
     ] = -1

@@ -36,7 +36,8 @@ class LlamaCppEngine:
         gpu_layers = s.n_gpu_layers if gpu_offload_supported() else 0
         argv = [s.python or sys.executable, "-m", WORKER_MODULE, "--fd", "{fd}", "--parent-pid", str(os.getpid()),
                 "--model", str(model_path), "--name", model_name, "--threads", str(self.threads),
-                "--n-ctx", str(s.n_ctx), "--n-batch", str(s.n_batch), "--n-gpu-layers", str(gpu_layers)]
+                "--n-ctx", str(s.n_ctx), "--n-batch", str(s.n_batch), "--n-gpu-layers", str(gpu_layers),
+                "--parallel", str(s.parallel)]
         if s.flash_attn:
             argv.append("--flash-attn")
         return LaunchSpec(argv)

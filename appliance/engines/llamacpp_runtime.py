@@ -1,21 +1,20 @@
-"""The llama.cpp model inside a worker process: prompt building, context checks and the generation loop.
-
-One sequence at a time (the batching scheduler replaces `generate`). Runs in the worker process only."""
+"""The llama.cpp model inside a worker process: the model and one context with a KV cache per sequence, prompt
+building, tokenization and context checks. Runs in the worker process only; the scheduler drives the decoding."""
 
 from __future__ import annotations
 
-import codecs
-import secrets
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+import ctypes
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
-import numpy as np
-from llama_cpp import LogitsProcessorList
+from llama_cpp._internals import LlamaModel
+from llama_cpp._logger import set_verbose
 
 from appliance.engines.chat_template import ChatTemplate
+
+MAX_DEFAULT_CTX = 8192  # per sequence, when the settings leave it to the model's trained length
 
 
 class ContextLengthExceeded(Exception):
@@ -30,21 +29,6 @@ class ContextLengthExceeded(Exception):
 
 
 @dataclass
-class SamplingParams:
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logit_bias: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass
 class Piece:
     """A slice of generated text; `finish_reason` is set on the last one."""
 
@@ -56,6 +40,7 @@ class Piece:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused rather than computed
 
 
 class StopMatcher:
@@ -91,37 +76,53 @@ class StopMatcher:
 
 
 class LlamaRuntime:
-    def __init__(self, model_path: str, *, n_ctx: int, n_threads: int, n_batch: int, n_gpu_layers: int,
-                 flash_attn: bool) -> None:
-        from llama_cpp import Llama
+    """One model and one llama.cpp context holding `parallel` sequences, each with its own `n_ctx` cells."""
 
+    def __init__(self, model_path: str, *, n_ctx: int, n_threads: int, n_batch: int, n_gpu_layers: int,
+                 flash_attn: bool, parallel: int = 1) -> None:
+        llama_cpp.llama_backend_init()
+        set_verbose(False)  # llama.cpp's own log lines: errors only
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        self.model = LlamaModel(path_model=model_path, params=model_params, verbose=False)
+        self.vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab()
         if not n_ctx:  # the trained length, capped so that large models do not allocate a huge KV cache
-            vocab = Llama(model_path=model_path, vocab_only=True, verbose=False)
-            arch = vocab.metadata.get("general.architecture", "")
-            n_ctx = min(int(vocab.metadata.get(f"{arch}.context_length", 4096)), 8192)
-            del vocab
-        self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                         n_batch=n_batch, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=False)
-        self.n_ctx = self.llm.n_ctx()
-        self._vocab = self.llm._model.vocab
-        meta = self.llm.metadata
-        self.template = ChatTemplate(meta.get("tokenizer.chat_template"), self._token_text(self.llm.token_bos()),
-                                     self._token_text(self.llm.token_eos()))
-        self.lock = threading.Lock()
-        self.generated_tokens = 0
-        self.cancelled = 0
+            n_ctx = min(self.model.n_ctx_train(), MAX_DEFAULT_CTX)
+        n_batch = max(n_batch, parallel)  # a step holds one token of every generating sequence
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * parallel
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = parallel
+        params.kv_unified = False  # a KV buffer per sequence: attention never scans other sequences' cells
+        params.n_threads = params.n_threads_batch = n_threads
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self.ctx: Any = llama_cpp.llama_init_from_model(self.model.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens x {parallel} sequences; "
+                               "lower llamacpp.n_ctx or llamacpp.parallel")
+        self.memory: Any = llama_cpp.llama_get_memory(self.ctx)
+        self.parallel = parallel
+        self.n_batch = n_batch
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        meta = self.model.metadata()
+        self.template = ChatTemplate(meta.get("tokenizer.chat_template"), self._token_text(self.model.token_bos()),
+                                     self._token_text(self.model.token_eos()))
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        return self.model.token_to_piece(token, special=True).rstrip(b"\0").decode("utf-8", errors="replace")
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
         return self.template.render(messages)
 
     def tokenize(self, text: str, *, is_chat: bool) -> list[int]:
         # A rendered chat template carries its own BOS text; plain completions get the model's BOS.
-        tokens: list[int] = self.llm.tokenize(text.encode("utf-8"), add_bos=not is_chat, special=is_chat)
+        tokens: list[int] = self.model.tokenize(text.encode("utf-8"), add_bos=not is_chat, special=is_chat)
         return tokens
 
     def check_context(self, prompt_tokens: int, max_tokens: int | None, what: str = "messages") -> int:
@@ -131,62 +132,27 @@ class LlamaRuntime:
         return max_tokens or self.n_ctx - prompt_tokens
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def generate(self, tokens: list[int], params: SamplingParams, cancel: threading.Event,
-                 usage: Usage) -> Iterator[Piece]:
-        """Stream text pieces; stops on end-of-generation, a stop string, max_tokens or `cancel`."""
-        limit = self.check_context(len(tokens), params.max_tokens)
-        usage.prompt_tokens = len(tokens)
-        with self.lock:
-            self.llm.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
-            yield from self._generate_locked(tokens, params, limit, cancel, usage)
+    def piece(self, token: int, buffer: ctypes.Array[ctypes.c_char]) -> bytes:
+        """The bytes of one generated token (special tokens render as nothing, as in the OpenAI API)."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[:n]
 
-    def _generate_locked(self, tokens: list[int], params: SamplingParams, limit: int, cancel: threading.Event,
-                         usage: Usage) -> Iterator[Piece]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(params.stop)
-        processors = LogitsProcessorList([_logit_bias(params.logit_bias)]) if params.logit_bias else None
-        finish = "length"
-        for token in self.llm.generate(
-            tokens, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, temp=params.temperature,
-            repeat_penalty=params.repeat_penalty, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty, reset=True, logits_processor=processors,
-        ):
-            if cancel.is_set():
-                self.cancelled += 1
-                finish = "cancelled"
-                break
-            if self.is_end_of_generation(token):
-                finish = "stop"
-                break
-            usage.completion_tokens += 1
-            self.generated_tokens += 1
-            text = decoder.decode(self.llm.detokenize([token]))
-            out, stopped = stops.feed(text)
-            if stopped:
-                if out:
-                    yield Piece(out)
-                finish = "stop"
-                break
-            if out:
-                yield Piece(out)
-            if usage.completion_tokens >= limit:
-                break
-        if finish != "stop":
-            tail = stops.flush() + decoder.decode(b"", final=True)
-            if tail:
-                yield Piece(tail)
-        yield Piece("", finish)
+    def forget(self, seq_id: int, from_pos: int) -> bool:
+        """Free the KV cells of `seq_id` from `from_pos` on (-1 frees them all); False if llama.cpp cannot."""
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, from_pos, -1))
 
+    def decode(self, n_tokens: int) -> int:
+        self.batch.n_tokens = n_tokens
+        return int(llama_cpp.llama_decode(self.ctx, self.batch))
 
-def _logit_bias(bias: Mapping[int, float]) -> Any:
-    ids = np.fromiter(bias.keys(), dtype=np.int64)
-    values = np.fromiter(bias.values(), dtype=np.float32)
-
-    def apply(_: Any, scores: Any) -> Any:
-        valid = ids < scores.shape[-1]
-        scores[ids[valid]] += values[valid]
-        return scores
-
-    return apply
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        self.model.close()  # type: ignore[no-untyped-call]

@@ -1,7 +1,8 @@
 """The llama.cpp worker process: OpenAI-compatible HTTP on a Unix socket handed over by the supervisor.
 
 Run as `python -m appliance.engines.llamacpp_worker --fd N --model PATH ...`. It dies with its parent
-(PR_SET_PDEATHSIG), generates one sequence at a time, and stops generating when the client goes away."""
+(PR_SET_PDEATHSIG), decodes up to --parallel sequences per step (llamacpp_scheduler), and stops a
+request's generation when its client goes away."""
 
 from __future__ import annotations
 
@@ -11,17 +12,17 @@ import ctypes
 import os
 import signal
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import msgspec
 
 from appliance.engines.chat_template import ChatTemplateError
-from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRuntime, Piece, SamplingParams, Usage
+from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRuntime, Piece, Usage
+from appliance.engines.llamacpp_sampling import InvalidSampling, sampling_from
+from appliance.engines.llamacpp_scheduler import Job, Scheduler
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -42,25 +43,6 @@ def die_with_parent(parent_pid: int) -> None:
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
     return _encoder.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
-
-
-def sampling_from(body: dict[str, Any]) -> SamplingParams:
-    """OpenAI request fields to sampling parameters; absent or null fields take the defaults."""
-    given = {k: v for k, v in body.items() if v is not None}
-    stop = given.get("stop", [])
-    return SamplingParams(
-        max_tokens=given.get("max_completion_tokens") or given.get("max_tokens"),
-        temperature=given.get("temperature", 1.0),
-        top_p=given.get("top_p", 1.0),
-        top_k=given.get("top_k", 40),
-        min_p=given.get("min_p", 0.05),
-        repeat_penalty=given.get("repetition_penalty", 1.0),
-        presence_penalty=given.get("presence_penalty", 0.0),
-        frequency_penalty=given.get("frequency_penalty", 0.0),
-        seed=given.get("seed"),
-        stop=[stop] if isinstance(stop, str) else list(stop),
-        logit_bias={int(k): float(v) for k, v in given.get("logit_bias", {}).items()},
-    )
 
 
 class CompletionFormat:
@@ -113,8 +95,8 @@ class WorkerApp:
         self.runtime = runtime
         self.model_name = model_name
         self.busy = 0
-        # one thread for all generation: llama.cpp keeps its thread team warm for the thread that calls it
-        self.generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.scheduler = Scheduler(runtime)
+        self.scheduler.start()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,96 +106,108 @@ class WorkerApp:
             await _respond(send, 200, _encoder.encode(self.health()))
         elif path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
             await self.completion(receive, send, chat=path == "/v1/chat/completions")
+        elif path == "/tokenize" and method == "POST":
+            await _respond(send, 200, _encoder.encode(self.tokenize(msgspec.json.decode(await _read_body(receive)))))
         else:
             await _respond(send, 404, error_body(f"no route {method} {path}", "invalid_request_error", "not_found"))
 
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's /tokenize: the tokens of a prompt (or of chat messages in the template) and the context per
+        sequence; the gateway fits RAG passages with it."""
+        if "messages" in body:
+            tokens = self.runtime.tokenize(self.runtime.chat_prompt(body["messages"]), is_chat=True)
+        else:
+            text = str(body.get("prompt", "")).encode("utf-8")
+            tokens = self.runtime.model.tokenize(text, add_bos=bool(body.get("add_special_tokens", True)),
+                                                 special=False)
+        return {"count": len(tokens), "max_model_len": self.runtime.n_ctx, "tokens": tokens}
+
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_name, "pid": os.getpid(), "n_ctx": self.runtime.n_ctx,
-                "busy": self.busy, "generated_tokens": self.runtime.generated_tokens,
-                "cancelled": self.runtime.cancelled}
+                "busy": self.busy, **self.scheduler.stats()}
 
     async def completion(self, receive: Receive, send: Send, *, chat: bool) -> None:
         body = msgspec.json.decode(await _read_body(receive))
+        what = "messages" if chat else "prompt"
         try:
             prompt = self.runtime.chat_prompt(body["messages"]) if chat else body["prompt"]
             tokens = self.runtime.tokenize(prompt, is_chat=chat)
             params = sampling_from(body)
-            self.runtime.check_context(len(tokens), params.max_tokens, "messages" if chat else "prompt")
+            limit = self.runtime.check_context(len(tokens), params.max_tokens, what)
         except ContextLengthExceeded as exc:
-            await _respond(send, 400, error_body(str(exc), "invalid_request_error", "context_length_exceeded",
-                                                 "messages" if chat else "prompt"))
+            await _respond(send, 400, error_body(str(exc), "invalid_request_error", "context_length_exceeded", what))
             return
         except ChatTemplateError as exc:
             await _respond(send, 422, error_body(str(exc), "invalid_request_error", "chat_template_error"))
             return
-        fmt = CompletionFormat(chat, body.get("model") or self.model_name)
-        cancel = threading.Event()
-        usage = Usage()
-        pieces = self.runtime.generate(tokens, params, cancel, usage)
-        self.busy += 1
-        try:
-            if body.get("stream"):
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                await self._stream(receive, send, fmt, pieces, cancel, usage, include_usage)
-            else:
-                text, finish = await asyncio.get_running_loop().run_in_executor(self.generation_thread, _collect,
-                                                                               pieces)
-                await _respond(send, 200, fmt.whole(text, finish, usage))
-        finally:
-            cancel.set()
-            self.busy -= 1
-
-    async def _stream(self, receive: Receive, send: Send, fmt: CompletionFormat, pieces: Iterator[Piece],
-                      cancel: threading.Event, usage: Usage, include_usage: bool) -> None:
+        except InvalidSampling as exc:
+            await _respond(send, 400, error_body(str(exc), "invalid_request_error", "invalid_value", exc.param))
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
 
-        def produce() -> None:
-            try:
-                for piece in pieces:
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+        def emit(item: Piece | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        job = Job(tokens, params, emit, limit)
 
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            cancel.set()
+            self.scheduler.cancel(job)
 
         watcher = asyncio.create_task(watch_disconnect())
-        producer = loop.run_in_executor(self.generation_thread, produce)
+        self.busy += 1
+        self.scheduler.submit(job)
+        try:
+            first = await queue.get()  # before any header: a request refused by the scheduler gets its own status
+            if isinstance(first, InvalidSampling):
+                await _respond(send, 400, error_body(str(first), "invalid_request_error", "invalid_value",
+                                                     first.param))
+                return
+            fmt = CompletionFormat(chat, body.get("model") or self.model_name)
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                await self._stream(send, fmt, first, queue, job.usage, include_usage)
+            else:
+                text, finish = await _collect(first, queue)
+                if finish != "cancelled":
+                    await _respond(send, 200, fmt.whole(text, finish, job.usage))
+        finally:
+            self.scheduler.cancel(job)
+            watcher.cancel()
+            self.busy -= 1
+
+    async def _stream(self, send: Send, fmt: CompletionFormat, item: Piece | BaseException,
+                      queue: asyncio.Queue[Piece | BaseException], usage: Usage, include_usage: bool) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
         first = True
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason == "cancelled":
-                    break
-                await _send_chunk(send, fmt.chunk(item, first=first, with_usage_field=include_usage))
-                first = False
-                if item.finish_reason is not None:
-                    if include_usage:
-                        await _send_chunk(send, fmt.chunk(None, usage=usage))
-                    await _send_chunk(send, b"data: [DONE]\n\n")
-                    break
-        finally:
-            cancel.set()
-            watcher.cancel()
-            await producer
+        while True:
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason == "cancelled":
+                break
+            await _send_chunk(send, fmt.chunk(item, first=first, with_usage_field=include_usage))
+            first = False
+            if item.finish_reason is not None:
+                if include_usage:
+                    await _send_chunk(send, fmt.chunk(None, usage=usage))
+                await _send_chunk(send, b"data: [DONE]\n\n")
+                break
+            item = await queue.get()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _collect(pieces: Iterator[Piece]) -> tuple[str, str]:
+async def _collect(item: Piece | BaseException, queue: asyncio.Queue[Piece | BaseException]) -> tuple[str, str]:
     parts: list[str] = []
-    finish = "stop"
-    for piece in pieces:
-        parts.append(piece.text)
-        if piece.finish_reason:
-            finish = piece.finish_reason
-    return "".join(parts), finish
+    while True:
+        if isinstance(item, BaseException):
+            raise item
+        parts.append(item.text)
+        if item.finish_reason:
+            return "".join(parts), item.finish_reason
+        item = await queue.get()
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -246,14 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--flash-attn", action="store_true")
+    parser.add_argument("--parallel", type=int, default=1, help="sequences decoded together (continuous batching)")
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
     started = time.monotonic()
     print(f"loading {args.name} from {args.model}", file=sys.stderr, flush=True)
     runtime = LlamaRuntime(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_batch=args.n_batch,
-                           n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn)
-    print(f"loaded {args.name} in {time.monotonic() - started:.2f}s, n_ctx={runtime.n_ctx}", file=sys.stderr,
-          flush=True)
+                           n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, parallel=args.parallel)
+    print(f"loaded {args.name} in {time.monotonic() - started:.2f}s, n_ctx={runtime.n_ctx} x {runtime.parallel} "
+          "sequences", file=sys.stderr, flush=True)
     if runtime.template.is_fallback:
         print(f"{args.name} carries no chat template; chat requests use ChatML, which may not be the format it "
               "was trained on (use /v1/completions or a GGUF with a template)", file=sys.stderr, flush=True)

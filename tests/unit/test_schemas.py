@@ -85,7 +85,7 @@ def test_invalid_values_name_their_parameter(body: bytes, param: str) -> None:
     (chat(logit_bias={"hello": 1}), "logit_bias", "token ids"),
     (chat(logit_bias={"-3": 1}), "logit_bias", "token ids"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "tool calling"),
-    (chat(response_format={"type": "json_object"}), "response_format", "text"),
+    (chat(response_format={"type": "regex"}), "response_format", "json_schema"),
     (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                                  {"type": "image_url", "image_url": {"url": "data:,"}}]}]),
      "messages[0].content", "images"),

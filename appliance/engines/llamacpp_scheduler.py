@@ -1,0 +1,260 @@
+"""Continuous batching for the llama.cpp worker: one thread decodes every running sequence per `llama_decode`.
+
+Each step puts one token of every decoding sequence into the batch, then fills what room is left with chunks of
+waiting prompts, so a long prompt is processed a slice at a time between other streams' tokens. New requests join
+between steps; a finished or cancelled one leaves at the next step and its slot takes new work. A slot keeps the
+tokens its KV cache holds, so a request whose prompt starts the same way (a chat's next turn, a shared system
+prompt) is placed there and only its new tail is computed."""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece, StopMatcher, Usage
+from appliance.engines.llamacpp_sampling import SamplerChain, SamplingParams
+
+Emit = Callable[[Piece | BaseException], None]
+"""Told each piece of text in order (the last carries the finish reason), or the error that ended the request.
+Called on the scheduler's thread: it must only hand the item over (e.g. `loop.call_soon_threadsafe`)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its prompt, how to sample, where its text goes. `cancel()` is safe from any thread."""
+
+    tokens: list[int]
+    params: SamplingParams
+    emit: Emit
+    limit: int  # most tokens it may generate
+    usage: Usage = field(default_factory=Usage)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class Slot:
+    """A sequence id of the context: what its KV cache holds, and the job using it, if any."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens at positions 0.. whose KV is in the cache
+    last_used: float = 0.0
+    job: Job | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to decode
+    next_token: int | None = None  # sampled, not yet decoded
+    sampler: SamplerChain | None = None
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
+    text: Any = None  # incremental UTF-8 decoder
+    output_index: int = -1  # batch entry whose logits this slot samples from after the step
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Scheduler:
+    def __init__(self, runtime: LlamaRuntime) -> None:
+        self.runtime = runtime
+        self.slots = [Slot(i) for i in range(runtime.parallel)]
+        self.queue: collections.deque[Job] = collections.deque()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.generated_tokens = 0
+        self.cancelled = 0
+        self.reused_prompt_tokens = 0
+        self.steps = 0
+        self._buffer = ctypes.create_string_buffer(64)
+        self.thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
+
+    def submit(self, job: Job) -> None:
+        with self.wake:
+            self.queue.append(job)
+            self.wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job`; its slot is free for other work after the current step at the latest."""
+        with self.wake:
+            job.cancel()
+            self.wake.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(slot.job is not None for slot in self.slots)
+
+    def stats(self) -> dict[str, int]:
+        return {"parallel": len(self.slots), "active_sequences": self.active, "queued": len(self.queue),
+                "generated_tokens": self.generated_tokens, "cancelled": self.cancelled,
+                "reused_prompt_tokens": self.reused_prompt_tokens, "steps": self.steps}
+
+    # ------------------------------------------------------------------ the loop (scheduler thread only)
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.stopping and not self.queue and not any(s.job for s in self.slots):
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                self._admit()
+            self._drop_cancelled()
+            try:
+                self._step()
+            except Exception as exc:  # a failed decode ends the requests in it, not the worker
+                for slot in self.slots:
+                    if slot.job is not None:
+                        self._release(slot, exc)
+
+    def _admit(self) -> None:
+        """Move queued jobs into free slots: the slot whose cache shares the longest prefix, else the oldest."""
+        while self.queue:
+            job = self.queue[0]
+            if job.cancelled:
+                self.queue.popleft()
+                self.cancelled += 1
+                job.emit(Piece("", "cancelled"))
+                continue
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            self.queue.popleft()
+            slot = max(free, key=lambda s: (common_prefix(s.cached, job.tokens), -s.last_used))
+            try:
+                self._assign(slot, job)
+            except Exception as exc:
+                slot.job = None
+                job.emit(exc)
+
+    def _assign(self, slot: Slot, job: Job) -> None:
+        keep = min(common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # decode >= 1 token for logits
+        if not self.runtime.forget(slot.seq_id, keep):
+            keep = 0
+            self.runtime.forget(slot.seq_id, -1)
+        slot.cached = job.tokens[:keep]
+        slot.pending = job.tokens[keep:]
+        slot.next_token = None
+        seed = job.params.seed if job.params.seed is not None else secrets.randbits(32)
+        slot.sampler = SamplerChain(job.params, self.runtime.vocab, self.runtime.n_vocab, seed)
+        slot.sampler.accept_prompt(job.tokens)
+        slot.stops = StopMatcher(job.params.stop)
+        slot.text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        job.usage.prompt_tokens = len(job.tokens)
+        job.usage.cached_tokens = keep
+        self.reused_prompt_tokens += keep
+        slot.job = job
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled:
+                self.cancelled += 1
+                self._release(slot, Piece("", "cancelled"))
+
+    def _step(self) -> None:
+        batch = self.runtime.batch
+        n = 0
+        for slot in self.slots:  # one token for every decoding sequence first: streams never wait on prompts
+            if slot.job is not None and slot.next_token is not None:
+                self._put(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
+                slot.cached.append(slot.next_token)
+                slot.next_token = None
+                slot.output_index = n
+                n += 1
+            else:
+                slot.output_index = -1
+        prefilling = sorted((s for s in self.slots if s.job is not None and s.pending),
+                            key=lambda s: s.job.submitted if s.job else 0.0)
+        for slot in prefilling:  # then prompt chunks, oldest request first, as far as the batch has room
+            take = min(len(slot.pending), self.runtime.n_batch - n)
+            if take <= 0:
+                break
+            start = len(slot.cached)
+            for i in range(take):
+                self._put(batch, n, slot.pending[i], start + i, slot.seq_id, False)
+                n += 1
+            slot.cached.extend(slot.pending[:take])
+            del slot.pending[:take]
+            if not slot.pending:
+                batch.logits[n - 1] = 1
+                slot.output_index = n - 1
+        if n == 0:
+            return
+        status = self.runtime.decode(n)
+        self.steps += 1
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.job is not None and slot.output_index >= 0:
+                slot.last_used = now
+                assert slot.sampler is not None
+                self._take(slot, slot.sampler.sample(self.runtime.ctx, slot.output_index))
+
+    @staticmethod
+    def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+
+    def _take(self, slot: Slot, token: int) -> None:
+        """Handle a sampled token: end of generation, text through the stop matcher, or the length limit."""
+        job = slot.job
+        assert job is not None
+        if self.runtime.is_end_of_generation(token):
+            self._finish(slot, "stop")
+            return
+        job.usage.completion_tokens += 1
+        self.generated_tokens += 1
+        out, stopped = slot.stops.feed(slot.text.decode(self.runtime.piece(token, self._buffer)))
+        if out:
+            job.emit(Piece(out))
+        if stopped:
+            self._release(slot, Piece("", "stop"))
+        elif job.usage.completion_tokens >= job.limit:
+            self._finish(slot, "length")
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: Slot, reason: str) -> None:
+        tail = slot.stops.flush() + slot.text.decode(b"", final=True)
+        if tail and slot.job is not None:
+            slot.job.emit(Piece(tail))
+        self._release(slot, Piece("", reason))
+
+    def _release(self, slot: Slot, last: Piece | BaseException) -> None:
+        """End the slot's job; the slot's cache keeps what was decoded, for the next prompt that shares it."""
+        job, slot.job = slot.job, None
+        if slot.sampler is not None:
+            slot.sampler.close()
+            slot.sampler = None
+        slot.pending = []
+        slot.next_token = None
+        slot.last_used = time.monotonic()
+        if isinstance(last, BaseException):  # the cache state of a failed step is unknown: start afresh
+            self.runtime.forget(slot.seq_id, -1)
+            slot.cached = []
+        if job is not None:
+            job.emit(last)

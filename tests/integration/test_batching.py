@@ -1,0 +1,162 @@
+"""Continuous batching through the real server: concurrent streams keep their solo text, a cancelled stream frees
+its sequence at once, a long prompt is processed in slices between other streams' tokens, and response_format
+constrains output with a grammar."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+
+import openai
+import pytest
+
+from tests.integration.conftest import Running
+from tests.integration.test_workers import NO_EOS, wait_until, worker_health
+from tests.server import DEFAULT_MODEL
+
+PARALLEL = 4
+N_BATCH = 32
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def batched(start_server: Callable[..., Running]) -> Running:
+    # one thread: these tests are about scheduling, and on a shared, loaded box two threads that must meet at
+    # every barrier of llama.cpp's thread pool are many times slower than one
+    return start_server({"APPLIANCE_LLAMACPP__PARALLEL": str(PARALLEL), "APPLIANCE_LLAMACPP__N_CTX": "2048",
+                         "APPLIANCE_LLAMACPP__N_BATCH": str(N_BATCH), "APPLIANCE_LLAMACPP__THREADS": "1"})
+
+
+def uncached(running: Running) -> openai.OpenAI:
+    """A client whose requests always reach the model (the response cache would answer repeats)."""
+    return running.client(default_headers={"Cache-Control": "no-store"})
+
+
+def ask(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def health(running: Running) -> dict[str, int]:
+    assert running.process is not None
+    return worker_health(running.process.data_dir)
+
+
+def test_concurrent_streams_each_get_their_solo_text(batched: Running) -> None:
+    client = uncached(batched)
+    prompts = ["Name three fruits.", "What is the capital of Italy?", "Write a haiku about rain.",
+               "Explain gravity in one sentence."]
+    params: dict[str, object] = {"model": DEFAULT_MODEL, "temperature": 0, "max_tokens": MAX_TOKENS,
+                              "logit_bias": NO_EOS}
+    solo = [client.chat.completions.create(messages=ask(p), **params).choices[0].message.content  # type: ignore
+            for p in prompts]
+    texts: dict[int, str] = {}
+    start = threading.Barrier(len(prompts))
+    before = health(batched)
+
+    def stream(i: int) -> None:
+        start.wait()
+        parts = []
+        for chunk in client.chat.completions.create(messages=ask(prompts[i]), stream=True, **params):  # type: ignore
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        texts[i] = "".join(parts)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert [texts.get(i) for i in range(len(prompts))] == solo
+    after = health(batched)
+    tokens, steps = (after[k] - before[k] for k in ("generated_tokens", "steps"))
+    assert tokens == len(prompts) * MAX_TOKENS
+    # one sequence at a time would take a decoding step per token (and more for prompts)
+    assert steps <= tokens * 3 // 4, f"{steps} decoding steps for {tokens} tokens: the streams were not batched"
+
+
+def test_a_cancelled_stream_frees_its_sequence(batched: Running) -> None:
+    before = health(batched)
+    stream = uncached(batched).chat.completions.create(model=DEFAULT_MODEL, messages=ask("Tell me a long story."),
+                                                      max_tokens=1500, temperature=0, stream=True,
+                                                      logit_bias=NO_EOS)
+    chunks = iter(stream)
+    next(chunks)
+    next(chunks)
+    assert health(batched)["active_sequences"] == 1
+    stream.close()
+    wait_until(lambda: health(batched)["active_sequences"] == 0, what="the sequence freed")
+    after = health(batched)
+    assert after["cancelled"] - before["cancelled"] == 1
+    assert after["generated_tokens"] - before["generated_tokens"] < 1500
+    assert after["busy"] == 0
+
+
+def test_a_long_prompt_does_not_hold_back_other_streams(batched: Running) -> None:
+    client = uncached(batched)
+    events: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def background() -> None:
+        stream = client.chat.completions.create(model=DEFAULT_MODEL, messages=ask("Tell me a very long story."),
+                                                max_tokens=1500, temperature=0, stream=True, logit_bias=NO_EOS)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                with lock:
+                    events.append("A")
+            if stop.is_set():
+                break
+        stream.close()
+
+    runner = threading.Thread(target=background)
+    runner.start()
+    try:
+        wait_until(lambda: len(events) >= 2, timeout=120, what="the first stream under way")
+        long_prompt = "Summarise this. " + " ".join(f"item{i} is fine;" for i in range(220))
+        with lock:
+            events.append("B sent")
+        stream = client.chat.completions.create(model=DEFAULT_MODEL, messages=ask(long_prompt), max_tokens=4,
+                                                temperature=0, stream=True, stream_options={"include_usage": True})
+        prompt_tokens = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and "B first" not in events:
+                with lock:
+                    events.append("B first")
+            if chunk.usage:
+                prompt_tokens = chunk.usage.prompt_tokens
+    finally:
+        stop.set()
+        runner.join(120)
+    between = events[events.index("B sent"):events.index("B first")].count("A")
+    slices = prompt_tokens // N_BATCH
+    assert slices >= 20
+    # processed whole, the prompt would take one step and let through about one token of the other stream
+    assert between >= slices // 2, f"{between} tokens of the other stream during {slices} prompt slices"
+
+
+def test_response_format_json_schema_and_json_object(batched: Running) -> None:
+    client = uncached(batched)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=ask("Invent a person."), temperature=0, max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    person = json.loads(reply.choices[0].message.content or "")
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=ask("Give me a JSON object."),
+                                           temperature=0, max_tokens=60, response_format={"type": "json_object"})
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+    else:  # cut by max_tokens: still the start of an object
+        assert (reply.choices[0].message.content or "").lstrip().startswith("{")
+
+
+def test_a_schema_without_schema_is_400(batched: Running) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        uncached(batched).chat.completions.create(
+            model=DEFAULT_MODEL, messages=ask("hi"), max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x"}})  # type: ignore[typeddict-item]
+    assert caught.value.status_code == 400
+    assert "schema" in caught.value.message

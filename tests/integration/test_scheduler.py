@@ -1,0 +1,161 @@
+"""The batching scheduler in-process with the real model: per-request sampling, stops, grammars, cancellation,
+prefix reuse. Requests run side by side in one scheduler, as the worker runs them."""
+
+from __future__ import annotations
+
+import json
+import queue
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece
+from appliance.engines.llamacpp_sampling import InvalidSampling, SamplingParams, grammar_for, sampling_from
+from appliance.engines.llamacpp_scheduler import Job, Scheduler, common_prefix
+from appliance.registry.sources import open_source, parse_source
+from tests.server import DEFAULT_MODEL
+
+NO_EOS = {0: -100.0, 2: -100.0}
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model as a plain GGUF, fetched from its catalog source (the store keeps it encrypted)."""
+    catalog = tomllib.loads((Path(__file__).parents[2] / "models" / "catalog.toml").read_text())
+    target = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    with open_source(parse_source(catalog["models"][DEFAULT_MODEL]["source"])) as download, target.open("wb") as fh:
+        for block in download:
+            fh.write(block)
+    return target
+
+
+@pytest.fixture(scope="module")
+def scheduler(gguf: Path) -> Iterator[Scheduler]:
+    runtime = LlamaRuntime(str(gguf), n_ctx=512, n_threads=1, n_batch=32, n_gpu_layers=0, flash_attn=True,
+                           parallel=3)
+    scheduler = Scheduler(runtime)
+    scheduler.start()
+    yield scheduler
+    scheduler.stop()
+    runtime.close()
+
+
+class Request:
+    """A submitted job and the pieces it has received."""
+
+    def __init__(self, scheduler: Scheduler, prompt: str, **params: object) -> None:
+        self.items: queue.Queue[Piece | BaseException] = queue.Queue()
+        tokens = scheduler.runtime.tokenize(prompt, is_chat=False)
+        sampling = SamplingParams(**params)  # type: ignore[arg-type]
+        self.job = Job(tokens, sampling, self.items.put, sampling.max_tokens or 64)
+        scheduler.submit(self.job)
+
+    def next(self) -> Piece:
+        item = self.items.get(timeout=300)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def result(self) -> tuple[str, str]:
+        parts = []
+        while True:
+            piece = self.next()
+            parts.append(piece.text)
+            if piece.finish_reason:
+                return "".join(parts), piece.finish_reason
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+
+
+def test_sampling_from_openai_fields() -> None:
+    params = sampling_from({"temperature": 0, "max_tokens": 5, "stop": "x", "logit_bias": {"7": -100},
+                            "top_p": None, "seed": 3, "frequency_penalty": 0.5})
+    assert (params.temperature, params.max_tokens, params.stop, params.logit_bias) == (0, 5, ["x"], {7: -100.0})
+    assert params.top_p == 1.0 and params.seed == 3 and params.penalised
+    assert params.grammar is None
+
+
+def test_response_formats_become_grammars() -> None:
+    assert grammar_for(None) is None and grammar_for({"type": "text"}) is None
+    assert "root" in (grammar_for({"type": "json_object"}) or "")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    assert "root" in (grammar_for({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}) or "")
+    with pytest.raises(InvalidSampling) as info:
+        grammar_for({"type": "json_schema", "json_schema": {"name": "x"}})
+    assert info.value.param == "response_format"
+
+
+def test_side_by_side_greedy_requests_get_their_solo_text(scheduler: Scheduler) -> None:
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    solo = [Request(scheduler, p, temperature=0, max_tokens=24, logit_bias=NO_EOS).result() for p in prompts]
+    together = [Request(scheduler, p, temperature=0, max_tokens=24, logit_bias=NO_EOS) for p in prompts]
+    assert [r.result() for r in together] == solo
+    assert all(reason == "length" for _, reason in solo)
+
+
+def test_same_seed_same_text_different_seed_different_text(scheduler: Scheduler) -> None:
+    def sample(seed: int) -> Request:
+        return Request(scheduler, "My favourite animal is", temperature=1.2, top_k=0, min_p=0.0, seed=seed,
+                       max_tokens=24, logit_bias=NO_EOS)
+
+    runs = [sample(1), sample(1), sample(2)]  # all three share the batch
+    first, again, other = (r.result()[0] for r in runs)
+    assert first == again
+    assert first != other
+
+
+def test_stop_string_and_logit_bias(scheduler: Scheduler) -> None:
+    text, reason = Request(scheduler, "Count: 1, 2, 3, 4,", temperature=0, max_tokens=40, stop=[" 7"],
+                           logit_bias=NO_EOS).result()
+    assert reason == "stop" and " 7" not in text and text.strip().startswith("5")
+    banned = scheduler.runtime.tokenize(" 5", is_chat=False)[-1]
+    text, _ = Request(scheduler, "Count: 1, 2, 3, 4,", temperature=0, max_tokens=3,
+                      logit_bias={**NO_EOS, banned: -100.0}).result()
+    assert not text.startswith(" 5")
+
+
+def test_json_schema_grammar_constrains_the_output(scheduler: Scheduler) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})
+    text, reason = Request(scheduler, "Weather report as JSON:", temperature=0, max_tokens=120,
+                           grammar=grammar).result()
+    assert reason == "stop", text
+    value = json.loads(text)
+    assert set(value) == {"city", "sunny"} and isinstance(value["sunny"], bool)
+
+
+def test_cancelled_request_frees_its_slot_and_a_queued_one_never_starts(scheduler: Scheduler) -> None:
+    before = scheduler.stats()
+    running = [Request(scheduler, f"Tell a long story number {i}", temperature=0, max_tokens=400,
+                       logit_bias=NO_EOS) for i in range(3)]
+    queued = Request(scheduler, "This one waits", temperature=0, max_tokens=400, logit_bias=NO_EOS)
+    for request in running:
+        request.next()  # all three slots are generating; the fourth waits
+    scheduler.cancel(queued.job)
+    for request in running:
+        scheduler.cancel(request.job)
+    for request in [*running, queued]:
+        assert request.result()[1] == "cancelled"
+    after = scheduler.stats()
+    assert after["active_sequences"] == 0 and after["queued"] == 0
+    assert after["cancelled"] - before["cancelled"] == 4
+    assert after["generated_tokens"] - before["generated_tokens"] < 3 * 400
+
+
+def test_prompt_prefix_is_reused_from_the_cache(scheduler: Scheduler) -> None:
+    prompt = "A shared system prompt that is long enough to be worth keeping in the cache. " * 4
+    first = Request(scheduler, prompt + "Question one?", temperature=0, max_tokens=2)
+    first.result()
+    second = Request(scheduler, prompt + "Question two?", temperature=0, max_tokens=2)
+    second.result()
+    shared = common_prefix(first.job.tokens, second.job.tokens)
+    assert second.job.usage.cached_tokens == shared > 40
+    assert second.job.usage.prompt_tokens == len(second.job.tokens)
