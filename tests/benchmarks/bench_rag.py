@@ -68,7 +68,7 @@ def stdlib_pairs() -> Iterator[tuple[str, str, str]]:
             rest = rest.strip()
             if len(first.split()) >= 4 and len(rest) >= 120 and len(rest.split()) >= 20:
                 name = getattr(node, "name", "")
-                yield f"{module}.{name}" if name else module, first.strip(), rest
+                yield (f"{module}.{name}:{node.lineno}" if name else module), first.strip(), rest
 
 
 def corpus(n: int, seed: int) -> list[tuple[str, str, str]]:
