@@ -76,16 +76,18 @@ def _digest(payload: Mapping[str, Any]) -> str:
 
 
 def cache_key(model_sha256: str, body: Mapping[str, Any], partition: str, *, chat: bool,
-              rag_versions: Mapping[str, int] | None = None) -> str:
-    """The exact-cache key: `<partition>/<model sha256>/<digest of the canonical request>`."""
+              rag_versions: Mapping[str, int] | None = None, policy: str = "") -> str:
+    """The exact-cache key: `<partition>/<model sha256>/<digest of the canonical request>`. `policy` names the
+    privacy policy in force (its digest): answers were screened by the output surface before they were stored, so a
+    changed policy must not be served what the old one let through."""
     payload = {"v": KEY_VERSION, "kind": "chat" if chat else "completion", "request": canonical_request(body),
                "rag": sorted(rag_versions.items()) if rag_versions else None, "partition": partition,
-               "model": model_sha256}
+               "model": model_sha256, "policy": policy}
     return f"{partition}/{model_sha256}/{_digest(payload)}"
 
 
 def context_key(model_sha256: str, body: Mapping[str, Any], partition: str, *, chat: bool,
-                rag_versions: Mapping[str, int] | None = None) -> str:
+                rag_versions: Mapping[str, int] | None = None, policy: str = "") -> str:
     """What must be equal for a semantic hit: the exact key's inputs without the prompt text it compares
     (`prompt_text`), so that only the wording of the question may differ."""
     request = canonical_request(body)
@@ -97,7 +99,7 @@ def context_key(model_sha256: str, body: Mapping[str, Any], partition: str, *, c
         request["messages"] = messages
     else:
         request["prompt"] = None
-    return cache_key(model_sha256, request, partition, chat=chat, rag_versions=rag_versions)
+    return cache_key(model_sha256, request, partition, chat=chat, rag_versions=rag_versions, policy=policy)
 
 
 def key_partition(key: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.privacy.detectors import Detector as PiiDetector
 from appliance.privacy.detectors import builtin_detectors, detect
@@ -33,6 +33,19 @@ def no_pii(texts: Sequence[str]) -> bool:
 def privacy_detector(privacy: Privacy) -> Detector:
     """The privacy policy in force (it may change while the server runs) as the cache's detector."""
     return lambda texts: all(privacy.allows_storing("cache", text) for text in texts if text)
+
+
+def policy_digest(privacy: Privacy) -> Callable[[], str]:
+    """The digest of the policy in force, computed once per policy (it may be replaced while the server runs)."""
+    last: list[Any] = [None, ""]  # the policy object (held, so that `is` stays meaningful) and its digest
+
+    def digest() -> str:
+        policy = privacy.policy
+        if policy is not last[0]:
+            last[:] = [policy, policy.digest]
+        return str(last[1])
+
+    return digest
 
 
 def may_cache(request_texts: Sequence[str], detector: Detector | None = None) -> bool:

@@ -12,7 +12,7 @@ no model ran; its usage still reports the original token counts, with the whole 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,8 +110,9 @@ class ResponseCacheService:
 
     def __init__(self, cache: ResponseCache, metrics: Metrics, *, shared_roles: Collection[str] = (),
                  semantic: SemanticIndex | None = None, embedder: Embedder | None = None,
-                 detector: Detector | None = None) -> None:
+                 detector: Detector | None = None, policy: Callable[[], str] | None = None) -> None:
         self.cache = cache
+        self.policy = policy or (lambda: "")  # the privacy policy in force, as part of every key
         self.metrics = metrics
         self.shared_roles = frozenset(shared_roles)
         self.semantic = semantic if embedder is not None else None
@@ -143,7 +144,8 @@ class ResponseCacheService:
             self.metrics.cache_skipped.labels(reason).inc()
             return CacheLookup(self)
         partition = keys.partition_of(principal, self.shared_roles)
-        key = keys.cache_key(model_sha256, body, partition, chat=chat, rag_versions=rag_versions)
+        key = keys.cache_key(model_sha256, body, partition, chat=chat, rag_versions=rag_versions,
+                             policy=self.policy())
         lookup = CacheLookup(self, key=key, partition=partition, model_sha256=model_sha256, chat=chat,
                              texts=keys.request_texts(body), owner=getattr(principal, "subject", ""))
         entry = self.cache.get(key)
@@ -171,7 +173,7 @@ class ResponseCacheService:
                         rag_versions: Mapping[str, int] | None) -> Entry | None:
         assert self.semantic is not None and self.embedder is not None
         lookup.context = keys.context_key(lookup.model_sha256, body, lookup.partition, chat=lookup.chat,
-                                          rag_versions=rag_versions)
+                                          rag_versions=rag_versions, policy=self.policy())
         lookup.vector = (await self.embedder.embed([keys.prompt_text(body)]))[0]
         match = self.semantic.match(lookup.context, lookup.vector)
         if match is None:
@@ -238,7 +240,8 @@ def open_cache(settings: CacheSettings, cache_root: Path) -> ResponseCache:
 
 
 def build_cache_service(settings: CacheSettings, cache: ResponseCache, metrics: Metrics,
-                        embedder: Embedder | None = None, detector: Detector | None = None) -> ResponseCacheService:
+                        embedder: Embedder | None = None, detector: Detector | None = None,
+                        policy: Callable[[], str] | None = None) -> ResponseCacheService:
     """The gateway's cache step; the semantic index only when the settings turn it on and an embedder is there."""
     semantic = None
     if settings.semantic:
@@ -247,4 +250,4 @@ def build_cache_service(settings: CacheSettings, cache: ResponseCache, metrics: 
         else:
             semantic = SemanticIndex(settings.semantic_threshold, settings.semantic_max_prompts)
     return ResponseCacheService(cache, metrics, shared_roles=settings.shared_roles, semantic=semantic,
-                                embedder=embedder, detector=detector)
+                                embedder=embedder, detector=detector, policy=policy)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.cache.policy import privacy_detector
+from appliance.cache.policy import policy_digest, privacy_detector
 from appliance.cache.retention import CacheEntriesStore
 from appliance.cache.semantic import RagEmbedder
 from appliance.cache.service import ResponseCacheService, build_cache_service, open_cache
@@ -23,7 +23,8 @@ def build_response_cache(settings: CacheSettings, cache_root: Path, metrics: Met
                          privacy: PrivacyControls | None = None) -> ResponseCacheService:
     embedder = RagEmbedder(embeddings) if embeddings is not None and settings.semantic else None
     detector = privacy_detector(privacy.privacy) if privacy is not None else None
-    service = build_cache_service(settings, open_cache(settings, cache_root), metrics, embedder, detector)
+    policy = policy_digest(privacy.privacy) if privacy is not None else None
+    service = build_cache_service(settings, open_cache(settings, cache_root), metrics, embedder, detector, policy)
     if privacy is not None:
         privacy.retention.register(CacheEntriesStore(service))
     return service

@@ -14,7 +14,7 @@ import pytest
 from appliance.auth.keys import Principal
 from appliance.auth.sessions import SessionPrincipal
 from appliance.cache import keys, replay
-from appliance.cache.policy import may_cache, no_pii, privacy_detector
+from appliance.cache.policy import may_cache, no_pii, policy_digest, privacy_detector
 from appliance.cache.response import Entry, PickleRefused, ResponseCache, open_response_cache
 from appliance.engines.llamacpp_runtime import Piece, Usage
 from appliance.engines.llamacpp_worker import CompletionFormat
@@ -258,3 +258,14 @@ def test_entries_of_models_no_longer_installed_are_dropped(cache: ResponseCache)
     cache.put(f"user:u1/{'b' * 64}/x", entry(sha="b" * 64))
     assert cache.drop_models_except({SHA}) == 1
     assert list(cache.keys()) == [f"user:u1/{SHA}/x"]
+
+
+def test_a_changed_privacy_policy_changes_every_key(privacy: Privacy) -> None:
+    digest = policy_digest(privacy)
+    before = digest()
+    assert before == privacy.policy.digest and digest() is before  # computed once per policy
+    body = body_of(temperature=0)
+    privacy.use_policy(parse_policy(SHIPPED_PRIVACY.read_text().replace('[surfaces.output]\ndefault = "allow"',
+                                                                        '[surfaces.output]\ndefault = "redact"')))
+    assert digest() != before
+    assert key_of(body, policy=before) != key_of(body, policy=digest())

@@ -232,3 +232,12 @@ def test_cache_entries_outside_the_server_see_what_the_server_stored(tmp_path: P
         assert cli.erase_subject(Subject("alice", key_ids=frozenset({"alice001"}))) == 1
         assert len(store) == 0
         cli.service.close()
+
+
+def test_answers_stored_under_another_privacy_policy_are_not_served(store: ResponseCache, metrics: Metrics) -> None:
+    policy = ["v1"]
+    service = ResponseCacheService(store, metrics, policy=lambda: policy[0])
+    look(service, body_of(temperature=0)).store_whole(worker_answer())
+    assert look(service, body_of(temperature=0)).entry is not None
+    policy[0] = "v2"
+    assert look(service, body_of(temperature=0)).entry is None
