@@ -46,23 +46,26 @@ def body(stream: bool = False, max_tokens: int = 32) -> dict[str, Any]:
 def latencies(data: Path, key: str, url: str, rounds: int, max_tokens: int, miss_rounds: int) -> dict[str, list[float]]:
     headers = {"Authorization": f"Bearer {key}"}
     samples: dict[str, list[float]] = {name: [] for name in (
-        "GET /api/me (auth floor)", "cache hit, whole", "cache hit, streamed", "miss (no-store), whole")}
+        "GET /api/me (auth floor)", "POST, unknown model (404 floor)", "cache hit, whole", "cache hit, streamed",
+        "miss (no-store), whole")}
     with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
         for stream in (False, True):  # fill the cache
             response = client.post("/v1/chat/completions", json=body(stream, max_tokens))
             assert response.status_code == 200, response.text
 
         def call(name: str, method: str, path: str, payload: Any = None, extra: dict[str, str] | None = None,
-                 state: str | None = None) -> None:
+                 state: str | None = None, status: int = 200) -> None:
             start = time.perf_counter()
             response = client.request(method, path, json=payload, headers=extra)
             response.read()
             samples[name].append((time.perf_counter() - start) * 1000)
-            assert response.status_code == 200, response.text
+            assert response.status_code == status, response.text
             assert state is None or response.headers["x-cache"] == state, response.headers
 
         for i in range(rounds + 20):  # interleaved, so that each sees the same machine
             call("GET /api/me (auth floor)", "GET", "/api/me")
+            call("POST, unknown model (404 floor)", "POST", "/v1/chat/completions",
+                 {**body(False, max_tokens), "model": "no-such-model"}, status=404)
             call("cache hit, whole", "POST", "/v1/chat/completions", body(False, max_tokens), state="hit")
             call("cache hit, streamed", "POST", "/v1/chat/completions", body(True, max_tokens), state="hit")
             if i % max(1, rounds // miss_rounds) == 0:
@@ -180,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     hit = statistics.median(samples["cache hit, whole"])
     miss = statistics.median(samples["miss (no-store), whole"])
     floor = statistics.median(samples["GET /api/me (auth floor)"])
+    post_floor = statistics.median(samples["POST, unknown model (404 floor)"])
     print(f"\ncache hit p50 {hit:.3f} ms, p99 {percentile(samples['cache hit, whole'], 0.99):.3f} ms "
           f"(target <= {TARGET_MS} ms) {'OK' if hit <= TARGET_MS else 'MISSED'}")
-    print(f"hit / auth floor: {hit / floor:.2f}x; miss / hit (speed-up): {miss / hit:.0f}x")
+    print(f"hit / auth floor (GET /api/me): {hit / floor:.2f}x; hit / POST floor (404): {hit / post_floor:.2f}x; "
+          f"miss / hit (speed-up): {miss / hit:.0f}x")
     print(f"hits/s at {args.concurrency} concurrent clients: {done / elapsed:.0f} ({done} in {elapsed:.1f} s)")
     print("\n## Semantic cache: all-MiniLM-L6-v2 on tests/data/paraphrases.jsonl\n")
     print(f"embedding one prompt (added to every exact miss when semantic is on): p50 "
