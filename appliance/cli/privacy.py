@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from appliance.cache.setup import cache_entries
 from appliance.cli.common import Add, cli_actor
 from appliance.config import LoadedSettings
 from appliance.datadir import DataDir
@@ -19,7 +20,33 @@ def _controls(loaded: LoadedSettings) -> Any:
     data = DataDir(loaded.settings.data_path)
     data.require_initialised()
     conn = data.connect()
-    return PrivacyControls.build(conn, AuditLog(conn), data.read_master_key(), loaded.settings.privacy.policy_file)
+    controls = PrivacyControls.build(conn, AuditLog(conn), data.read_master_key(), loaded.settings.privacy.policy_file)
+    controls.retention.register(cache_entries(loaded.settings.cache, data.cache))
+    if (documents := _rag_documents(loaded, data)) is not None:
+        controls.retention.register(documents)
+    return controls
+
+
+def _rag_documents(loaded: LoadedSettings, data: DataDir) -> Any:
+    """RAG documents, unless the running server holds their indexes (then its API does the job)."""
+    from appliance.auth.rbac import Rbac
+    from appliance.observability.metrics import Metrics
+    from appliance.rag.embeddings import EmbeddingService
+    from appliance.rag.index import IndexLocked
+    from appliance.rag.retention import RagDocumentStore
+    from appliance.rag.service import RagService
+
+    settings = loaded.settings
+    metrics = Metrics()
+    rag = RagService(settings.rag, data.rag, EmbeddingService(settings.rag, data.cache / "embeddings", metrics),
+                     Rbac.load(settings.auth.rbac_file), metrics)
+    try:
+        rag.index  # noqa: B018 (opens the indexes, or finds the server holding them)
+    except IndexLocked:
+        print("note: the running server holds the RAG indexes; RAG documents are left to it (its periodic purge, "
+              "or POST /api/privacy/purge and /api/privacy/erasures)", file=sys.stderr)
+        return None
+    return RagDocumentStore(rag)
 
 
 def _counts(counts: dict[str, int]) -> str:
