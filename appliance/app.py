@@ -30,6 +30,7 @@ from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
 from appliance.admin.auth_routes import cookie_name
 from appliance.admin.cache_routes import ROUTES as CACHE_ROUTES
 from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
+from appliance.admin.models_routes import ROUTES as MODELS_ROUTES
 from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
 from appliance.admin.users_routes import ROUTES as USERS_ROUTES
 from appliance.audit import AuditLog
@@ -61,6 +62,7 @@ from appliance.observability.metrics import Metrics
 from appliance.privacy.controls import PrivacyControls
 from appliance.registry.catalog import load_catalog
 from appliance.registry.folder import unpacked_from_store
+from appliance.registry.rollout import RolloutService
 from appliance.registry.service import ModelRegistry, parse_remote_source
 from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.supervisor.placement import GgufMemoryEstimator, Placement
@@ -108,9 +110,16 @@ class Services:
         self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas, self.audit,
                                              cache=self.response_cache if settings.cache.enabled else None)
         self.completions.privacy = self.privacy.gateway
+        # versions: a worker per version (`name@N`), aliases and canaries resolved per request, canaries watched
+        self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit)
+        self.pool.key = self.registry.versions.worker_key
+        self.pool.on_request = self.rollout.observe
+        self.completions.rollout = self.rollout
 
     def audit_model_event(self, action: str, model: str, outcome: str, details: dict[str, object]) -> None:
-        self.audit.record("supervisor", action, model, outcome, **details)  # type: ignore[arg-type]
+        name, _, version = model.partition("@")  # a worker serves one version, `name@N`: the model is the target
+        extra = {"version": int(version)} if version.isdigit() else {}
+        self.audit.record("supervisor", action, name, outcome, **details, **extra)  # type: ignore[arg-type]
 
     @functools.cached_property
     def gpus(self) -> list[Gpu]:
@@ -125,14 +134,14 @@ class Services:
         s = self.settings
         if choice.engine == "remote":
             url, upstream_model = parse_remote_source(record.source)
-            return RemoteWorker(name, url, upstream_model, self.remote_keys.load(name),
+            return RemoteWorker(name, url, upstream_model, self.remote_keys.load(record.name),
                                 request_timeout=s.gateway.request_timeout)
         socket_path = self.data.run / f"{record.sha256[:16]}.sock"
         timeouts = {"load_timeout": s.supervisor.load_timeout, "stop_timeout": s.supervisor.stop_timeout,
                     "request_timeout": s.gateway.request_timeout}
         if choice.engine == "vllm":  # the folder unpacked into private tmpfs, removed when the stack closes
             folder = await asyncio.to_thread(resources.enter_context, unpacked_from_store(self.store, record.sha256))
-            return VllmWorker(name, self.vllm.launch(folder, name, socket_path), socket_path, **timeouts)
+            return VllmWorker(name, self.vllm.launch(folder, record.name, socket_path), socket_path, **timeouts)
         # decrypted into a sealed memfd only, wiped when the stack closes
         weights = self.store.open_for_load(record.sha256, "memfd")
         loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
@@ -277,16 +286,18 @@ def create_app(settings: Settings) -> Litestar:
                 services.pool.start_loading(default)
             purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
             yield
+            await services.rollout.close()
             purging.cancel()
         services.response_cache.close()
         services.conn.close()
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
-                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES],
+                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *MODELS_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),
+            "rollout": Provide(lambda: services.rollout, sync_to_thread=False),
             "api_keys": Provide(lambda: services.keys, sync_to_thread=False),
             "users": Provide(lambda: services.users, sync_to_thread=False),
             "audit_log": Provide(lambda: services.audit, sync_to_thread=False),

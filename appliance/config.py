@@ -183,6 +183,27 @@ class SupervisorSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     )
 
 
+class RolloutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    window_seconds: Annotated[
+        float, _doc("Seconds of a canary version's recent requests judged against the thresholds below.", gt=0)
+    ] = 300.0
+    min_requests: Annotated[
+        int, _doc("Requests a canary must have served within the window before it can be rolled back.", ge=1)
+    ] = 20
+    max_error_rate: Annotated[
+        float, _doc("A canary whose share of failed requests (server errors, worker failures, failed loads) in the "
+                    "window exceeds this is rolled back by itself.", ge=0, le=1)
+    ] = 0.2
+    max_p95_seconds: Annotated[
+        float, _doc("A canary whose 95th-percentile request time in the window exceeds this many seconds is "
+                    "rolled back by itself.", gt=0)
+    ] = 60.0
+    drain_seconds: Annotated[
+        float, _doc("After a promote or rollback, how long the old version's requests may run before its worker "
+                    "is stopped anyway.", ge=0)
+    ] = 120.0
+
+
 class CryptoSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     key_source: Annotated[
         Literal["file", "passphrase"],
@@ -263,6 +284,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     supervisor: Annotated[SupervisorSettings, _doc("Model worker processes.")] = msgspec.field(
         default_factory=SupervisorSettings
     )
+    rollout: Annotated[RolloutSettings, _doc("Model upgrades: blue-green promote and canaries rolled back by "
+                                             "themselves.")] = msgspec.field(default_factory=RolloutSettings)
     logging: Annotated[LoggingSettings, _doc("Logs.")] = msgspec.field(default_factory=LoggingSettings)
     privacy: Annotated[PrivacySettings, _doc("PII detection and actions, retention and erasure.")] = msgspec.field(
         default_factory=PrivacySettings

@@ -142,6 +142,39 @@ MIGRATIONS: Sequence[str] = (
         SELECT RAISE(ABORT, 'the audit anchor only moves forward');
     END;
     """,
+    # 9: model versions and aliases (appliance/registry/versions.py). `models` keeps one row per name: its
+    # production version, which is what a bare name serves. Every model installed before becomes version 1, in
+    # production. An alias routes to a model's production version or a pinned one; `weights` (JSON {"1": 90,
+    # "2": 10}) splits its traffic between versions for a canary; NULL sends it all to the one target.
+    """
+    CREATE TABLE model_versions (
+        model           TEXT NOT NULL,
+        version         INTEGER NOT NULL CHECK (version > 0),
+        source          TEXT NOT NULL,
+        format          TEXT NOT NULL,
+        sha256          TEXT NOT NULL,
+        size_bytes      INTEGER NOT NULL,
+        licence         TEXT NOT NULL DEFAULT '',
+        quantisation    TEXT NOT NULL DEFAULT '',
+        context_length  INTEGER NOT NULL DEFAULT 0,
+        created_at      TEXT NOT NULL,
+        stage           TEXT NOT NULL CHECK (stage IN ('staging', 'production', 'archived')),
+        promoted_at     TEXT,
+        PRIMARY KEY (model, version)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX model_versions_production ON model_versions(model) WHERE stage = 'production';
+    CREATE INDEX model_versions_sha256 ON model_versions(sha256);
+    INSERT INTO model_versions(model, version, source, format, sha256, size_bytes, licence, created_at, stage,
+                               promoted_at)
+        SELECT name, 1, source, format, sha256, size_bytes, licence, created_at, 'production', created_at FROM models;
+    CREATE TABLE model_aliases (
+        alias       TEXT PRIMARY KEY,
+        model       TEXT NOT NULL,
+        version     INTEGER,
+        weights     TEXT,
+        updated_at  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 

@@ -1,4 +1,4 @@
-"""`appliance models pull|list|catalog|convert|add-remote|rm|verify`."""
+"""`appliance models pull|list|catalog|convert|add-remote|rm|verify|versions|promote|rollback|alias|unalias`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from appliance.cli.cache import forget_removed_models
-from appliance.cli.common import Add, cli_actor, open_audit
+from appliance.cli.common import Add, cli_actor, open_audit, positive_int
 from appliance.config import LoadedSettings
 from appliance.datadir import DataDir
 
@@ -30,7 +30,66 @@ def cmd_models_pull(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     registry.policy = ImportPolicy.from_settings(loaded.settings.models)
     record = registry.pull(args.source, name=args.name, actor=cli_actor())
     forget_removed_models(loaded, {r.sha256 for r in registry.list()})
-    print(f"{record.name}: {record.size_bytes / 2**20:.1f} MiB, sha256 {record.sha256}")
+    version = registry.versions.with_digest(record.name, record.sha256)
+    at = f" (version {version.version}, {version.stage})" if version is not None else ""
+    print(f"{record.name}{at}: {record.size_bytes / 2**20:.1f} MiB, sha256 {record.sha256}")
+    if version is not None and version.stage == "staging":
+        print(f"serve it with `appliance models promote {record.name} {version.version}`, or try it first with "
+              f"`appliance models alias {record.name} {record.name} --canary {version.version} --weight 10`")
+    return 0
+
+
+def _rollout(loaded: LoadedSettings) -> Any:
+    from appliance.registry.rollout import RolloutService
+
+    registry = _registry(loaded)
+    return RolloutService(registry, None, loaded.settings.rollout, audit=registry.audit)
+
+
+def cmd_models_versions(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    rollout = _rollout(loaded)
+    rollout.registry.get(args.name)
+    for v in rollout.versions.list(args.name):
+        print(f"{v.ref}\t{v.stage}\t{v.format}\t{v.quantisation or '-'}\tctx {v.context_length or '-'}\t"
+              f"{v.size_bytes / 2**20:.1f} MiB\t{v.licence or '-'}\t{v.created_at}\t{v.sha256[:16]}\t{v.source}")
+    for a in rollout.versions.aliases_of(args.name):
+        split = ", ".join(f"@{v}: {w}%" for v, w in sorted(a.weights.items())) if a.weights else ""
+        print(f"alias {a.alias} -> {args.name}{f'@{a.version}' if a.version else ''}{f' ({split})' if split else ''}")
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    import asyncio
+
+    moved = asyncio.run(_rollout(loaded).promote(args.name, args.version, actor=cli_actor()))
+    print(f"{args.name}: version {moved.to_version} in production (was {moved.from_version}); a running server "
+          "loads it on the next request (POST /api/models/NAME/promote warms it up first)")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    import asyncio
+
+    moved = asyncio.run(_rollout(loaded).rollback(args.name, actor=cli_actor()))
+    if moved.aliases:
+        print(f"{args.name}: canary ended on {', '.join(moved.aliases)}; all their traffic goes to the stable version")
+    else:
+        print(f"{args.name}: version {moved.to_version} in production again; version {moved.from_version} is back "
+              "in staging")
+    return 0
+
+
+def cmd_models_alias(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    alias = _rollout(loaded).set_alias(args.alias, args.target, canary=args.canary, weight=args.weight,
+                                       actor=cli_actor())
+    split = ", ".join(f"@{v}: {w}%" for v, w in sorted(alias.weights.items())) if alias.weights else ""
+    print(f"{alias.alias} -> {args.target}{f' ({split})' if split else ''}")
+    return 0
+
+
+def cmd_models_unalias(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    _rollout(loaded).remove_alias(args.alias, actor=cli_actor())
+    print(f"removed alias {args.alias}")
     return 0
 
 
@@ -75,6 +134,13 @@ def cmd_models_verify(args: argparse.Namespace, loaded: LoadedSettings) -> int:
             damaged.append(record)
             print(f"DAMAGED {record.name}: {problem} (sha256 {record.sha256}); "
                   f"run `appliance models pull {record.source}` again", file=sys.stderr)
+    for version in registry.versions.all():  # staging and archived versions are stored files too
+        if version.stage == "production" or version.format == "remote":
+            continue
+        if (problem := registry.store.problem(version.sha256)) is not None:
+            damaged.append(version)
+            print(f"DAMAGED {version.ref}: {problem} (sha256 {version.sha256}); run `appliance models pull "
+                  f"{version.source} --name {version.model}` again", file=sys.stderr)
     if not damaged:
         print("all models verified")
     return 1 if damaged else 0
@@ -124,6 +190,22 @@ def register(sub: Any, add: Add) -> None:
     remote.add_argument("--api-key-stdin", action="store_true", help="read the upstream's API key from stdin")
     rm = add("rm", cmd_models_rm, "remove a model and its stored file", models)
     rm.add_argument("name")
+    versions = add("versions", cmd_models_versions, "a model's versions, stages and aliases", models)
+    versions.add_argument("name")
+    promote = add("promote", cmd_models_promote, "make a version the model's production version", models)
+    promote.add_argument("name")
+    promote.add_argument("version", type=positive_int)
+    rollback = add("rollback", cmd_models_rollback,
+                   "end the model's canaries, else return production to the version served before", models)
+    rollback.add_argument("name")
+    alias = add("alias", cmd_models_alias, "point an alias at a model or NAME@VERSION, optionally with a canary",
+                models)
+    alias.add_argument("alias")
+    alias.add_argument("target", help="a model (its production version) or NAME@VERSION")
+    alias.add_argument("--canary", type=positive_int, help="a version that gets --weight percent of the traffic")
+    alias.add_argument("--weight", type=positive_int, default=10, help="the canary's share in percent (default 10)")
+    unalias = add("unalias", cmd_models_unalias, "remove an alias", models)
+    unalias.add_argument("alias")
     verify = add("verify", cmd_models_verify, "decrypt and check every stored model against its digest", models)
     verify.add_argument("--repair", action="store_true",
                         help="first encrypt plaintext blobs left by an earlier version (as `serve` does at start)")

@@ -39,10 +39,15 @@ class OpenAIController(Controller):
     async def list_models(self, request: Request[Any, Any, State], models: NamedDependency[ModelRegistry]
                           ) -> dict[str, Any]:
         allowed: frozenset[str] | None = getattr(request.user, "models", None)
+        installed = models.list()
+        names = {m.name for m in installed}
+        aliases = [{"id": a.alias, "object": "model", "created": _epoch(a.updated_at), "owned_by": "appliance",
+                    "alias_of": models.versions.worker_key(a.alias)}  # the stable version, canaries aside
+                   for a in models.versions.aliases() if a.alias not in names]
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": _epoch(m.created_at), "owned_by": "appliance"}
-            for m in models.list() if allowed is None or m.name in allowed
-        ]}
+            for m in installed if allowed is None or m.name in allowed
+        ] + [a for a in aliases if allowed is None or a["id"] in allowed]}
 
     @post("/chat/completions", summary="Create a chat completion", status_code=200, opt=permission("chat:use"))
     async def chat_completions(self, request: Request[Any, Any, State], completions: NamedDependency[CompletionService]

@@ -42,6 +42,7 @@ from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, 
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
 from appliance.privacy.gateway import GatewayPrivacy
+from appliance.registry.rollout import RolloutService
 from appliance.registry.service import ModelRegistry, model_not_found
 from appliance.supervisor.pool import WorkerPool
 
@@ -117,6 +118,7 @@ class CompletionService:
         self.audit = audit
         self.privacy: GatewayPrivacy | None = None  # the prompt and output surfaces, set by the app
         self.cache = cache
+        self.rollout: RolloutService | None = None  # aliases, versions and canaries; set by the composition root
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
                   principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
@@ -124,7 +126,10 @@ class CompletionService:
         """One completion for `principal` (None: no quota applies), whole or as a stream of SSE events; `cache` is
         the client's cache directive (see appliance.cache.service)."""
         self.check_model(request.model, principal)
-        record = self.registry.get(request.model)  # 404 before queueing for an unknown model
+        # step 8's routing: alias or name -> one version (a canary split sticks to the principal); the worker is
+        # that version's, while the response keeps the name the client asked for
+        key = request.model if self.rollout is None else self.rollout.route(request.model, principal).ref
+        record = self.registry.get(key)  # 404 before queueing for an unknown model
         chat = isinstance(request, ChatCompletionRequest)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         body = upstream_body(request)
@@ -142,11 +147,11 @@ class CompletionService:
                 return Streamed(lookup.stream(request.model, include_usage), headers)
             return Completed(lookup.whole(request.model), headers)
         if not request.stream:
-            completed = await self._whole(request.model, path, body, metered)
+            completed = await self._whole(record.name, path, body, metered, key)
             lookup.store_whole(completed.body)
             completed.headers.update(lookup.headers)
             return completed
-        events = self._stream(request.model, path, body, include_usage or lookup.records, metered)
+        events = self._stream(record.name, path, body, include_usage or lookup.records, metered, key)
         first = await events.__anext__()  # errors before the first byte become HTTP errors, not SSE events
         assert first is READY
         if lookup.records:
@@ -190,9 +195,10 @@ class CompletionService:
             else:
                 self.quotas.release(reservation)
 
-    async def _whole(self, model: str, path: str, body: dict[str, Any], metered: Metered) -> Completed:
+    async def _whole(self, model: str, path: str, body: dict[str, Any], metered: Metered, key: str = ""
+                     ) -> Completed:
         try:
-            completed, usage = await self._whole_unmetered(model, path, body)
+            completed, usage = await self._whole_unmetered(model, path, body, key)
         except ApplianceError:  # refused, or failed before a usage came back: nothing to charge
             self._settle(metered)
             raise
@@ -202,9 +208,11 @@ class CompletionService:
             completed.headers = metered.headers()
         return completed
 
-    async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any]) -> tuple[Completed, int | None]:
+    async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any], key: str = ""
+                               ) -> tuple[Completed, int | None]:
+        """`model` labels the metrics; `key` names the worker (a version, `name@N`), else `model` does."""
         started = time.perf_counter()
-        async with self.pool.acquire(model, keep_alive=body.pop("keep_alive", None)) as worker:
+        async with self.pool.acquire(key or model, keep_alive=body.pop("keep_alive", None)) as worker:
             try:
                 response = await worker.client.post(path, content=_encoder.encode(body),
                                                     headers={"content-type": "application/json"})
@@ -218,11 +226,11 @@ class CompletionService:
         content = response.content if self.privacy is None else self.privacy.screen_response(response.content)
         return Completed(content), _total(usage) if usage else None
 
-    async def _stream(self, model: str, path: str, body: dict[str, Any], include_usage: bool, metered: Metered
-                      ) -> AsyncIterator[bytes]:
+    async def _stream(self, model: str, path: str, body: dict[str, Any], include_usage: bool, metered: Metered,
+                      key: str = "") -> AsyncIterator[bytes]:
         started = time.perf_counter()
         try:
-            async with self.pool.acquire(model, keep_alive=body.pop("keep_alive", None)) as worker:
+            async with self.pool.acquire(key or model, keep_alive=body.pop("keep_alive", None)) as worker:
                 try:
                     async with worker.client.stream("POST", path, content=_encoder.encode(body),
                                                     headers={"content-type": "application/json"}) as response:

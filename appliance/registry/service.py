@@ -18,6 +18,7 @@ from appliance.registry.catalog import Catalog
 from appliance.registry.folder import check_folder, pack_folder
 from appliance.registry.sources import ImportPolicy, SourceSpec, open_source, parse_source
 from appliance.registry.store import ModelStore
+from appliance.registry.versions import ModelVersion, ModelVersions, quantisation_of, split_ref
 
 _UPSERT = ("INSERT INTO models(name, source, format, sha256, size_bytes, licence, created_at) VALUES (?,?,?,?,?,?,?) "
            "ON CONFLICT(name) DO UPDATE SET source=excluded.source, format=excluded.format, sha256=excluded.sha256, "
@@ -60,6 +61,7 @@ class ModelRegistry:
         self.store = store
         self.catalog = catalog
         self.audit = audit
+        self.versions = ModelVersions(conn)
 
     def _resolve(self, source_or_name: str, name: str | None) -> _Wanted:
         entry = self.catalog.models.get(source_or_name)
@@ -71,6 +73,8 @@ class ModelRegistry:
 
     def pull(self, source_or_name: str, name: str | None = None, *, actor: str = "system") -> ModelRecord:
         """Fetch a catalog entry or a source into the store and record it under `name`."""
+        if source_or_name.startswith("file:") and (folder := Path(source_or_name[5:]).expanduser()).is_dir():
+            return self.add_folder(name or folder.name, folder, source=source_or_name, actor=actor)
         with audited(self.audit, actor, "model.pull", name or source_or_name, source=source_or_name) as event:
             want = self._resolve(source_or_name, name)
             event.target, event.details["source"] = want.name, want.source
@@ -80,14 +84,9 @@ class ModelRegistry:
                 event.details.update(sha256=existing.sha256, size_bytes=existing.size_bytes, unchanged=True)
                 return existing
             blob = self._fetch(want.spec, want.expected, want.format)
-            record = ModelRecord(want.name, want.source, want.format, blob.sha256, blob.size_bytes, want.licence,
-                                 datetime.now(UTC).isoformat(timespec="seconds"))
-            event.details.update(sha256=record.sha256, size_bytes=record.size_bytes, format=record.format)
-            with event.commit():
-                self.conn.execute(_UPSERT, msgspec.structs.astuple(record))
-        if existing is not None and existing.sha256 != record.sha256:
-            self._drop_blob_if_unused(existing.sha256)
-        return record
+            event.details["format"] = want.format
+            return self._record(want.name, want.source, want.format, blob.sha256, blob.size_bytes, want.licence,
+                                event)
 
     def _fetch(self, spec: SourceSpec, expected: str | None, fmt: str):  # type: ignore[no-untyped-def]
         if fmt != "gguf":
@@ -117,16 +116,40 @@ class ModelRegistry:
 
     def _record(self, name: str, source: str, fmt: str, sha256: str, size: int, licence: str,
                 event: AuditEvent) -> ModelRecord:
-        existing = self.find(name)
+        """Record stored content under `name`: its first version (in production), or a new version in staging
+        when the name exists with other content (`appliance models promote` serves it); the same content again
+        is the version that has it."""
         record = ModelRecord(name, source, fmt, sha256, size, licence, datetime.now(UTC).isoformat(timespec="seconds"))
         event.details.update(sha256=sha256, size_bytes=size)
+        if (same := self.versions.with_digest(name, sha256)) is not None:
+            event.details.update(version=same.version, stage=same.stage, unchanged=True)
+            return _as_record(same)
+        quantisation, context = self._describe(fmt, sha256, size)
         with event.commit():
-            self.conn.execute(_UPSERT, msgspec.structs.astuple(record))
-        if existing is not None and existing.sha256 != sha256:
-            self._drop_blob_if_unused(existing.sha256)
+            if self.find(name) is None:
+                self.conn.execute(_UPSERT, msgspec.structs.astuple(record))
+            added = self.versions.add(name, source=source, format=fmt, sha256=sha256, size_bytes=size,
+                                      licence=licence, created_at=record.created_at, quantisation=quantisation,
+                                      context_length=context)
+            event.details.update(version=added.version, stage=added.stage)
         return record
 
+    def _describe(self, fmt: str, sha256: str, size: int) -> tuple[str, int]:
+        """The quantisation and trained context length of a stored GGUF, from its header (decrypted in memory)."""
+        if fmt != "gguf":
+            return "", 0
+        try:
+            info = gguf_check.read_gguf_stream(self.store._plaintext(sha256), size)
+        except RegistryError:
+            return "", 0
+        return quantisation_of(info.metadata), info.arch_int("context_length")
+
     def find(self, name: str) -> ModelRecord | None:
+        """A model (its production version) by name, or one version by `name@N`."""
+        if "@" in name:
+            model, version = split_ref(name)
+            found = self.versions.find(model, version) if version is not None else None
+            return _as_record(found) if found is not None else None
         row = self.conn.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
         return msgspec.convert(dict(row), ModelRecord) if row else None
 
@@ -143,19 +166,29 @@ class ModelRegistry:
     def remove(self, name: str, *, actor: str = "system") -> ModelRecord:
         with audited(self.audit, actor, "model.remove", name) as event:
             record = self.get(name)
-            event.details.update(source=record.source, sha256=record.sha256, size_bytes=record.size_bytes)
+            versions = self.versions.list(name)
+            event.details.update(source=record.source, sha256=record.sha256, size_bytes=record.size_bytes,
+                                 versions=len(versions))
             with event.commit():
                 self.conn.execute("DELETE FROM models WHERE name = ?", (name,))
-        self._drop_blob_if_unused(record.sha256)
+                self.versions.remove_model(name)
+        for digest in {record.sha256, *(v.sha256 for v in versions)}:
+            self._drop_blob_if_unused(digest)
         return record
 
     def _drop_blob_if_unused(self, sha256: str) -> None:
-        if self.conn.execute("SELECT 1 FROM models WHERE sha256 = ?", (sha256,)).fetchone() is None:
+        if (self.conn.execute("SELECT 1 FROM models WHERE sha256 = ?", (sha256,)).fetchone() is None
+                and not self.versions.digest_in_use(sha256)):
             self.store.delete(sha256)
 
     def verify(self) -> builtins.list[ModelRecord]:
         """The models whose stored file is missing or does not match its digest."""
         return [r for r in self.list() if r.format != "remote" and not self.store.verify(r.sha256)]
+
+
+def _as_record(version: ModelVersion) -> ModelRecord:
+    return ModelRecord(version.model, version.source, version.format, version.sha256, version.size_bytes,
+                       version.licence, version.created_at)
 
 
 def remote_source(url: str, upstream_model: str) -> str:

@@ -25,6 +25,8 @@ NewWorker = Callable[[str, contextlib.AsyncExitStack], Awaitable[Worker]]
 """Build (not start) a worker for a model name; resources it needs stay open until the stack closes."""
 OnEvent = Callable[[str, str, str, dict[str, object]], None]
 """Told of lifecycle events: (action, model, outcome, details), e.g. ("model.load", "m", "ok", {...})."""
+OnRequest = Callable[[str, bool, float], None]
+"""Told when a request leaves a worker: (worker key, failed, seconds held); failed = a server-side failure."""
 
 STABLE_AFTER_S = 60.0
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -64,6 +66,7 @@ class ModelSlot:
     need: MemoryNeed | None = None  # reserved by placement from before the load until the worker is retired
     keep_alive: float | None = None  # the last request's keep_alive; None = the configured one
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever a request lets go (drain)
     gate: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +90,9 @@ class WorkerPool:
         self.on_event = on_event
         self.placement = placement
         self.slots: dict[str, ModelSlot] = {}
+        # which worker serves a name: versions are keyed `name@N` (appliance.registry.versions.worker_key)
+        self.key: Callable[[str], str] = lambda name: name
+        self.on_request: OnRequest | None = None  # the canary monitor (appliance.registry.rollout)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -103,17 +109,50 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
     def slot(self, name: str) -> ModelSlot:
+        name = self.key(name)
         if name not in self.slots:
-            pinned = self.models.pin_default and name == self.models.default
-            self.slots[name] = ModelSlot(name, self.parallel, pinned)
+            self.slots[name] = ModelSlot(name, self.parallel, self._pinned(name))
         return self.slots[name]
 
+    def _pinned(self, key: str) -> bool:
+        return self.models.pin_default and key == self.key(self.models.default)
+
+    def repin(self) -> None:
+        """After the default model's production version changed: pin the new one's worker, unpin the old one's."""
+        for slot in self.slots.values():
+            slot.pinned = self._pinned(slot.name)
+
     def is_ready(self, name: str) -> bool:
-        slot = self.slots.get(name)
+        slot = self.slots.get(self.key(name))
         return slot is not None and slot.alive
+
+    async def drain(self, name: str, timeout: float) -> bool:
+        """Stop a worker once its requests are done (at most `timeout` seconds, then stop it anyway) and forget
+        its slot; requests still routed to it meanwhile are served. True when it drained without cutting any."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return True
+        slot.pinned = False
+        deadline = time.monotonic() + timeout
+        while slot.in_use or slot.waiting:
+            slot.released.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slot.released.wait(), max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                break
+        clean = not (slot.in_use or slot.waiting)
+        async with slot.load_lock:
+            if slot.alive:
+                self._event("model.unload", name, "ok", reason="drain", drained=clean)
+            await self._retire(slot)
+        if clean and self.slots.get(name) is slot and not (slot.in_use or slot.waiting):
+            del self.slots[name]
+        self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
+        return clean
 
     async def ensure_loaded(self, name: str) -> Worker:
         slot = self.slot(name)
+        name = slot.name
         async with slot.load_lock:
             if slot.alive:
                 assert slot.worker is not None
@@ -227,6 +266,7 @@ class WorkerPool:
         sets how long the model stays loaded after this request: 0 = unload at once, negative = for ever."""
         keep = keep_alive_seconds(keep_alive)
         slot = self.slot(name)
+        name = slot.name
         if slot.waiting >= self.gateway.max_queue and slot.gate.locked():
             raise QueueFull(
                 f"model '{name}' is busy and {slot.waiting} requests are already waiting; retry shortly",
@@ -247,12 +287,24 @@ class WorkerPool:
             self.metrics.queue_depth.labels(name).set(slot.waiting)
         self.metrics.queue_wait.labels(name).observe(time.monotonic() - queued)
         slot.in_use += 1
+        started, failed, worker = time.monotonic(), False, None
         try:
-            yield await self.ensure_loaded(name)
+            worker = await self.ensure_loaded(name)
+            yield worker
+        except Exception as exc:  # a client's own error (4xx) is not the worker's failure
+            failed = not (isinstance(exc, ApplianceError) and exc.status_code < 500)
+            raise
         finally:
             slot.in_use -= 1
             slot.last_used = time.monotonic()
             slot.gate.release()
+            slot.released.set()
+            if self.on_request is not None:  # a worker that died under a stream failed it, even if relayed as SSE
+                dead = worker is not None and worker.exited.is_set() and not getattr(worker, "stopping", False)
+                try:
+                    self.on_request(name, failed or dead, slot.last_used - started)
+                except Exception:  # the monitor must not fail the request it watched
+                    log.exception("model.observe_failed", model=name)
             if keep is not None:
                 slot.keep_alive = keep
             if slot.keep_alive == 0 and slot.in_use == 0 and slot.waiting == 0 and not slot.pinned:
@@ -268,6 +320,7 @@ class WorkerPool:
         next_check = time.monotonic() + interval
         while not self._closing:
             await asyncio.sleep(tick)
+            self.repin()  # a promote made by the CLI: the old version's worker may idle out now
             await self._unload_idle(keep_alive)
             if interval and time.monotonic() >= next_check:
                 next_check = time.monotonic() + interval

@@ -362,7 +362,7 @@ def test_model_changes_and_refusals_are_recorded(
     pull, refused, removed, missing = list(audit.export())
     assert (pull["action"], pull["target"], pull["outcome"]) == ("model.pull", "m", "ok")
     assert pull["details"] == {"source": f"file:{good}", "sha256": pulled.sha256, "size_bytes": good.stat().st_size,
-                               "format": "gguf"}
+                               "format": "gguf", "version": 1, "stage": "production"}
     assert (refused["target"], refused["outcome"], refused["details"]["code"]) == ("bad", "error", "digest_mismatch")
     assert (removed["action"], removed["actor"], removed["details"]["sha256"]) == ("model.remove", "cli:bob",
                                                                                  pulled.sha256)

@@ -147,14 +147,19 @@ def test_remove_deletes_the_blob_only_when_unused(registry: ModelRegistry, data:
         registry.remove("b")
 
 
-def test_pulling_a_new_file_under_an_existing_name_replaces_it(
+def test_pulling_a_new_file_under_an_existing_name_adds_a_staging_version(
     registry: ModelRegistry, data: DataDir, tmp_path: Path
 ) -> None:
     old = registry.pull(f"file:{gguf_file(tmp_path / 'v1.gguf')}", name="m")
     new = registry.pull(f"file:{gguf_file(tmp_path / 'v2.gguf')}", name="m")
     assert new.sha256 != old.sha256
-    assert registry.list() == [new]
-    assert stored(data) == [f"sha256-{new.sha256}"]  # the old blob had no other user
+    assert registry.list() == [old]  # the name still serves its production version
+    assert [(v.version, v.stage, v.sha256) for v in registry.versions.list("m")] == [
+        (1, "production", old.sha256), (2, "staging", new.sha256)]
+    assert registry.get("m@2") == new
+    assert stored(data) == sorted([f"sha256-{old.sha256}", f"sha256-{new.sha256}"])  # both kept
+    registry.remove("m")
+    assert stored(data) == [] and registry.versions.list("m") == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "modify", "delete"])

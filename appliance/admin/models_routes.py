@@ -1,0 +1,92 @@
+"""Models over JSON: `/api/models` (each model with its production version, versions and aliases), its versions,
+promote and rollback (`appliance.registry.rollout`), and `/api/aliases` (an alias, optionally a canary split).
+Reading needs models:read; every change models:manage, and is audited by the service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, delete, get, post, put
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from appliance.admin.keys_routes import actor_of, decode_body
+from appliance.auth.guards import permission
+from appliance.registry.rollout import RolloutService
+from appliance.registry.versions import Alias
+
+
+class Promotion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+
+
+class AliasBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    target: str  # a model (its production version) or `name@N`
+    canary: int | None = None  # a version that gets `weight` percent of the alias's traffic
+    weight: int = 10
+
+
+def _alias(alias: Alias) -> dict[str, Any]:
+    return {**msgspec.to_builtins(alias), "weights": {str(v): w for v, w in (alias.weights or {}).items()} or None}
+
+
+@get("/api/models", summary="Installed models with their production version, versions and aliases",
+     opt=permission("models:read"), tags=["Admin"])
+async def list_models(rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+    versions, aliases = rollout.versions.all(), rollout.versions.aliases()
+    data = []
+    for record in rollout.registry.list():
+        own = [v for v in versions if v.model == record.name]
+        production = next((v.version for v in own if v.stage == "production"), None)
+        data.append({**msgspec.to_builtins(record), "production_version": production,
+                     "versions": msgspec.to_builtins(own),
+                     "aliases": [_alias(a) for a in aliases if a.model == record.name]})
+    return {"object": "list", "data": data}
+
+
+@get("/api/models/{name:str}/versions", summary="A model's versions with digest, source, stage and details",
+     opt=permission("models:read"), tags=["Admin"])
+async def list_versions(name: FromPath[str], rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+    rollout.registry.get(name)  # 404 for an unknown model
+    return {"object": "list", "data": msgspec.to_builtins(rollout.versions.list(name))}
+
+
+@post("/api/models/{name:str}/promote", summary="Blue-green promote a version to production (loaded and warmed "
+      "up first; the old version drained)", status_code=200, opt=permission("models:manage"), tags=["Admin"])
+async def promote(request: Request[Any, Any, Any], name: FromPath[str],
+                  rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+    body = decode_body(await request.body(), Promotion, '{"version": 2}')
+    return (await rollout.promote(name, body.version, actor=actor_of(request))).to_dict()
+
+
+@post("/api/models/{name:str}/rollback", summary="End the model's canaries, else return production to the version "
+      "served before", status_code=200, opt=permission("models:manage"), tags=["Admin"])
+async def rollback(request: Request[Any, Any, Any], name: FromPath[str],
+                   rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+    return (await rollout.rollback(name, actor=actor_of(request))).to_dict()
+
+
+@get("/api/aliases", summary="Model aliases and their canary splits", opt=permission("models:read"),
+     tags=["Admin"])
+async def list_aliases(rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+    return {"object": "list", "data": [_alias(a) for a in rollout.versions.aliases()]}
+
+
+@put("/api/aliases/{alias:str}", summary="Point an alias at a model or version, optionally with a canary split",
+     opt=permission("models:manage"), tags=["Admin"])
+async def set_alias(request: Request[Any, Any, Any], alias: FromPath[str],
+                    rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+    body = decode_body(await request.body(), AliasBody, '{"target": "my-model", "canary": 2, "weight": 10}')
+    return _alias(rollout.set_alias(alias, body.target, canary=body.canary, weight=body.weight,
+                                    actor=actor_of(request)))
+
+
+@delete("/api/aliases/{alias:str}", summary="Remove an alias", status_code=200, opt=permission("models:manage"),
+        tags=["Admin"])
+async def remove_alias(request: Request[Any, Any, Any], alias: FromPath[str],
+                       rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+    return _alias(rollout.remove_alias(alias, actor=actor_of(request)))
+
+
+ROUTES = [list_models, list_versions, promote, rollback, list_aliases, set_alias, remove_alias]

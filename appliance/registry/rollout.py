@@ -1,0 +1,264 @@
+"""Safe model upgrades: blue-green promote, rollback, aliases with canary splits and automatic rollback.
+
+Promote (blue-green): the new version's worker is loaded and warmed up next to the old one while the old one keeps
+serving; the switch is one SQLite transaction (stages, the `models` row, the audit record), so every request
+resolves to the old version or the new one, never to nothing; then the old worker is drained (its requests finish)
+and unloaded. No request fails during the switch.
+
+Canary: an alias splits its traffic, e.g. {1: 90, 2: 10}, sticky per subject. Every request a worker serves is
+observed (`observe`, the pool's `on_request`); when the canary version's error rate or p95 latency over the last
+`rollout.window_seconds` passes its threshold (after `rollout.min_requests` requests), the split ends by itself:
+the alias sends everything to its stable version again, the canary's worker is drained, and the audit log records
+`model.rollback` by `supervisor` with the numbers. Every transition is audited.
+
+Without a running server (the CLI), a promote or rollback is only the switch: the next request loads the version."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from appliance.audit import AuditLog, audited
+from appliance.config import RolloutSettings
+from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
+from appliance.logs import get_logger
+from appliance.registry.service import ModelRegistry, valid_model_name
+from appliance.registry.versions import Alias, ModelVersion, ModelVersions, Route, split_ref, version_ref
+from appliance.supervisor.pool import WorkerPool
+
+log = get_logger(__name__)
+WARM_UP = {"prompt": "Hello", "max_tokens": 1, "temperature": 0}
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What a promote or rollback did."""
+
+    model: str
+    from_version: int | None
+    to_version: int | None
+    drained: bool = True
+    aliases: tuple[str, ...] = ()  # canary splits ended
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "from_version": self.from_version, "to_version": self.to_version,
+                "drained": self.drained, "aliases": list(self.aliases)}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)] if ordered else 0.0
+
+
+class RolloutService:
+    def __init__(self, registry: ModelRegistry, pool: WorkerPool | None, settings: RolloutSettings,
+                 audit: AuditLog | None = None) -> None:
+        self.registry = registry
+        self.versions: ModelVersions = registry.versions
+        self.pool = pool
+        self.settings = settings
+        self.audit = audit
+        self._windows: dict[str, deque[tuple[float, bool, float]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock = asyncio.Lock()  # one transition at a time
+
+    def route(self, name: str, principal: Any = None) -> Route:
+        """The version that serves `name` for this principal (canary splits stick to its subject)."""
+        return self.versions.resolve(name, getattr(principal, "subject", None))
+
+    # blue-green
+
+    async def promote(self, model: str, version: int, *, actor: str) -> Transition:
+        """Serve `version` as `model`'s production version: load and warm it up, switch, drain the old one."""
+        async with self._lock:
+            with audited(self.audit, actor, "model.promote", model, version=version) as event:
+                target = self.versions.get(model, version)
+                current = self.versions.production(model)
+                if current is not None and current.version == version:
+                    raise InvalidRequest(f"{target.ref} is already in production", param="version",
+                                         code="already_production")
+                event.details["from_version"] = current.version if current else None
+                await self._warm_up(target, current)
+                with event.commit():
+                    self.versions.set_production(model, version, _now())
+                self._switched()
+            drained = await self._retire(current) if current is not None else True
+        log.info("model.promoted", model=model, version=version, previous=getattr(current, "version", None))
+        return Transition(model, getattr(current, "version", None), version, drained)
+
+    async def rollback(self, model: str, *, actor: str) -> Transition:
+        """End `model`'s canary splits if it has any; else return production to the version served before
+        (blue-green, as a promote), the current one going back to staging."""
+        async with self._lock:
+            if self._canaries(model):
+                return await self._end_canaries(model, actor=actor, reason="rollback requested")
+            with audited(self.audit, actor, "model.rollback", model) as event:
+                current = self.versions.production(model)
+                if current is None:
+                    self.registry.get(model)  # the usual 404
+                    raise InvalidRequest(f"model '{model}' has no production version", code="no_production")
+                previous = self.versions.previous_production(model)
+                if previous is None:
+                    raise InvalidRequest(f"model '{model}' has no earlier production version to return to; "
+                                         f"`appliance models versions {model}` lists its versions",
+                                         code="nothing_to_roll_back")
+                event.details.update(from_version=current.version, to_version=previous.version)
+                await self._warm_up(previous, current)
+                with event.commit():
+                    self.versions.set_production(model, previous.version, _now())
+                    self.versions.set_stage(model, current.version, "staging")
+                self._switched()
+            drained = await self._retire(current)
+        return Transition(model, current.version, previous.version, drained)
+
+    async def _warm_up(self, target: ModelVersion, current: ModelVersion | None) -> None:
+        """Load `target` and send it one tiny completion; on failure unload it and say production is unchanged."""
+        if self.pool is None:
+            return
+        try:
+            async with self.pool.acquire(target.ref) as worker:
+                if target.format != "remote":
+                    response = await worker.client.post("/v1/completions", json={"model": target.model, **WARM_UP})
+                    if response.status_code != 200:
+                        raise ModelUnavailable(f"its warm-up completion got HTTP {response.status_code}")
+        except (ApplianceError, httpx.HTTPError) as exc:
+            await self.pool.drain(target.ref, 0)
+            reason = exc.message if isinstance(exc, ApplianceError) else type(exc).__name__
+            stays = f"version {current.version} keeps serving" if current else "nothing was switched"
+            raise ModelUnavailable(f"{target.ref} could not be loaded and warmed up ({reason[:300]}); {stays}",
+                                   code="promote_failed") from exc
+
+    def _switched(self) -> None:
+        if self.pool is not None:
+            self.pool.repin()
+
+    async def _retire(self, old: ModelVersion) -> bool:
+        """Drain and unload a version's worker, unless an alias still routes to it."""
+        if self.pool is None or self._still_routed(old.model, old.version):
+            return True
+        return await self.pool.drain(old.ref, self.settings.drain_seconds)
+
+    def _still_routed(self, model: str, version: int) -> bool:
+        current = self.versions.production(model)
+        if current is not None and current.version == version:
+            return True
+        return any(a.version == version or (a.weights and version in a.weights)
+                   for a in self.versions.aliases_of(model))
+
+    # aliases and canaries
+
+    def set_alias(self, alias: str, target: str, *, canary: int | None = None, weight: int = 10,
+                  actor: str) -> Alias:
+        """Point `alias` at `target` (a model: its production version; or `name@N`); with `canary`, send `weight`
+        percent of its traffic (sticky per subject) to that version instead."""
+        with audited(self.audit, actor, "model.alias", alias, to=target, canary=canary,
+                     weight=weight if canary is not None else None) as event:
+            valid_model_name(alias)
+            model, pinned = split_ref(target)
+            weights = None
+            if canary is not None:
+                if not 0 < weight < 100:
+                    raise InvalidRequest(f"a canary's weight is a percentage between 1 and 99, not {weight}",
+                                         param="weight", code="invalid_weight")
+                stable = pinned or getattr(self.versions.production(model), "version", None)
+                if stable is None:
+                    self.registry.get(model)
+                    raise InvalidRequest(f"model '{model}' has no production version", code="no_production")
+                if canary == stable:
+                    raise InvalidRequest(f"version {canary} is already the alias's target; name another version "
+                                         "as the canary", param="canary", code="invalid_canary")
+                weights = {stable: 100 - weight, canary: weight}
+            with event.commit():
+                found = self.versions.set_alias(alias, model, pinned, weights, _now())
+        if canary is not None:
+            self._windows.pop(version_ref(model, canary), None)  # a fresh window for the new canary
+        return found
+
+    def remove_alias(self, alias: str, *, actor: str) -> Alias:
+        with audited(self.audit, actor, "model.unalias", alias) as event, event.commit():
+            return self.versions.remove_alias(alias)
+
+    def _canaries(self, model: str) -> list[Alias]:
+        return [a for a in self.versions.aliases_of(model) if a.weights]
+
+    async def _end_canaries(self, model: str, *, actor: str, reason: str, version: int | None = None,
+                            **details: Any) -> Transition:
+        """Send every split alias of `model` (those giving `version` a share, when named) to its stable target
+        alone, then drain the canary versions' workers."""
+        with audited(self.audit, actor, "model.rollback", model, reason=reason, **details) as event:
+            ended = [a for a in self._canaries(model) if version is None or (a.weights and version in a.weights)]
+            canaries = sorted({v for a in ended for v in a.weights or {} if v != self._stable(a)})
+            event.details.update(aliases=[a.alias for a in ended], canary_versions=canaries)
+            now = _now()
+            with event.commit():
+                for a in ended:
+                    self.versions.set_alias(a.alias, a.model, a.version, None, now)
+        drained = True
+        for v in canaries:
+            self._windows.pop(version_ref(model, v), None)
+            found = self.versions.find(model, v)
+            if found is not None:
+                drained = await self._retire(found) and drained
+        log.warning("model.canary_ended", model=model, versions=canaries, reason=reason)
+        return Transition(model, canaries[0] if canaries else None, None, drained, tuple(a.alias for a in ended))
+
+    def _stable(self, alias: Alias) -> int | None:
+        return alias.version or getattr(self.versions.production(alias.model), "version", None)
+
+    # the canary monitor
+
+    def observe(self, key: str, failed: bool, seconds: float) -> None:
+        """One request served by worker `key` (`name@N`); rolls a canary back when it passes a threshold."""
+        now = time.monotonic()
+        window = self._windows.setdefault(key, deque())
+        window.append((now, failed, seconds))
+        while window and window[0][0] < now - self.settings.window_seconds:
+            window.popleft()
+        s = self.settings
+        if len(window) < s.min_requests or self._lock.locked():
+            return
+        errors = sum(1 for _, f, _ in window if f)
+        rate, latency = errors / len(window), p95([d for _, _, d in window])
+        if rate > s.max_error_rate:
+            reason = f"error rate {rate:.2f} > {s.max_error_rate:.2f} over {len(window)} requests"
+        elif latency > s.max_p95_seconds:
+            reason = f"p95 latency {latency:.2f}s > {s.max_p95_seconds:.2f}s over {len(window)} requests"
+        else:
+            return
+        model, version = split_ref(key)
+        if version is None or not any(version != self._stable(a) for a in self._canaries(model)
+                                      if a.weights and version in a.weights):
+            return  # not a canary: thresholds judge canaries only
+        window.clear()
+        self._spawn(self._auto_rollback(model, version, reason, rate, latency))
+
+    async def _auto_rollback(self, model: str, version: int, reason: str, rate: float, latency: float) -> None:
+        async with self._lock:
+            try:
+                await self._end_canaries(model, actor="supervisor", reason=f"canary {reason}", version=version,
+                                         automatic=True, error_rate=round(rate, 4), p95_seconds=round(latency, 3),
+                                         window_seconds=self.settings.window_seconds)
+            except Exception:  # logged: the split stays, and the next breach tries again
+                log.exception("model.auto_rollback_failed", model=model, version=version)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
