@@ -110,7 +110,7 @@ def cmd_models_catalog(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 
 def cmd_models_rm(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     record = _registry(loaded).remove(args.name, actor=cli_actor())
-    if record.format == "remote":
+    if record.format == "remote" and "@" not in args.name:  # the model's key goes with its last version
         from appliance.engines.remote import RemoteCredentials
 
         RemoteCredentials(DataDir(loaded.settings.data_path).keys / "remote").delete(record.name)
@@ -188,7 +188,7 @@ def register(sub: Any, add: Add) -> None:
     remote.add_argument("--url", required=True, help="the upstream's base URL, e.g. https://gpu-box:8000/v1")
     remote.add_argument("--upstream-model", help="the model's name upstream (default: NAME)")
     remote.add_argument("--api-key-stdin", action="store_true", help="read the upstream's API key from stdin")
-    rm = add("rm", cmd_models_rm, "remove a model and its stored file", models)
+    rm = add("rm", cmd_models_rm, "remove a model with all its versions, or one version NAME@N", models)
     rm.add_argument("name")
     versions = add("versions", cmd_models_versions, "a model's versions, stages and aliases", models)
     versions.add_argument("name")

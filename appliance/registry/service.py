@@ -164,6 +164,10 @@ class ModelRegistry:
         return [msgspec.convert(dict(r), ModelRecord) for r in rows]
 
     def remove(self, name: str, *, actor: str = "system") -> ModelRecord:
+        """Remove a model with all its versions, or one version (`name@N`) that is neither in production nor routed
+        to by an alias."""
+        if "@" in name:
+            return self._remove_version(name, actor)
         with audited(self.audit, actor, "model.remove", name) as event:
             record = self.get(name)
             versions = self.versions.list(name)
@@ -175,6 +179,24 @@ class ModelRegistry:
         for digest in {record.sha256, *(v.sha256 for v in versions)}:
             self._drop_blob_if_unused(digest)
         return record
+
+    def _remove_version(self, ref: str, actor: str) -> ModelRecord:
+        with audited(self.audit, actor, "model.remove", ref) as event:
+            model, number = split_ref(ref)
+            version = self.versions.get(model, number or 0)
+            if version.stage == "production":
+                raise RegistryError(f"{ref} is in production; promote another version first, or remove '{model}' "
+                                    "with all its versions", code="version_in_production")
+            if routed := [a.alias for a in self.versions.aliases_of(model)
+                          if a.version == version.version or (a.weights and version.version in a.weights)]:
+                raise RegistryError(f"{ref} is routed to by the alias {', '.join(routed)}; point it elsewhere first",
+                                    code="version_in_use")
+            event.details.update(source=version.source, sha256=version.sha256, size_bytes=version.size_bytes)
+            with event.commit():
+                self.conn.execute("DELETE FROM model_versions WHERE model = ? AND version = ?",
+                                  (model, version.version))
+        self._drop_blob_if_unused(version.sha256)
+        return _as_record(version)
 
     def _drop_blob_if_unused(self, sha256: str) -> None:
         if (self.conn.execute("SELECT 1 FROM models WHERE sha256 = ?", (sha256,)).fetchone() is None

@@ -13,7 +13,7 @@ import pytest
 from appliance.crypto.keyring import KeyRing
 from appliance.datadir import DataDir
 from appliance.db import MIGRATIONS, _statements, migrate
-from appliance.errors import InvalidRequest, ModelNotFound
+from appliance.errors import InvalidRequest, ModelNotFound, RegistryError
 from appliance.registry.catalog import Catalog
 from appliance.registry.service import ModelRegistry
 from appliance.registry.store import ModelStore
@@ -126,6 +126,22 @@ def test_promote_mirrors_the_models_row_and_completes_canaries_of_the_promoted_v
     assert versions.alias("m").weights is None  # type: ignore[union-attr]
     assert versions.alias("three").weights == {1: 50, 3: 50}  # type: ignore[union-attr]
     assert versions.previous_production("m").version == 1  # type: ignore[union-attr]
+
+
+def test_one_version_can_be_removed_unless_it_serves(registry: ModelRegistry, data: DataDir, tmp_path: Path) -> None:
+    pull(registry, tmp_path, "m", "a.gguf")
+    pull(registry, tmp_path, "m", "b.gguf")
+    pull(registry, tmp_path, "m", "c.gguf")
+    registry.versions.set_alias("chat", "m", 2, None, NOW)
+    for ref, code in (("m@1", "version_in_production"), ("m@2", "version_in_use")):
+        with pytest.raises(RegistryError) as refused:
+            registry.remove(ref)
+        assert refused.value.code == code
+    gone = registry.remove("m@3")
+    assert [v.version for v in registry.versions.list("m")] == [1, 2]
+    assert f"sha256-{gone.sha256}" not in {p.name for p in data.models.iterdir()}
+    with pytest.raises(ModelNotFound):
+        registry.remove("m@3")
 
 
 def test_quantisation_names_llama_file_types() -> None:
