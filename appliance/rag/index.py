@@ -64,12 +64,16 @@ CREATE TABLE IF NOT EXISTS chunks (
     position      INTEGER NOT NULL,
     UNIQUE (collection_id, document_id, position)
 );
-CREATE VIRTUAL TABLE IF NOT EXISTS chunk_text USING fts5(
-    collection, heading, body, tokenize = 'porter unicode61 remove_diacritics 2'
-);
 """
-# bm25 column weights: the collection column only filters; a heading word counts less than a body word
-BM25 = "bm25(chunk_text, 0.0, 0.5, 1.0)"
+# One FTS5 table per collection (fts_<id>): a query reads only its collection's postings, and dropping a
+# collection drops its text. A heading word counts half a body word in bm25.
+TOKENIZER = "porter unicode61 remove_diacritics 2"
+FTS_TABLE = "CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(heading, body, tokenize = '" + TOKENIZER + "')"
+_COLLECTION_ID = re.compile(r"^[0-9a-f]{16}$")
+# Query terms found in more than this share of a collection's chunks (and more than COMMON_MIN) add little to
+# bm25 (their idf is low) but cost a pass over most of the index: they are left out, rarest terms first, at most
+# MAX_TERMS; when every term is common the rarest few still count.
+COMMON_SHARE, COMMON_MIN, MAX_TERMS = 0.05, 200, 10
 _WORD = re.compile(r"\w+", re.UNICODE)
 STOPWORDS = frozenset(
     "a an and are as at be but by for from has have how i if in into is it its not of on or that the their then "
@@ -138,12 +142,23 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def keyword_query(text: str) -> str | None:
-    """An FTS5 OR-query of the words in `text` (quoted, so no FTS syntax gets through), stop words dropped."""
+def query_words(text: str) -> list[str]:
+    """The distinct words of a query, stop words dropped (unless nothing else is left)."""
     words = [w.lower() for w in _WORD.findall(text)]
     kept = [w for w in words if w not in STOPWORDS] or words
-    unique = list(dict.fromkeys(kept))[:64]
-    return " OR ".join(f'"{w}"' for w in unique) if unique else None
+    return list(dict.fromkeys(kept))[:64]
+
+
+def keyword_query(text: str | Sequence[str]) -> str | None:
+    """An FTS5 OR-query of the words (quoted, so no FTS syntax gets through)."""
+    words = query_words(text) if isinstance(text, str) else list(text)
+    return " OR ".join(f'"{w}"' for w in words) if words else None
+
+
+def fts_table(collection_id: str) -> str:
+    if not _COLLECTION_ID.match(collection_id):
+        raise ValueError(f"{collection_id!r} is not a collection id")
+    return f"fts_{collection_id}"
 
 
 class RagIndex:
@@ -160,6 +175,7 @@ class RagIndex:
                               code="index_locked") from None
         self.path = root / "index.db"
         self._write = threading.RLock()
+        self._totals: dict[str, tuple[int, int]] = {}  # collection -> (version, chunks), for keyword pruning
         self._local = threading.local()
         self._connection().executescript(SCHEMA)
         self.path.chmod(0o600)
@@ -212,6 +228,7 @@ class RagIndex:
                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (cid, name, owner, json.dumps(list(readers)), json.dumps(list(writers)), embedding_model,
                           now_iso()))
+            conn.execute(FTS_TABLE.format(table=fts_table(cid)))
         self._vectors(cid)
         found = self.collection(name)
         assert found is not None
@@ -239,8 +256,7 @@ class RagIndex:
         with contextlib.suppress(Exception):  # chromadb raises its own NotFoundError when already gone
             self.chroma.delete_collection(f"c_{collection_id}")
         with self._conn() as conn:
-            conn.execute("DELETE FROM chunk_text WHERE rowid IN (SELECT id FROM chunks WHERE collection_id = ?)",
-                         (collection_id,))
+            conn.execute(f"DROP TABLE IF EXISTS {fts_table(collection_id)}")
             conn.execute("DELETE FROM chunks WHERE collection_id = ?", (collection_id,))
             conn.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
 
@@ -286,8 +302,8 @@ class RagIndex:
                     for chunk in d.chunks:
                         key = conn.execute("INSERT INTO chunks (collection_id, document_id, position) VALUES "
                                            "(?, ?, ?)", (collection_id, d.id, chunk.position)).lastrowid
-                        conn.execute("INSERT INTO chunk_text (rowid, collection, heading, body) VALUES (?, ?, ?, ?)",
-                                     (key, collection_id, chunk.heading_path, chunk.text))
+                        conn.execute(f"INSERT INTO {fts_table(collection_id)} (rowid, heading, body) "  # noqa: S608
+                                     "VALUES (?, ?, ?)", (key, chunk.heading_path, chunk.text))
                     conn.execute("UPDATE documents SET state = 'ready', chunk_count = ?, metadata = ?, added_by = ?, "
                                  "bytes = ?, updated_at = ? WHERE collection_id = ? AND document_id = ?",
                                  (len(d.chunks), json.dumps(d.metadata), added_by, d.size, stamp, collection_id,
@@ -329,7 +345,8 @@ class RagIndex:
 
     @staticmethod
     def _delete_rows(conn: sqlite3.Connection, collection_id: str, document_id: str) -> None:
-        conn.execute("DELETE FROM chunk_text WHERE rowid IN (SELECT id FROM chunks WHERE collection_id = ? AND "
+        conn.execute(f"DELETE FROM {fts_table(collection_id)} WHERE rowid IN (SELECT id FROM chunks WHERE "  # noqa: S608
+                     "collection_id = ? AND "
                      "document_id = ?)", (collection_id, document_id))
         conn.execute("DELETE FROM chunks WHERE collection_id = ? AND document_id = ?", (collection_id, document_id))
 
@@ -359,15 +376,54 @@ class RagIndex:
     # retrieval
 
     def keyword_search(self, collection_ids: Sequence[str], query: str, limit: int) -> list[Hit]:
-        terms = keyword_query(query)
-        if not terms or not collection_ids:
+        """BM25 over each collection's FTS5 table (common terms pruned, see COMMON_SHARE), best first."""
+        words = query_words(query)
+        if not words:
             return []
-        scope = " OR ".join(f'"{c}"' for c in collection_ids)
-        match = f"collection : ({scope}) AND {{heading body}} : ({terms})"
+        hits: list[Hit] = []
         with self._conn() as conn:
-            rows = conn.execute(f"SELECT rowid, {BM25} AS rank FROM chunk_text WHERE chunk_text MATCH ? "  # noqa: S608
-                                "ORDER BY rank LIMIT ?", (match, limit)).fetchall()
-        return [Hit(int(r[0]), -float(r[1])) for r in rows]
+            for cid in collection_ids:
+                terms = keyword_query(self._selective(conn, cid, words))
+                if not terms:
+                    continue
+                table = fts_table(cid)
+                rows = conn.execute(f"SELECT rowid, bm25({table}, 0.5, 1.0) AS rank FROM {table} "  # noqa: S608
+                                    f"WHERE {table} MATCH ? ORDER BY rank LIMIT ?", (terms, limit)).fetchall()
+                hits += [Hit(int(r[0]), -float(r[1])) for r in rows]
+        hits.sort(key=lambda h: -h.score)
+        return hits[:limit]
+
+    def _selective(self, conn: sqlite3.Connection, cid: str, words: list[str]) -> list[str]:
+        """The query's words that are rare enough in collection `cid` to be worth a pass over their postings."""
+        total = self._chunk_total(conn, cid)
+        if total <= COMMON_MIN:
+            return words[:MAX_TERMS * 2]
+        table = fts_table(cid)
+        conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.vocab_{cid} USING fts5vocab(main, {table}, row)")
+        conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_words USING fts5(w, tokenize = '{TOKENIZER}')")
+        conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_terms USING fts5vocab(temp, query_words, instance)")
+        conn.execute("DELETE FROM temp.query_words")
+        conn.executemany("INSERT INTO temp.query_words (rowid, w) VALUES (?, ?)", list(enumerate(words)))
+        stems: dict[str, str] = {}  # the stemmed term the index holds -> a word of the query that makes it
+        for term, row in conn.execute("SELECT term, doc FROM temp.query_terms"):
+            stems.setdefault(term, words[int(row)])
+        counted = []
+        for term, word in stems.items():
+            found = conn.execute(f"SELECT doc FROM temp.vocab_{cid} WHERE term = ?", (term,)).fetchone()  # noqa: S608
+            if found:
+                counted.append((int(found[0]), word))
+        counted.sort()
+        common = max(COMMON_SHARE * total, COMMON_MIN)
+        return [w for df, w in counted if df <= common][:MAX_TERMS] or [w for _, w in counted[:3]]
+
+    def _chunk_total(self, conn: sqlite3.Connection, cid: str) -> int:
+        version = conn.execute("SELECT version FROM collections WHERE id = ?", (cid,)).fetchone()
+        cached = self._totals.get(cid)
+        if version is not None and cached is not None and cached[0] == version[0]:
+            return cached[1]
+        total = int(conn.execute("SELECT count(*) FROM chunks WHERE collection_id = ?", (cid,)).fetchone()[0])
+        self._totals[cid] = (version[0] if version else -1, total)
+        return total
 
     def vector_search(self, collection_ids: Sequence[str], vector: Vectors, limit: int) -> list[Hit]:
         found: list[tuple[str, str, int, float]] = []
@@ -400,11 +456,23 @@ class RagIndex:
         if not keys:
             return {}
         marks = ",".join("?" * len(keys))
+        out: dict[int, StoredChunk] = {}
         with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT c.id, c.collection_id, c.document_id, c.position, t.heading, t.body FROM chunks c "  # noqa: S608
-                f"JOIN chunk_text t ON t.rowid = c.id WHERE c.id IN ({marks})", list(keys)).fetchall()
-        return {int(r[0]): StoredChunk(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5]) for r in rows}
+            rows = conn.execute(f"SELECT id, collection_id, document_id, position FROM chunks WHERE id IN ({marks})",  # noqa: S608
+                                list(keys)).fetchall()
+            by_collection: dict[str, list[sqlite3.Row]] = {}
+            for row in rows:
+                by_collection.setdefault(row[1], []).append(row)
+            for cid, members in by_collection.items():
+                ids = [int(r[0]) for r in members]
+                table = fts_table(cid)
+                text = {int(r[0]): (r[1], r[2]) for r in conn.execute(
+                    f"SELECT rowid, heading, body FROM {table} WHERE rowid IN ({','.join('?' * len(ids))})", ids)}  # noqa: S608
+                for r in members:
+                    if int(r[0]) in text:
+                        heading, body = text[int(r[0])]
+                        out[int(r[0])] = StoredChunk(int(r[0]), cid, r[2], int(r[3]), heading, body)
+        return out
 
     # consistency
 
@@ -444,8 +512,8 @@ class RagIndex:
     def _check_collection(self, cid: str, report: CheckReport, repair: bool,
                           embed: Callable[[list[str]], Vectors] | None) -> None:
         with self._conn() as conn:
-            rows = conn.execute("SELECT d.vector_key, c.document_id, c.position, t.heading, t.body FROM chunks c "
-                                "JOIN chunk_text t ON t.rowid = c.id JOIN documents d ON d.collection_id = "
+            rows = conn.execute("SELECT d.vector_key, c.document_id, c.position, t.heading, t.body FROM chunks c "  # noqa: S608
+                                f"JOIN {fts_table(cid)} t ON t.rowid = c.id JOIN documents d ON d.collection_id = "
                                 "c.collection_id AND d.document_id = c.document_id WHERE c.collection_id = ?",
                                 (cid,)).fetchall()
         indexed = {f"{r[0]}#{int(r[2])}": r for r in rows}
@@ -478,7 +546,9 @@ class RagIndex:
         segments (privacy erasure)."""
         with self._write:
             with self._conn() as conn:
-                conn.execute("INSERT INTO chunk_text (chunk_text) VALUES ('optimize')")
+                for (cid,) in conn.execute("SELECT id FROM collections").fetchall():
+                    table = fts_table(cid)
+                    conn.execute(f"INSERT INTO {table} ({table}) VALUES ('optimize')")  # noqa: S608
             conn = self._connection()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             conn.execute("VACUUM")
