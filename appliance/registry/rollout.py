@@ -70,7 +70,8 @@ class RolloutService:
         self.pool = pool
         self.settings = settings
         self.audit = audit
-        self._windows: dict[str, deque[tuple[float, bool, float]]] = {}
+        self._windows: dict[str, deque[tuple[float, bool, float]]] = {}  # canary worker key -> recent requests
+        self._canaries_seen: tuple[float, frozenset[str]] = (-math.inf, frozenset())
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()  # one transition at a time
 
@@ -184,6 +185,7 @@ class RolloutService:
                 found = self.versions.set_alias(alias, model, pinned, weights, _now())
         if canary is not None:
             self._windows.pop(version_ref(model, canary), None)  # a fresh window for the new canary
+        self._canaries_seen = (-math.inf, frozenset())
         return found
 
     def remove_alias(self, alias: str, *, actor: str) -> Alias:
@@ -205,6 +207,7 @@ class RolloutService:
             with event.commit():
                 for a in ended:
                     self.versions.set_alias(a.alias, a.model, a.version, None, now)
+        self._canaries_seen = (-math.inf, frozenset())
         drained = True
         for v in canaries:
             self._windows.pop(version_ref(model, v), None)
@@ -219,8 +222,23 @@ class RolloutService:
 
     # the canary monitor
 
+    def canary_keys(self) -> frozenset[str]:
+        """The worker keys of versions that get a canary share of some alias; read at most once a second (a split
+        set by the CLI, another process, is noticed within that)."""
+        at, keys = self._canaries_seen
+        if time.monotonic() - at < 1.0:
+            return keys
+        found = {version_ref(a.model, v) for a in self.versions.aliases() if a.weights
+                 for v in a.weights if v != self._stable(a)}
+        self._canaries_seen = (time.monotonic(), frozenset(found))
+        return self._canaries_seen[1]
+
     def observe(self, key: str, failed: bool, seconds: float) -> None:
-        """One request served by worker `key` (`name@N`); rolls a canary back when it passes a threshold."""
+        """One request served by worker `key` (`name@N`); rolls a canary back when it passes a threshold. Only
+        canaries are judged (and their requests kept): production traffic costs one set lookup."""
+        if key not in self.canary_keys():
+            self._windows.pop(key, None)
+            return
         now = time.monotonic()
         window = self._windows.setdefault(key, deque())
         window.append((now, failed, seconds))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -148,16 +149,20 @@ def test_promote_under_load_loses_no_request(rollout_server: Running, versions: 
     assert "(version 2, staging)" in pull(server, versions["renamed"])
     assert stages(server) == {1: "production", 2: "staging"}
     before = worker_pids(server)
-    with Load(server.client()) as load:
+    with Load(server.client()) as load, Load(server.client()) as other:  # two clients: one waits while one runs
         load.wait_for(4)
+        started, count = time.monotonic(), len(load.done) + len(other.done)
         promoted = api(server, "POST", f"/api/models/{DEFAULT_MODEL}/promote", json={"version": 2})
         seen = len(load.done) + len(load.failed)
+        print(f"promote took {time.monotonic() - started:.1f}s; "
+              f"{len(load.done) + len(other.done) - count} requests completed during it")
         load.wait_for(seen + 4)  # and it goes on serving, from the new version
     assert promoted.status_code == 200, promoted.text
     assert promoted.json() == {"model": DEFAULT_MODEL, "from_version": 1, "to_version": 2, "drained": True,
                                "aliases": []}
-    assert load.failed == []
+    assert load.failed == [] and other.failed == []
     assert {"stream", "whole"} <= set(load.done) and len(load.done) >= 8
+    print(f"{len(load.done) + len(other.done)} requests, none failed")
     assert stages(server) == {1: "archived", 2: "production"}
     after = worker_pids(server)
     assert len(after) == 1 and not after & before  # the old worker drained and stopped, the new one serves
