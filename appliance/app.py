@@ -10,6 +10,7 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -32,6 +33,7 @@ from appliance.admin.cache_routes import ROUTES as CACHE_ROUTES
 from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
 from appliance.admin.models_routes import ROUTES as MODELS_ROUTES
 from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
+from appliance.admin.rag_routes import ROUTES as RAG_ROUTES
 from appliance.admin.users_routes import ROUTES as USERS_ROUTES
 from appliance.audit import AuditLog
 from appliance.auth.guards import PUBLIC, permission, permission_guard
@@ -51,15 +53,20 @@ from appliance.cache.setup import build_response_cache
 from appliance.config import Settings
 from appliance.datadir import DataDir
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
-from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.remote import RemoteCredentials, RemoteWorker
+from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.vllm import VllmEngine, VllmWorker
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
+from appliance.gateway.embeddings import EmbeddingsEndpoint
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
 from appliance.logs import get_logger, install_scrubber
 from appliance.observability.metrics import Metrics
 from appliance.privacy.controls import PrivacyControls
+from appliance.rag.chat import RagChat
+from appliance.rag.embeddings import EmbeddingService
+from appliance.rag.retention import RagDocumentStore
+from appliance.rag.service import RagService
 from appliance.registry.catalog import load_catalog
 from appliance.registry.folder import unpacked_from_store
 from appliance.registry.rollout import RolloutService
@@ -78,6 +85,7 @@ class Services:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._folders = contextlib.ExitStack()  # model folders unpacked for the app's lifetime
         self.data = DataDir(settings.data_path)
         self.data.require_initialised()
         self.conn = self.data.connect()
@@ -106,15 +114,31 @@ class Services:
         self.pool.placement = Placement(settings.models, GgufMemoryEstimator(
             self.registry.get, self.store._plaintext, settings.llamacpp, gpu=lambda: bool(self.gpus)))
         self.quotas = QuotaService(self.conn)
-        self.response_cache = build_response_cache(settings.cache, self.data.cache, self.metrics, privacy=self.privacy)
+        self.embeddings = EmbeddingService(settings.rag, self.data.cache / "embeddings", self.metrics,
+                                           imported=self.imported_folder)
+        self.embeddings_api = EmbeddingsEndpoint(self.embeddings, self.quotas)
+        self.rag = RagService(settings.rag, self.data.rag, self.embeddings, self.rbac, self.metrics, self.audit)
+        self.rag.privacy = self.privacy.privacy  # the `rag` surface at ingestion
+        self.privacy.retention.register(RagDocumentStore(self.rag))  # retention, erasure and compaction
+        self.response_cache = build_response_cache(settings.cache, self.data.cache, self.metrics,
+                                                   embeddings=self.embeddings, privacy=self.privacy)
         self.completions = CompletionService(self.registry, self.pool, self.metrics, self.quotas, self.audit,
                                              cache=self.response_cache if settings.cache.enabled else None)
+        self.completions.rag_chat = RagChat(self.rag, self.pool, self.rbac)
         self.completions.privacy = self.privacy.gateway
         # versions: a worker per version (`name@N`), aliases and canaries resolved per request, canaries watched
         self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit)
         self.pool.key = self.registry.versions.worker_key
         self.pool.on_request = self.rollout.observe
         self.completions.rollout = self.rollout
+
+    def imported_folder(self, name: str) -> Path | None:
+        """A Hugging Face folder model from the store, unpacked into private tmpfs for as long as the app runs
+        (an embedding model imported with `appliance models pull`)."""
+        record = self.registry.find(name)
+        if record is None or record.format != "hf":
+            return None
+        return self._folders.enter_context(unpacked_from_store(self.store, record.sha256))
 
     def audit_model_event(self, action: str, model: str, outcome: str, details: dict[str, object]) -> None:
         name, _, version = model.partition("@")  # a worker serves one version, `name@N`: the model is the target
@@ -284,16 +308,21 @@ def create_app(settings: Settings) -> Litestar:
                           hint=f"run `appliance models pull {default}`; /readyz stays 503 until then")
             else:
                 services.pool.start_loading(default)
+            rag_open = asyncio.create_task(asyncio.to_thread(lambda: services.rag.index))  # repairs after a crash
             purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
             yield
             await services.rollout.close()
             purging.cancel()
+            rag_open.cancel()
+        services.rag.close()
+        services.embeddings.close()
+        services._folders.close()
         services.response_cache.close()
         services.conn.close()
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
-                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *MODELS_ROUTES],
+                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),
@@ -301,6 +330,8 @@ def create_app(settings: Settings) -> Litestar:
             "api_keys": Provide(lambda: services.keys, sync_to_thread=False),
             "users": Provide(lambda: services.users, sync_to_thread=False),
             "audit_log": Provide(lambda: services.audit, sync_to_thread=False),
+            "rag": Provide(lambda: services.rag, sync_to_thread=False),
+            "embeddings": Provide(lambda: services.embeddings_api, sync_to_thread=False),
             "response_cache": Provide(lambda: services.response_cache, sync_to_thread=False),
         },
         state=State({"services": services}),

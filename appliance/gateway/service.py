@@ -37,11 +37,12 @@ from appliance.auth.quotas import QuotaService, Reservation, estimate_prompt_tok
 from appliance.auth.sessions import SessionPrincipal
 from appliance.cache.keys import Directive
 from appliance.cache.service import NO_CACHE, ResponseCacheService
-from appliance.errors import ApplianceError, WorkerFailed
-from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, upstream_body
+from appliance.errors import ApplianceError, InvalidRequest, WorkerFailed
+from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, Message, upstream_body
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
 from appliance.privacy.gateway import GatewayPrivacy
+from appliance.rag.chat import RagChat
 from appliance.registry.rollout import RolloutService
 from appliance.registry.service import ModelRegistry, model_not_found
 from appliance.supervisor.pool import WorkerPool
@@ -118,9 +119,31 @@ class CompletionService:
         self.audit = audit
         self.privacy: GatewayPrivacy | None = None  # the prompt and output surfaces, set by the app
         self.cache = cache
+        self.rag_chat: RagChat | None = None  # set by the composition root when RAG is on
         self.rollout: RolloutService | None = None  # aliases, versions and canaries; set by the composition root
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
+                  principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
+                  ) -> Completed | Streamed:
+        """One completion; a chat that names RAG collections is grounded in them first (step 7, before the cache
+        so that the cache key holds the passages retrieved) and answered with its citations."""
+        if not isinstance(request, ChatCompletionRequest) or request.rag is None:
+            return await self._complete(request, route, principal, cache)
+        if self.rag_chat is None:
+            raise InvalidRequest("RAG is not available on this server", param="rag", code="rag_unavailable")
+        self.check_model(request.model, principal)
+        messages = upstream_body(request)["messages"]
+        grounded, grounding = await self.rag_chat.ground(
+            messages, request.rag, request.model, request.max_completion_tokens or request.max_tokens, principal)
+        request = msgspec.structs.replace(
+            request, rag=None, messages=[Message(role=m["role"], content=m["content"]) for m in grounded])
+        result = await self._complete(request, route, principal, cache)
+        if isinstance(result, Completed):
+            result.body = grounding.add_to_body(result.body)
+            return result
+        return Streamed(grounding.add_to_stream(result.events, request.model), result.headers)
+
+    async def _complete(self, request: ChatCompletionRequest | CompletionRequest, route: str,
                   principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
                   ) -> Completed | Streamed:
         """One completion for `principal` (None: no quota applies), whole or as a stream of SSE events; `cache` is
