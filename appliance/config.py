@@ -89,8 +89,9 @@ class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 512
     parallel: Annotated[
         int, _doc("Sequences one llama.cpp worker decodes together (continuous batching); the gateway lets this "
-                  "many requests per model through at once and queues the rest.", ge=1, le=256)
-    ] = 1
+                  "many requests per model through at once and queues the rest. The KV cache holds parallel x n_ctx "
+                  "tokens.", ge=1, le=256)
+    ] = 4
     n_gpu_layers: Annotated[
         int, _doc("Layers offloaded to the GPU; -1 = all when a GPU build is present, 0 = CPU only.", ge=-1)
     ] = -1

@@ -14,7 +14,8 @@ import pytest
 from tests.integration.conftest import Running
 from tests.server import DEFAULT_MODEL, appliance
 
-BUDGET = {"APPLIANCE_MODELS__MEMORY_LIMIT_BYTES": str(600 << 20)}  # the default model needs ~372 MiB
+# one sequence of the default model needs ~372 MiB (the KV cache grows with llamacpp.parallel)
+BUDGET = {"APPLIANCE_MODELS__MEMORY_LIMIT_BYTES": str(600 << 20), "APPLIANCE_LLAMACPP__PARALLEL": "1"}
 LOCAL_COPY = Path("/tmp/smol.gguf")
 
 

@@ -142,7 +142,7 @@ def test_workers_die_with_a_killed_supervisor(start_server: Callable[..., Runnin
 
 
 def test_full_queue_answers_429_with_retry_after(start_server: Callable[..., Running]) -> None:
-    running = start_server({"APPLIANCE_GATEWAY__MAX_QUEUE": "1"})
+    running = start_server({"APPLIANCE_GATEWAY__MAX_QUEUE": "1", "APPLIANCE_LLAMACPP__PARALLEL": "1"})
     holder = long_stream(running, max_tokens=4000)
     next(iter(holder))  # the model's only slot is now busy
     results: list[object] = []
