@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import RegistryError
+from appliance.registry.sources import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     from appliance.registry.store import ModelStore
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20
 TMPFS = Path("/dev/shm")  # noqa: S108 - RAM-backed on Linux; what is made in it is 0700
 _BLOCK = tarfile.BLOCKSIZE
-REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def check_folder(folder: Path, *, allow_remote_code: bool = False) -> list[Path]:
@@ -37,7 +37,7 @@ def check_folder(folder: Path, *, allow_remote_code: bool = False) -> list[Path]
             raise RegistryError(f"{rel} in {folder} is a symbolic link; copy the real file in", code="unsafe_model")
         if path.is_dir():
             continue
-        if path.suffix in REFUSED_SUFFIXES:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
             raise RegistryError(f"{rel} is a pickle-based weights file, which can run code when loaded; convert it "
                                 "to safetensors first", code="unsafe_model")
         files.append(rel)
