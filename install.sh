@@ -279,8 +279,8 @@ user_install() {
     check_prerequisites "$SRC"
     make_venv "$venv"
     install_llama "$venv" "$venv/install-llama.log"
-    step "installing the appliance and its dependencies"
     install_torch "$venv"
+    step "installing the appliance and its dependencies"
     "$venv/bin/python" -m pip install --quiet -e "$SRC"
     install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
     app=$venv/bin/appliance
@@ -324,8 +324,8 @@ test_install() {
     check_prerequisites "$SRC"
     make_venv "$venv"
     install_llama "$venv" "$venv/install-llama.log"
-    step "installing the appliance with its dev dependencies"
     install_torch "$venv"
+    step "installing the appliance with its dev dependencies"
     "$venv/bin/python" -m pip install --quiet -e "${SRC}[dev]"
     install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
     step "running the test suite: python -m pytest $*"
@@ -414,8 +414,8 @@ system_install() {
     install -d -m 0755 "$SYS_PREFIX" "$SYS_SHARE"
     make_venv "$SYS_VENV" service
     install_llama "$SYS_VENV" "$SYS_PREFIX/install-llama.log"
-    step "installing the appliance into $SYS_VENV"
     install_torch "$SYS_VENV"
+    step "installing the appliance into $SYS_VENV"
     "$SYS_VENV/bin/python" -m pip install --quiet --upgrade "$SRC"
     install_vllm_engine "$SYS_PREFIX/engines/vllm" "$SYS_PREFIX/install-vllm.log"
     for share_dir in models policies; do
