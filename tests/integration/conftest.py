@@ -5,6 +5,7 @@ Set APPLIANCE_TEST_URL (and APPLIANCE_TEST_KEY) to run the client-side tests aga
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,11 +25,20 @@ def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_file(template_dir: Path) -> Path:
-    """The default GGUF as stored (plaintext in this version of the store)."""
+def model_file(template_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default GGUF in plaintext, decrypted from the template's (encrypted) store into the test's temp dir,
+    for tests that craft variants of it."""
+    from appliance.config import CryptoSettings
+    from appliance.datadir import DataDir
+    from appliance.registry.store import open_model_store
+
     blobs = list((template_dir / "models").glob("sha256-*"))
     assert len(blobs) == 1
-    return blobs[0]
+    target = tmp_path_factory.mktemp("plain") / "model.gguf"
+    store = open_model_store(DataDir(template_dir), CryptoSettings())
+    with store.open_for_load(blobs[0].name.removeprefix("sha256-")) as weights:
+        shutil.copyfile(weights.path, target)
+    return target
 
 
 def new_key(data_dir: Path, role: str = "admin", expires: str | None = None,

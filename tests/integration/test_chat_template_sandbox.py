@@ -5,6 +5,7 @@ about it loads and generates; only rendering its template must be refused, and n
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -49,7 +50,8 @@ def craft_gguf(model_file: Path, target: Path, template: str) -> Path:
 
 def worker_pid(running: Running, model: str) -> int:
     assert running.process is not None
-    pids = [p.pid for p in running.process.workers() if f"--name {model} " in " ".join(p.cmdline()) + " "]
+    pids = [p.pid for p in running.process.workers()  # workers serve a version: NAME@N
+            if re.search(rf"--name {re.escape(model)}(@\d+)? ", " ".join(p.cmdline()) + " ")]
     assert len(pids) == 1, pids
     return pids[0]
 
