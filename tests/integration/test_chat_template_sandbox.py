@@ -27,7 +27,7 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 def cve_payload(marker: Path) -> str:
     """The published escape: reach os through warnings.catch_warnings' module builtins, then run a shell."""
     return (
-        "{% for x in ().__class__.__base__.__subclasses__() %}{% if \"warning\" in x.__name__ %}"
+        "{% for x in ().__class__.__base__.__subclasses__() %}{% if x.__name__ == \"catch_warnings\" %}"
         "{{ x()._module.__builtins__['__import__']('os').system('touch " + str(marker) + "') }}"
         "{% endif %}{% endfor %}"
         "{% for message in messages %}{{ message['content'] }}{% endfor %}"
