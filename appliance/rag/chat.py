@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from appliance.auth.guards import effective_permissions
 from appliance.auth.rbac import Rbac
 from appliance.errors import Forbidden, InvalidRequest
 from appliance.gateway.schemas import RagRequest
@@ -88,9 +89,7 @@ class RagChat:
         return grounded, Grounding(citations)
 
     def _check_permission(self, principal: Any) -> None:
-        scopes = getattr(principal, "scopes", None)
-        if principal is not None and self.rbac.allows(principal.role, "rag:read") and (
-                scopes is None or "rag:read" in scopes):
+        if principal is not None and "rag:read" in effective_permissions(principal, self.rbac):
             return
         raise Forbidden("a chat with 'rag' needs the permission 'rag:read', which this caller lacks",
                         code="insufficient_permissions")

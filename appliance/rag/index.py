@@ -18,7 +18,6 @@ import json
 import re
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -563,6 +562,3 @@ def _collection(row: sqlite3.Row) -> dict[str, Any]:
         out["documents"] = row["documents"]
     return out
 
-
-def elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 2)

@@ -22,6 +22,7 @@ import msgspec
 import numpy as np
 
 from appliance.audit import AuditLog
+from appliance.auth.guards import effective_permissions
 from appliance.auth.rbac import Rbac
 from appliance.config import RagSettings
 from appliance.errors import ApplianceError, Forbidden, InvalidRequest, NotFound
@@ -141,8 +142,7 @@ class RagService:
     # access
 
     def _is_admin(self, principal: Any) -> bool:
-        scopes = getattr(principal, "scopes", None)
-        return self.rbac.allows(principal.role, "rag:admin") and (scopes is None or "rag:admin" in scopes)
+        return "rag:admin" in effective_permissions(principal, self.rbac)
 
     def _may(self, principal: Any, collection: dict[str, Any], write: bool) -> bool:
         narrowed: tuple[str, ...] | None = getattr(principal, "collections", None)
