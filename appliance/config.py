@@ -92,6 +92,11 @@ class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                   "many requests per model through at once and queues the rest. The KV cache holds parallel x n_ctx "
                   "tokens.", ge=1, le=256)
     ] = 4
+    stream_interval_ms: Annotated[
+        float, _doc("A stream's text is sent at most this often, in milliseconds: the first token at once, then what "
+                    "accumulated (2-3 tokens when one request runs alone on a fast model). Fewer SSE events leave more "
+                    "CPU to the decoding on a small box; 0 = one event per token.", ge=0, le=1000)
+    ] = 25.0
     n_gpu_layers: Annotated[
         int, _doc("Layers offloaded to the GPU; -1 = all when a GPU build is present, 0 = CPU only.", ge=-1)
     ] = -1

@@ -37,7 +37,7 @@ class LlamaCppEngine:
         argv = [s.python or sys.executable, "-m", WORKER_MODULE, "--fd", "{fd}", "--parent-pid", str(os.getpid()),
                 "--model", str(model_path), "--name", model_name, "--threads", str(self.threads),
                 "--n-ctx", str(s.n_ctx), "--n-batch", str(s.n_batch), "--n-gpu-layers", str(gpu_layers),
-                "--parallel", str(s.parallel)]
+                "--parallel", str(s.parallel), "--stream-interval-ms", str(s.stream_interval_ms)]
         if s.flash_attn:
             argv.append("--flash-attn")
         return LaunchSpec(argv)

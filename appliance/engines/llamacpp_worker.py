@@ -22,7 +22,7 @@ import msgspec
 from appliance.engines.chat_template import ChatTemplateError
 from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRuntime, Piece, Usage
 from appliance.engines.llamacpp_sampling import InvalidSampling, sampling_from
-from appliance.engines.llamacpp_scheduler import Job, Scheduler
+from appliance.engines.llamacpp_scheduler import Job, Outbox, Scheduler
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -91,12 +91,18 @@ def _usage(usage: Usage) -> dict[str, int]:
 
 
 class WorkerApp:
-    def __init__(self, runtime: LlamaRuntime, model_name: str) -> None:
+    def __init__(self, runtime: LlamaRuntime, model_name: str, stream_interval: float = 0.0) -> None:
         self.runtime = runtime
         self.model_name = model_name
         self.busy = 0
-        self.scheduler = Scheduler(runtime)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.scheduler = Scheduler(runtime, self._deliver, stream_interval)
         self.scheduler.start()
+
+    def _deliver(self, items: Outbox) -> None:
+        """On the scheduler's thread: one wake-up of the event loop for everything a step produced."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(_dispatch, items)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,13 +149,9 @@ class WorkerApp:
         except InvalidSampling as exc:
             await _respond(send, 400, error_body(str(exc), "invalid_request_error", "invalid_value", exc.param))
             return
-        loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
-
-        def emit(item: Piece | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        job = Job(tokens, params, emit, limit)
+        job = Job(tokens, params, queue.put_nowait, limit)  # called on this loop by _dispatch
 
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -199,6 +201,11 @@ class WorkerApp:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def _dispatch(items: Outbox) -> None:
+    for job, item in items:
+        job.emit(item)
+
+
 async def _collect(item: Piece | BaseException, queue: asyncio.Queue[Piece | BaseException]) -> tuple[str, str]:
     parts: list[str] = []
     while True:
@@ -241,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--flash-attn", action="store_true")
     parser.add_argument("--parallel", type=int, default=1, help="sequences decoded together (continuous batching)")
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0,
+                        help="hand a stream's text over at most this often (0 = every token)")
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
     started = time.monotonic()
@@ -254,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
               "was trained on (use /v1/completions or a GGUF with a template)", file=sys.stderr, flush=True)
     import uvicorn
 
-    config = uvicorn.Config(WorkerApp(runtime, args.name), fd=args.fd, lifespan="off", access_log=False,
+    app = WorkerApp(runtime, args.name, args.stream_interval_ms / 1000)
+    config = uvicorn.Config(app, fd=args.fd, lifespan="off", access_log=False,
                             log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()
     return 0

@@ -240,8 +240,30 @@ _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
 
 
 # Every secret format above starts with one of these: one scan decides whether the patterns need to run at all.
-_SECRET_HINT = re.compile(r"apl_|AKIA|ASIA|ABIA|ACCA|(?i:aws_?secret)|eyJ|-----BEGIN|gh[pousr]_|github_pat_|sk-|"
-                          r"[sr]k_live_|xox[abprs]-|AIza")
+_SECRET_PREFIXES = ("apl_", "AKIA", "ASIA", "ABIA", "ACCA", "eyJ", "-----BEGIN", *(f"gh{c}_" for c in "pousr"),
+                    "github_pat_", "sk-", "sk_live_", "rk_live_", *(f"xox{c}-" for c in "abprs"), "AIza")
+_SECRET_PREFIXES_ANY_CASE = ("aws_secret", "awssecret")
+_SECRET_HINT = re.compile("|".join(map(re.escape, _SECRET_PREFIXES)) + "|(?i:aws_?secret)")
+_LONGEST_PREFIX = max(map(len, (*_SECRET_PREFIXES, *_SECRET_PREFIXES_ANY_CASE)))
+
+
+def secret_may_be_forming(text: str) -> bool:
+    """Whether the end of `text` (a stream so far) may be the start of a secret still arriving: it holds a secret's
+    prefix, or its last word ends in the beginning of one at a word boundary (every format but PEM starts at one,
+    and PEM's dashes are boundaries). False lets a stream redactor release the word in progress at once."""
+    if _SECRET_HINT.search(text):
+        return True
+    word_start = len(text)
+    while word_start > 0 and not text[word_start - 1].isspace():
+        word_start -= 1
+    for i in range(max(word_start, len(text) - _LONGEST_PREFIX), len(text)):
+        if i > word_start and (text[i - 1].isalnum() or text[i - 1] == "_"):
+            continue  # inside a word: no secret starts here
+        tail = text[i:]
+        if any(p.startswith(tail) for p in _SECRET_PREFIXES) or \
+                any(p.startswith(tail.lower()) for p in _SECRET_PREFIXES_ANY_CASE):
+            return True
+    return False
 
 
 class SecretDetector:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.privacy.actions import Applied, PiiBlocked, Placeholders, Pseudonymizer, rewrite
-from appliance.privacy.detectors import Detector, Entity, builtin_detectors, detect
+from appliance.privacy.detectors import Detector, Entity, builtin_detectors, detect, secret_may_be_forming
 from appliance.privacy.policy import Action, PrivacyPolicy, Surface
 from appliance.privacy.streaming import StreamRedactor
 
@@ -123,7 +123,9 @@ class Privacy:
                 raise PiiBlocked(applied.blocked, where)
             return applied
 
-        return StreamRedactor(lambda text: self.detect(text, surface), apply)
+        types = self._active.types.get(surface)
+        forming = secret_may_be_forming if types is not None and types <= {"secret"} else None
+        return StreamRedactor(lambda text: self.detect(text, surface), apply, may_be_forming=forming)
 
     def pseudonym(self, entity_type: str, value: str) -> str:
         return self._pseudonymize(entity_type, value)

@@ -4,7 +4,9 @@ still caught, while delaying the text as little as possible.
 The redactor holds back only what could still grow into an entity: the word in progress (no entity ends before a
 space), the run of number-like words just before it (phone numbers, cards and IBANs are written in groups), and an
 unterminated `-----BEGIN` block (PEM keys span lines). Everything before that is final: it is checked against the
-whole buffer, so an entity that began in it is held with the rest, and released redacted. The hold is bounded:
+whole buffer, so an entity that began in it is held with the rest, and released redacted. When the surface acts only on
+entities that start with a known prefix (secrets, by default), `may_be_forming` tells whether one can be
+growing at the end, and a word that cannot begin one is not held at all. The hold is bounded:
 `max_hold` characters (`max_block` for a PEM block); past that the text is released and an oversized key block is
 redacted whole. A little already-released text stays as left context, so that rules such as "a version string is
 not an IP" see what came before."""
@@ -30,9 +32,11 @@ class StreamRedactor:
     `detect(text)` finds entities; `rewrite(text, entities)` applies the policy (it may raise to block)."""
 
     def __init__(self, detect: Callable[[str], list[Entity]], rewrite: Callable[[str, list[Entity]], Applied],
-                 max_hold: int = 256, max_block: int = 8192) -> None:
+                 max_hold: int = 256, max_block: int = 8192, may_be_forming: Callable[[str], bool] | None = None
+                 ) -> None:
         self._detect = detect
         self._rewrite = rewrite
+        self._may_be_forming = may_be_forming
         self.max_hold = max_hold
         self.max_block = max_block
         self._buffer = ""
@@ -50,6 +54,8 @@ class StreamRedactor:
         return self._release(len(self._buffer)) if self._buffer else ""
 
     def _safe_cut(self, buf: str) -> int:
+        if self._may_be_forming is not None and not self._may_be_forming(self._context + buf):
+            return len(buf)  # nothing the surface acts on can be growing at the end: no hold
         begin = buf.rfind(_BEGIN)
         if begin >= 0 and not _END.search(buf, begin):
             if len(buf) - begin <= self.max_block:

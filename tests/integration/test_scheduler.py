@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece
-from appliance.engines.llamacpp_sampling import InvalidSampling, SamplingParams, grammar_for, sampling_from
+from appliance.engines.llamacpp_sampling import (
+    InvalidSampling,
+    SamplerChain,
+    SamplingParams,
+    grammar_for,
+    sampling_from,
+)
 from appliance.engines.llamacpp_scheduler import Job, Scheduler, common_prefix
 from appliance.registry.sources import open_source, parse_source
 from tests.server import DEFAULT_MODEL
@@ -159,3 +165,51 @@ def test_prompt_prefix_is_reused_from_the_cache(scheduler: Scheduler) -> None:
     shared = common_prefix(first.job.tokens, second.job.tokens)
     assert second.job.usage.cached_tokens == shared > 40
     assert second.job.usage.prompt_tokens == len(second.job.tokens)
+
+
+def test_greedy_fast_path_picks_the_chains_token(gguf: Path) -> None:
+    """Plain greedy decoding skips the sampler chain: on real logits rows it must pick what the chain would,
+    logit bias included (banning each row's favourite moves both to the same runner-up)."""
+    runtime = LlamaRuntime(str(gguf), n_ctx=128, n_threads=1, n_batch=32, n_gpu_layers=0, flash_attn=True)
+    try:
+        tokens = runtime.tokenize("The quick brown fox jumps over the lazy dog because", is_chat=False)
+        for i, token in enumerate(tokens):
+            Scheduler._put(runtime.batch, i, token, i, 0, True)
+        assert runtime.decode(len(tokens)) == 0
+
+        def both(bias: dict[int, float]) -> list[tuple[int, int]]:
+            params = SamplingParams(temperature=0, logit_bias=bias)
+            chain = SamplerChain(params, runtime.vocab, runtime.n_vocab, 0, fast=False)
+            fast = SamplerChain(params, runtime.vocab, runtime.n_vocab, 0)
+            assert fast.greedy and not chain.greedy
+            try:  # the chain first: the fast path biases the row in place
+                return [(chain.sample(runtime.ctx, i), fast.sample(runtime.ctx, i)) for i in range(len(tokens))]
+            finally:
+                chain.close()
+                fast.close()
+
+        plain = both({})  # no bias: the rows stay as decoded for the next pass
+        assert all(a == b for a, b in plain) and len({a for a, _ in plain}) > 3
+        banned = both({plain[-1][0]: -100.0, **NO_EOS})
+        assert all(a == b for a, b in banned) and banned[-1][0] != plain[-1][0]
+    finally:
+        runtime.close()
+
+
+def test_stream_interval_hands_text_over_in_fewer_pieces(scheduler: Scheduler) -> None:
+    """With a stream interval the first text comes at once and the rest with the finish reason; the text is the
+    same as token by token."""
+    prompt = "List the planets of the solar system:"
+    pieces_at_once = []
+    request = Request(scheduler, prompt, temperature=0, max_tokens=16, logit_bias=NO_EOS)
+    while not pieces_at_once or not pieces_at_once[-1].finish_reason:
+        pieces_at_once.append(request.next())
+    scheduler.stream_interval = 3600.0
+    try:
+        request = Request(scheduler, prompt, temperature=0, max_tokens=16, logit_bias=NO_EOS)
+        first, last = request.next(), request.next()
+    finally:
+        scheduler.stream_interval = 0.0
+    assert len(pieces_at_once) > 8
+    assert first.text and first.finish_reason is None and last.finish_reason == "length"
+    assert first.text + last.text == "".join(p.text for p in pieces_at_once)

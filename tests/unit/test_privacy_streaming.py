@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from appliance.privacy.actions import PiiBlocked
+from appliance.privacy.detectors import secret_may_be_forming
 from appliance.privacy.gateway import GatewayPrivacy, SseRedactor
 from appliance.privacy.policy import parse_policy
 from appliance.privacy.service import Privacy
@@ -127,3 +128,52 @@ def test_whole_answers_are_rewritten_per_choice() -> None:
             "usage": {"prompt_tokens": 3}}
     out = msgspec.json.decode(gateway.screen_response(msgspec.json.encode(body)))
     assert out["choices"][0]["message"]["content"] == "mail <EMAIL_1>" and out["usage"] == body["usage"]
+
+
+SECRETS_ONLY = parse_policy('[surfaces.output]\ndefault = "allow"\nsecret = "redact"\n[detectors]\nner = "off"\n')
+SECRET_TEXT = ("Use key apl_" + "A1b2C3d4" * 6 + " (or AKIAIOSFODNN7EXAMPLE) with sk-proj-" + "x" * 40 + ". A JWT: "
+               "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJqYW5lIn0.c2lnbmF0dXJlLXZhbHVlLTEyMzQ1 then -----BEGIN RSA PRIVATE "
+               "KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQ\n-----END RSA PRIVATE KEY-----\nand "
+               "aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY ok, mail jane@example.org.")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_secrets_only_surface_catches_secrets_whatever_the_split(seed: int) -> None:
+    """The default output surface acts only on secrets: words that cannot begin one are not held, and a secret
+    split anywhere is still redacted whole."""
+    rng = random.Random(seed)
+    guard = Privacy(SECRETS_ONLY, b"k" * 32)
+    redactor = guard.stream("output")
+    assert redactor is not None
+    out, i = [], 0
+    while i < len(SECRET_TEXT):
+        size = rng.randint(1, 7)
+        out.append(redactor.feed(SECRET_TEXT[i:i + size]))
+        i += size
+    out.append(redactor.flush())
+    expected = guard.apply("output", SECRET_TEXT).text
+    assert "A1b2C3d4" not in expected and "MIIE" not in expected and "wJalrXUtn" not in expected
+    assert "jane@example.org" in expected  # allowed on this surface
+    assert "".join(out) == expected
+
+
+def test_secrets_only_surface_releases_plain_words_at_once() -> None:
+    redactor = Privacy(SECRETS_ONLY, b"k" * 32).stream("output")
+    assert redactor is not None
+    assert redactor.feed("Once") == "Once"
+    assert redactor.feed(" upon") == " upon"
+    assert redactor.feed(" a") == " "  # "a" may begin "apl_": held until the word goes on
+    assert redactor.feed(" time, call 415") == "a time, call 415"  # numbers are no secret
+    assert redactor.feed(" sk") == " "
+    assert redactor.feed("-") == ""
+    assert redactor.feed("proj-" + "y" * 40 + " done") == "<SECRET_1> "  # near a secret: the usual word hold
+    assert redactor.flush() == "done"
+
+
+@pytest.mark.parametrize(("text", "forming"), [
+    ("Once", False), ("hello world", False), ("the end.", False), ("q", False), ("x", True), ("kiwi", False),
+    ("a", True), ("then A", True), ("the AKI", True), ("key=ey", True), ("---", True), ("use gh", True),
+    ("AWS_SEC", True), ("id apl_123", True), ("Theme", False), ("Thesk", False), ("(sk-", True),
+])
+def test_secret_may_be_forming(text: str, forming: bool) -> None:
+    assert secret_may_be_forming(text) is forming
