@@ -77,11 +77,19 @@ class CacheLookup:
         """Relay a streamed miss (asked upstream with usage) and store it once it completed; the usage chunk is
         passed on only when the client asked for it."""
         seen: list[bytes] = []
+        stored = False
         async for data in events:
             seen.append(data)
+            if not stored and data.rstrip().endswith(b"data: [DONE]"):  # before the client can see the end and ask
+                stored = True  # again: the same question right after gets the stored answer
+                self._store(self._entry(seen))
             yield data if include_usage else b"".join(_without_usage_chunk(data))
-        self._store(replay.entry_from_stream(b"".join(seen), chat=self.chat, partition=self.partition,
-                                             model_sha256=self.model_sha256))
+        if not stored:  # cut short (an error, a disconnect): counted as incomplete
+            self._store(self._entry(seen))
+
+    def _entry(self, seen: list[bytes]) -> Entry | None:
+        return replay.entry_from_stream(b"".join(seen), chat=self.chat, partition=self.partition,
+                                        model_sha256=self.model_sha256)
 
     def _store(self, entry: Entry | None) -> None:
         assert self.service is not None
