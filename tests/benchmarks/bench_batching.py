@@ -2,7 +2,8 @@
 `llama-server`, same GGUF, same threads, same context per sequence, same prompts, in one run.
 
     .venv/bin/python -m tests.benchmarks.bench_batching [--concurrency 1,4,8] [--rounds 3] [--max-tokens 128]
-        [--threads N] [--n-ctx 1024] [--n-batch 512] [--model GGUF] [--llama-server PATH] [--enforce]
+        [--threads N] [--n-ctx 1024] [--n-batch 512] [--stream-interval-ms MS] [--model GGUF] [--llama-server PATH]
+        [--enforce]
 
 llama-server is built by tests/benchmarks/build_llama_server.sh from the llama.cpp vendored in the pinned
 llama-cpp-python sdist (cached in .bench/). Both servers run for the whole benchmark with --parallel equal to the
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from appliance.config import physical_cores
+from appliance.config import LlamaCppSettings, physical_cores
 from appliance.registry.sources import open_source, parse_source
 from tests.server import DEFAULT_MODEL, ServerProcess, appliance, free_port
 
@@ -141,6 +142,8 @@ def appliance_server(gguf: Path, tmp: Path, args: argparse.Namespace) -> Iterato
            "APPLIANCE_LLAMACPP__N_CTX": str(args.n_ctx), "APPLIANCE_LLAMACPP__N_BATCH": str(args.n_batch),
            "APPLIANCE_LLAMACPP__PARALLEL": str(max(args.concurrency)), "APPLIANCE_LLAMACPP__FLASH_ATTN": "true",
            "APPLIANCE_GATEWAY__MAX_QUEUE": "64"}
+    if args.stream_interval_ms is not None:
+        env["APPLIANCE_LLAMACPP__STREAM_INTERVAL_MS"] = str(args.stream_interval_ms)
     server = ServerProcess(data, env)
     try:
         server.start(wait_ready=True)
@@ -194,7 +197,8 @@ def percentile(values: list[float], q: float) -> float:
 def report(app: Contender, ref: Contender, args: argparse.Namespace) -> bool:
     met = True
     print(f"\n## Continuous batching: appliance vs llama-server ({args.max_tokens} tokens per stream, "
-          f"threads={args.threads}, n_ctx={args.n_ctx}/sequence, {args.rounds} rounds, load at end "
+          f"threads={args.threads}, n_ctx={args.n_ctx}/sequence, appliance stream interval "
+          f"{_interval(args)} ms, {args.rounds} rounds, load at end "
           f"{os.getloadavg()[0]:.1f})\n")
     print("| concurrency | appliance tok/s | llama-server tok/s | ratio | TTFT p50 app / ref (s) | ratio "
           "| TTFT p95 app / ref (s) | ratio |")
@@ -223,6 +227,10 @@ def report(app: Contender, ref: Contender, args: argparse.Namespace) -> bool:
     return met
 
 
+def _interval(args: argparse.Namespace) -> float:
+    return args.stream_interval_ms if args.stream_interval_ms is not None else LlamaCppSettings().stream_interval_ms
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated concurrency levels (default 1,4,8)")
@@ -231,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="threads for both servers (default: physical cores)")
     parser.add_argument("--n-ctx", type=int, default=1024, help="context per sequence for both (default 1024)")
     parser.add_argument("--n-batch", type=int, default=512, help="batch size for both (default 512)")
+    parser.add_argument("--stream-interval-ms", type=float, help="the appliance's llamacpp.stream_interval_ms "
+                        "(default: its default; 0 = one SSE event per token, as llama-server sends)")
     parser.add_argument("--model", help="a GGUF for both sides (default: the catalog's default model)")
     parser.add_argument("--ban", default=json.dumps(NO_EOS),
                         help="logit_bias JSON banning end-of-generation tokens (default: SmolLM2's)")
