@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from appliance.supervisor.uds import worker_transport
+
 from appliance.errors import ModelUnavailable
 from appliance.logs import get_logger
 
@@ -85,7 +87,7 @@ class WorkerProcess:
         self.stop_timeout = stop_timeout
         self.exited = asyncio.Event()
         self.client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)), base_url="http://worker",
+            transport=worker_transport(socket_path), base_url="http://worker",
             timeout=httpx.Timeout(request_timeout, connect=5.0),
         )
         self._proc: asyncio.subprocess.Process | None = None
