@@ -52,6 +52,14 @@ class _Reader(asyncio.Protocol):
             self.waiter.set_result(None)
 
 
+async def _wait(future: asyncio.Future[None], timeout: float | None, error: type[Exception]) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await future
+    except TimeoutError as exc:
+        raise error(f"no progress in {timeout} s") from exc
+
+
 class AsyncioUnixStream(httpcore.AsyncNetworkStream):
     def __init__(self, transport: asyncio.Transport, protocol: _Reader) -> None:
         self.transport = transport
@@ -62,10 +70,7 @@ class AsyncioUnixStream(httpcore.AsyncNetworkStream):
         if not p.buffer and not p.eof:
             p.waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(timeout):
-                    await p.waiter
-            except TimeoutError as exc:
-                raise httpcore.ReadTimeout(str(exc)) from exc
+                await _wait(p.waiter, timeout, httpcore.ReadTimeout)
             finally:
                 p.waiter = None
         if not p.buffer:
@@ -82,14 +87,9 @@ class AsyncioUnixStream(httpcore.AsyncNetworkStream):
         if self.transport.is_closing():
             raise httpcore.WriteError("the worker's connection is closed")
         self.transport.write(buffer)
-        p = self.protocol
-        if p.paused:
-            p.drained = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await p.drained
-            except TimeoutError as exc:
-                raise httpcore.WriteTimeout(str(exc)) from exc
+        if self.protocol.paused:
+            self.protocol.drained = asyncio.get_running_loop().create_future()
+            await _wait(self.protocol.drained, timeout, httpcore.WriteTimeout)
 
     async def aclose(self) -> None:
         self.transport.close()

@@ -5,7 +5,8 @@ and a worker that dies mid-body is an httpx transport error as before."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -63,6 +64,14 @@ async def one_shot_worker(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.close()
 
 
+@contextlib.asynccontextmanager
+async def served(handler: Handler, path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A worker on `path` answering with `handler`, and the gateway's client to it."""
+    server = await asyncio.start_unix_server(handler, str(path))
+    async with server, httpx.AsyncClient(transport=worker_transport(path), base_url="http://worker") as client:
+        yield client
+
+
 def run(use_uvloop: bool, main: Callable[[], Awaitable[None]]) -> None:
     if use_uvloop:
         uvloop.run(asyncio.wait_for(main(), 20))
@@ -85,8 +94,7 @@ def test_streamed_events_arrive_one_by_one_and_the_connection_is_reused(tmp_path
         await streaming_worker(reader, writer)
 
     async def main() -> None:
-        server = await asyncio.start_unix_server(counting, str(path))
-        async with server, httpx.AsyncClient(transport=worker_transport(path), base_url="http://worker") as client:
+        async with served(counting, path) as client:
             for _ in range(3):
                 async with client.stream("POST", "/v1/chat/completions", content=b"{}") as response:
                     assert response.status_code == 200
@@ -101,8 +109,7 @@ def test_a_worker_dying_mid_body_is_a_transport_error(tmp_path: Path, use_uvloop
     path = tmp_path / "w.sock"
 
     async def main() -> None:
-        server = await asyncio.start_unix_server(dying_worker, str(path))
-        async with server, httpx.AsyncClient(transport=worker_transport(path), base_url="http://worker") as client:
+        async with served(dying_worker, path) as client:
             with pytest.raises(httpx.TransportError):
                 async with client.stream("POST", "/v1/completions", content=b"{}") as response:
                     async for _ in response.aiter_raw():
@@ -115,8 +122,7 @@ def test_a_connection_closed_while_idle_is_not_reused(tmp_path: Path, use_uvloop
     path = tmp_path / "w.sock"
 
     async def main() -> None:
-        server = await asyncio.start_unix_server(one_shot_worker, str(path))
-        async with server, httpx.AsyncClient(transport=worker_transport(path), base_url="http://worker") as client:
+        async with served(one_shot_worker, path) as client:
             for _ in range(3):
                 assert (await client.get("/health")).content == b"ok"
                 await asyncio.sleep(0.15)  # the worker has closed it by now
