@@ -245,6 +245,8 @@ _SECRET_PREFIXES = ("apl_", "AKIA", "ASIA", "ABIA", "ACCA", "eyJ", "-----BEGIN",
 _SECRET_PREFIXES_ANY_CASE = ("aws_secret", "awssecret")
 _SECRET_HINT = re.compile("|".join(map(re.escape, _SECRET_PREFIXES)) + "|(?i:aws_?secret)")
 _LONGEST_PREFIX = max(map(len, (*_SECRET_PREFIXES, *_SECRET_PREFIXES_ANY_CASE)))
+_SECRET_STARTS = frozenset(p[:n] for p in _SECRET_PREFIXES for n in range(1, len(p) + 1))
+_SECRET_STARTS_ANY_CASE = frozenset(p[:n] for p in _SECRET_PREFIXES_ANY_CASE for n in range(1, len(p) + 1))
 
 
 def secret_may_be_forming(text: str) -> bool:
@@ -260,8 +262,7 @@ def secret_may_be_forming(text: str) -> bool:
         if i > word_start and (text[i - 1].isalnum() or text[i - 1] == "_"):
             continue  # inside a word: no secret starts here
         tail = text[i:]
-        if any(p.startswith(tail) for p in _SECRET_PREFIXES) or \
-                any(p.startswith(tail.lower()) for p in _SECRET_PREFIXES_ANY_CASE):
+        if tail in _SECRET_STARTS or tail.lower() in _SECRET_STARTS_ANY_CASE:
             return True
     return False
 

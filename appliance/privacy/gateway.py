@@ -94,6 +94,7 @@ class SseRedactor:
         if not choices:
             return event + b"\n\n"
         self.template = chunk
+        changed = False
         for choice in choices:
             redactor = self._redactor(int(choice.get("index", 0)))
             delta = choice.get("delta")
@@ -103,8 +104,11 @@ class SseRedactor:
             released = redactor.feed(text) if isinstance(text, str) else ""
             if choice.get("finish_reason") is not None:
                 released += redactor.flush()
-            if isinstance(text, str) or released:
+            if (isinstance(text, str) or released) and released != text:
                 holder[key] = released
+                changed = True
+        if not changed:  # passed through as it came (most tokens): no re-encoding
+            return event + b"\n\n"
         return b"data: " + _encoder.encode(chunk) + b"\n\n"
 
     def flush(self) -> bytes:

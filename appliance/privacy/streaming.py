@@ -4,12 +4,12 @@ still caught, while delaying the text as little as possible.
 The redactor holds back only what could still grow into an entity: the word in progress (no entity ends before a
 space), the run of number-like words just before it (phone numbers, cards and IBANs are written in groups), and an
 unterminated `-----BEGIN` block (PEM keys span lines). Everything before that is final: it is checked against the
-whole buffer, so an entity that began in it is held with the rest, and released redacted. When the surface acts only on
-entities that start with a known prefix (secrets, by default), `may_be_forming` tells whether one can be
-growing at the end, and a word that cannot begin one is not held at all. The hold is bounded:
-`max_hold` characters (`max_block` for a PEM block); past that the text is released and an oversized key block is
-redacted whole. A little already-released text stays as left context, so that rules such as "a version string is
-not an IP" see what came before."""
+whole buffer, so an entity that began in it is held with the rest, and released redacted. When the surface acts only
+on entities that start with a known prefix (secrets, by default), `may_be_forming` tells whether one is in the window
+or can be growing at its end; when none can, the text is released at once, without running the detectors. The hold is
+bounded: `max_hold` characters (`max_block` for a PEM block); past that the text is released and an oversized key
+block is redacted whole. A little already-released text stays as left context, so that rules such as "a version
+string is not an IP" see what came before."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ class StreamRedactor:
         if not text:
             return ""
         self._buffer += text
+        if self._may_be_forming is not None and not self._may_be_forming(self._context + self._buffer):
+            # Nothing the surface acts on is in the window or can be growing at its end: no detection to run,
+            # no hold (the per-token common case of a secrets-only surface)
+            out, self._buffer = self._buffer, ""
+            self._context = (self._context + out)[-CONTEXT:]
+            return out
         cut = self._safe_cut(self._buffer)
         return self._release(cut) if cut > 0 else ""
 
@@ -54,8 +60,6 @@ class StreamRedactor:
         return self._release(len(self._buffer)) if self._buffer else ""
 
     def _safe_cut(self, buf: str) -> int:
-        if self._may_be_forming is not None and not self._may_be_forming(self._context + buf):
-            return len(buf)  # nothing the surface acts on can be growing at the end: no hold
         begin = buf.rfind(_BEGIN)
         if begin >= 0 and not _END.search(buf, begin):
             if len(buf) - begin <= self.max_block:

@@ -177,3 +177,12 @@ def test_secrets_only_surface_releases_plain_words_at_once() -> None:
 ])
 def test_secret_may_be_forming(text: str, forming: bool) -> None:
     assert secret_may_be_forming(text) is forming
+
+
+def test_sse_events_without_anything_to_rewrite_pass_byte_for_byte() -> None:
+    sse = SseRedactor(Privacy(SECRETS_ONLY, b"k" * 32))
+    plain = chunk("Once upon")
+    assert sse.event(plain) == plain + b"\n\n"
+    secret = "sk-proj-" + "z" * 40
+    blob = sse.event(chunk(" key " + secret[:10])) + sse.event(chunk(secret[10:] + " end", finish="stop"))
+    assert texts(blob) == " key <SECRET_1> end" and b"zzzz" not in blob
