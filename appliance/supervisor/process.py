@@ -20,10 +20,9 @@ from typing import Any, Protocol
 
 import httpx
 
-from appliance.supervisor.uds import worker_transport
-
 from appliance.errors import ModelUnavailable
 from appliance.logs import get_logger
+from appliance.supervisor.uds import worker_transport
 
 log = get_logger(__name__)
 SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")

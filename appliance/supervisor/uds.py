@@ -53,11 +53,20 @@ class _Reader(asyncio.Protocol):
 
 
 async def _wait(future: asyncio.Future[None], timeout: float | None, error: type[Exception]) -> None:
+    """Await `future` for at most `timeout` seconds (a bare timer: this runs once per streamed token)."""
+    if timeout is None:
+        await future
+        return
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, future, error, timeout)
     try:
-        async with asyncio.timeout(timeout):
-            await future
-    except TimeoutError as exc:
-        raise error(f"no progress in {timeout} s") from exc
+        await future
+    finally:
+        timer.cancel()
+
+
+def _expire(future: asyncio.Future[None], error: type[Exception], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(error(f"no progress in {timeout} s"))
 
 
 class AsyncioUnixStream(httpcore.AsyncNetworkStream):

@@ -200,7 +200,7 @@ def test_stream_interval_hands_text_over_in_fewer_pieces(scheduler: Scheduler) -
     """With a stream interval the first text comes at once and the rest with the finish reason; the text is the
     same as token by token."""
     prompt = "List the planets of the solar system:"
-    pieces_at_once = []
+    pieces_at_once: list[Piece] = []
     request = Request(scheduler, prompt, temperature=0, max_tokens=16, logit_bias=NO_EOS)
     while not pieces_at_once or not pieces_at_once[-1].finish_reason:
         pieces_at_once.append(request.next())

@@ -138,3 +138,17 @@ def test_no_worker_is_a_connect_error(tmp_path: Path, use_uvloop: bool) -> None:
                 await client.get("/health")
 
     run(use_uvloop, main)
+
+
+def test_a_silent_worker_is_a_read_timeout(tmp_path: Path, use_uvloop: bool) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()  # until the gateway gives up and closes
+        writer.close()
+
+    async def main() -> None:
+        async with served(silent, tmp_path / "w.sock") as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get("/health", timeout=0.2)
+
+    run(use_uvloop, main)
