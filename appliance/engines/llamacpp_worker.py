@@ -85,9 +85,11 @@ class CompletionFormat:
                                 "system_fingerprint": None, "choices": [choice], "usage": _usage(usage)})
 
 
-def _usage(usage: Usage) -> dict[str, int]:
+def _usage(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens` counts the prompt tokens whose KV cache a slot still held (prefix reuse)."""
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 class WorkerApp:

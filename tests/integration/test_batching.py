@@ -160,3 +160,19 @@ def test_a_schema_without_schema_is_400(batched: Running) -> None:
             response_format={"type": "json_schema", "json_schema": {"name": "x"}})  # type: ignore[typeddict-item]
     assert caught.value.status_code == 400
     assert "schema" in caught.value.message
+
+
+def test_usage_reports_the_prompt_tokens_a_slot_still_held(batched: Running) -> None:
+    """A chat's next turn starts with the previous prompt: the slot that held it reuses its KV cache, and usage
+    says how many prompt tokens were not computed again (OpenAI's prompt_tokens_details.cached_tokens)."""
+    client = uncached(batched)
+    system = {"role": "system", "content": "You answer in one short sentence about the history of clocks. " * 6}
+    first = client.chat.completions.create(model=DEFAULT_MODEL, messages=[system, *ask("Who made the first?")],
+                                           temperature=0, max_tokens=4)
+    second = client.chat.completions.create(model=DEFAULT_MODEL, messages=[system, *ask("And the second?")],
+                                            temperature=0, max_tokens=4)
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens or 0
+    assert 60 < cached < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details is not None
