@@ -4,7 +4,8 @@ Each step puts one token of every decoding sequence into the batch, then fills w
 waiting prompts, so a long prompt is processed a slice at a time between other streams' tokens. New requests join
 between steps; a finished or cancelled one leaves at the next step and its slot takes new work. A slot keeps the
 tokens its KV cache holds, so a request whose prompt starts the same way (a chat's next turn, a shared system
-prompt) is placed there and only its new tail is computed.
+prompt) is placed there and only its new tail is computed. An idle scheduler waits a few milliseconds for the rest
+of a burst of requests, so that their prompts are computed together in the first step.
 
 What a step produced for every request is handed over at once (`deliver`), so the worker's event loop wakes once
 per step, not once per token. With a stream interval, a request's text is handed over at most that often: the
@@ -25,6 +26,9 @@ from typing import Any
 
 from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece, StopMatcher, Usage
 from appliance.engines.llamacpp_sampling import SamplerChain, SamplingParams
+
+GATHER_QUIET = 0.003  # seconds without a new request that end the gathering of a burst (see Scheduler._gather)
+GATHER_MAX = 0.015
 
 Emit = Callable[[Piece | BaseException], None]
 """Told each piece of text in order (the last carries the finish reason), or the error that ended the request.
@@ -128,10 +132,13 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.wake:
-                while not self.stopping and not self.queue and not any(s.job for s in self.slots):
+                idle = not any(s.job for s in self.slots)
+                while not self.stopping and not self.queue and idle:
                     self.wake.wait()
                 if self.stopping:
                     return
+                if idle:
+                    self._gather()
                 self._admit()
             self._drop_cancelled()
             try:
@@ -154,6 +161,21 @@ class Scheduler:
             return
         for job, item in out:
             job.emit(item)
+
+    def _gather(self) -> None:
+        """Starting from idle, wait while requests keep arriving (each within GATHER_QUIET of the last, GATHER_MAX at
+        most), so that a burst's prompts share the first step rather than all but the first waiting behind it.
+        Called with `wake` held."""
+        deadline = time.monotonic() + GATHER_MAX
+        free = len(self.slots)
+        while not self.stopping and len(self.queue) < free:
+            seen = len(self.queue)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.wake.wait(min(GATHER_QUIET, left))
+            if len(self.queue) == seen:
+                return
 
     def _admit(self) -> None:
         """Move queued jobs into free slots: the slot whose cache shares the longest prefix, else the oldest."""

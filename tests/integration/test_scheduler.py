@@ -213,3 +213,15 @@ def test_stream_interval_hands_text_over_in_fewer_pieces(scheduler: Scheduler) -
     assert len(pieces_at_once) > 8
     assert first.text and first.finish_reason is None and last.finish_reason == "length"
     assert first.text + last.text == "".join(p.text for p in pieces_at_once)
+
+
+def test_a_burst_from_idle_shares_the_first_step(scheduler: Scheduler) -> None:
+    """Requests arriving together at an idle scheduler are prefilled in one step, not the first alone while the
+    others wait behind it: three short prompts of two tokens each take two steps in all."""
+    assert scheduler.active == 0
+    before = scheduler.stats()["steps"]
+    burst = [Request(scheduler, prompt, temperature=0, max_tokens=2, logit_bias=NO_EOS)
+             for prompt in ("Red", "Green", "Blue")]
+    assert all(r.result()[1] == "length" for r in burst)
+    assert sum(len(r.job.tokens) for r in burst) <= scheduler.runtime.n_batch
+    assert scheduler.stats()["steps"] - before == 2
