@@ -163,11 +163,15 @@ class WorkerPool:
             await self._make_room(slot)
             started = time.monotonic()
             stack = contextlib.AsyncExitStack()
+            worker: Worker | None = None
             try:
                 worker = await self.new_worker(name, stack)
                 await worker.start()
                 await worker.wait_ready()
             except BaseException as exc:
+                if worker is not None:  # a start cut short (an error, a cancelled request) leaves no process behind,
+                    with contextlib.suppress(Exception):  # and none that would read weights about to be wiped
+                        await worker.stop()
                 await stack.aclose()
                 slot.need = None
                 self._note_crash(slot)

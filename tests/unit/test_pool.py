@@ -31,6 +31,8 @@ class FakeWorker:
         self.client: Any = None
         self.started = self.ready = self.stopped = self.stopping = False
         self.wedged = False  # alive, but no longer answering (a deadlock, or SIGSTOP)
+        self.loading_forever = False
+        self.stopped_before_release = False
 
     async def start(self) -> None:
         self.started = True
@@ -39,6 +41,8 @@ class FakeWorker:
             raise WorkerStartError(f"model '{self.model}' failed to load: exit code 1")
 
     async def wait_ready(self) -> None:
+        if self.loading_forever:
+            await asyncio.Event().wait()
         self.ready = True
 
     async def health(self) -> dict[str, Any]:
@@ -67,6 +71,7 @@ class Factory:
     def __init__(self, failing: set[str] | None = None) -> None:
         self.failing = failing or set()
         self.fail_next: dict[str, int] = {}  # model -> how many of its next starts fail
+        self.slow: set[str] = set()  # models whose workers never become ready
         self.built: list[FakeWorker] = []
         self.called_at: list[float] = []
         self.released: list[FakeWorker] = []
@@ -76,9 +81,14 @@ class Factory:
         fail = name in self.failing or self.fail_next.get(name, 0) > 0
         self.fail_next[name] = self.fail_next.get(name, 0) - 1
         worker = FakeWorker(name, len(self.built), fail_start=fail)
-        resources.callback(self.released.append, worker)  # e.g. the decrypted weights, freed with the worker
+        worker.loading_forever = name in self.slow
+        resources.callback(self._release, worker)  # e.g. the decrypted weights, freed with the worker
         self.built.append(worker)
         return cast(Worker, worker)
+
+    def _release(self, worker: FakeWorker) -> None:
+        worker.stopped_before_release = worker.stopped
+        self.released.append(worker)
 
     def of(self, name: str) -> list[FakeWorker]:
         return [w for w in self.built if w.model == name]
@@ -237,6 +247,25 @@ def test_load_failure_releases_the_slot_and_resources() -> None:
         slot = pool.slot("bad")
         assert (slot.waiting, slot.in_use, slot.gate.locked(), slot.worker) == (0, 0, False, None)
         assert factory.released == factory.built
+        await pool.close()
+
+    run(main)
+
+
+def test_a_load_cut_short_stops_the_worker_before_its_weights_are_released() -> None:
+    """The request that started a load goes away (a client disconnect): the half-started worker process is stopped,
+    and only then are its resources (the decrypted weights it maps) released."""
+    async def main() -> None:
+        factory = Factory()
+        factory.slow.add("big")
+        pool = make_pool(factory)
+        loading = asyncio.ensure_future(use_once(pool, "big"))
+        await eventually(lambda: bool(factory.of("big")) and factory.of("big")[0].started)
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        worker = factory.of("big")[0]
+        assert worker.stopped and factory.released == [worker] and worker.stopped_before_release
         await pool.close()
 
     run(main)
