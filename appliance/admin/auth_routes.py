@@ -77,8 +77,11 @@ async def me(request: Request[Any, Any, State], state: State) -> Response[dict[s
     granted = effective_permissions(principal, state.services.rbac)
     narrowed = {name: sorted(value) for name in ("scopes", "models", "collections")
                 if (value := getattr(principal, name, None)) is not None}
+    # a page reloaded in the browser learns its session's CSRF token here: the cookie is HttpOnly and SameSite=Strict,
+    # and another origin cannot read this reply, so the UI never has to keep the token in storage
+    session = {"csrf_token": principal.csrf_token} if isinstance(principal, SessionPrincipal) else {}
     return Response({"name": principal.name, "role": principal.role, "permissions": sorted(granted), **narrowed,
-                     "via": "session" if isinstance(principal, SessionPrincipal) else "api_key"},
+                     "via": "session" if session else "api_key", **session},
                     headers={"cache-control": "no-store"})
 
 
