@@ -30,8 +30,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
+from appliance import db
 from appliance.errors import ApplianceError
 from appliance.logs import get_logger
 
@@ -127,6 +129,7 @@ class AuditLog:
         if found is None:
             raise AuditLogMissing("the database has no audit log yet (it predates this version); run "
                                   "`appliance init` (or any appliance command) to upgrade it")
+        self._file = next((str(row[2]) for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -208,6 +211,14 @@ class AuditLog:
             result = _walk(rows, high_water, self._anchor())
         return dataclasses.replace(result, warnings=self._missing_triggers())
 
+    def verify_apart(self) -> VerifyResult:
+        """`verify()` on a connection of its own, to run in a thread while the shared connection stays free for
+        everyone else (a long chain takes a while); an in-memory database is verified on the shared one."""
+        if not self._file:
+            return self.verify()
+        with contextlib.closing(db.connect(Path(self._file))) as conn:
+            return AuditLog(conn).verify()
+
     def _anchor(self) -> tuple[int, str]:
         """Where the chain starts: after the last record purged by retention (appliance/privacy/retention.py)."""
         with contextlib.suppress(sqlite3.OperationalError):  # a database from before migration 8
@@ -239,23 +250,42 @@ class AuditLog:
                 "hand; restore it from a backup and find out who",)
 
     def export(self, since: str | None = None, until: str | None = None, action: str | None = None,
-               actor: str | None = None) -> Iterator[dict[str, Any]]:
-        """Records in order, filtered: `since` inclusive, `until` exclusive (ISO-8601), exact action and actor."""
-        clauses: list[str] = []
-        params: list[str] = []
-        for column, op, value in (("at", ">=", since and utc_bound(since, "--since")),
-                                  ("at", "<", until and utc_bound(until, "--until")),
-                                  ("action", "=", action), ("actor", "=", actor)):
-            if value is not None:
-                clauses.append(f"{column} {op} ?")
-                params.append(value)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        query = f"{SELECT_RECORDS}{where} ORDER BY seq"  # fixed column names; the values are bound
+               actor: str | None = None, *, outcome: str | None = None, before_seq: int | None = None,
+               after_seq: int | None = None, newest_first: bool = False, limit: int | None = None
+               ) -> Iterator[dict[str, Any]]:
+        """Records oldest first (newest first with `newest_first`), filtered: `since` inclusive, `until` exclusive
+        (ISO-8601), exact actor and outcome, exact action or a prefix ending in `*` (`model.*`), and `seq` below
+        `before_seq` / above `after_seq` (cursor paging along the primary key, never an OFFSET); at most `limit`."""
+        where, params = _filters(since, until, action, actor, outcome, before_seq, after_seq)
+        query = f"{SELECT_RECORDS}{where} ORDER BY seq {'DESC' if newest_first else 'ASC'}"  # the values are bound
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
         for row in self.conn.execute(query, params):
             record = dict(row)
             with contextlib.suppress(TypeError, ValueError):
                 record["details"] = json.loads(record["details"])
             yield record
+
+
+def _filters(since: str | None, until: str | None, action: str | None, actor: str | None, outcome: str | None,
+             before_seq: int | None, after_seq: int | None) -> tuple[str, list[str | int]]:
+    """The WHERE clause of an export (fixed column names, bound values)."""
+    clauses: list[str] = []
+    params: list[str | int] = []
+    if action is not None and action.endswith("*"):
+        prefix = action[:-1]
+        clauses.append("substr(action, 1, ?) = ?")
+        params += [len(prefix), prefix]
+        action = None
+    for column, op, value in (("at", ">=", since and utc_bound(since, "--since")),
+                              ("at", "<", until and utc_bound(until, "--until")),
+                              ("action", "=", action), ("actor", "=", actor), ("outcome", "=", outcome),
+                              ("seq", "<", before_seq), ("seq", ">", after_seq)):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            params.append(value)
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
 
 def _walk(rows: Iterable[sqlite3.Row], high_water: int, anchor: tuple[int, str] = (0, GENESIS_HASH)

@@ -296,6 +296,45 @@ def test_export_filters(audit: AuditLog) -> None:
         list(audit.export(since="yesterday"))
 
 
+def test_export_pages_by_seq_either_way_and_filters_by_outcome_and_action_prefix(audit: AuditLog) -> None:
+    fill(audit, 3)
+    audit.record("cli:other", "model.remove", "m", "denied", reason="in production")
+    audit.record("cli:other", "model.pull", "m", "error", reason="disk full")
+    audit.record("cli:other", "models_x.odd", "m")  # `model.*` is a prefix with its dot, not `model` alone
+    seqs = [r["seq"] for r in audit.export(newest_first=True)]
+    assert seqs == [6, 5, 4, 3, 2, 1]
+    assert [r["seq"] for r in audit.export(newest_first=True, limit=2)] == [6, 5]
+    assert [r["seq"] for r in audit.export(newest_first=True, before_seq=5, limit=2)] == [4, 3]
+    assert [r["seq"] for r in audit.export(after_seq=2, limit=2)] == [3, 4]
+    assert [r["seq"] for r in audit.export(after_seq=1, before_seq=4)] == [2, 3]
+    assert [r["seq"] for r in audit.export(action="model.*")] == [4, 5]
+    assert [r["seq"] for r in audit.export(action="model.*", outcome="error")] == [5]
+    assert [r["seq"] for r in audit.export(outcome="denied")] == [4]
+    assert [r["seq"] for r in audit.export(action="*", newest_first=True, limit=1)] == [6]
+    assert list(audit.export(action="model_%")) == []  # no LIKE: wildcards are plain characters
+    assert list(audit.export(action="key.%*")) == []
+
+
+def test_paging_walks_the_primary_key_not_an_offset(audit: AuditLog, conn: sqlite3.Connection) -> None:
+    """Newest first from a cursor is a range search on seq: it reads a page, not the log (10k+ records)."""
+    from appliance.audit import SELECT_RECORDS, _filters
+
+    where, params = _filters(None, None, None, None, None, 10_000, None)
+    plan = " ".join(str(row[3]) for row in conn.execute(
+        f"EXPLAIN QUERY PLAN {SELECT_RECORDS}{where} ORDER BY seq DESC LIMIT 100", params))
+    assert "USING INTEGER PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_verify_apart_reads_through_its_own_connection(audit: AuditLog, conn: sqlite3.Connection) -> None:
+    fill(audit, 4)
+    assert audit.verify_apart() == audit.verify()
+    drop_triggers(conn)
+    conn.execute("UPDATE audit_log SET target = 'other' WHERE seq = 3")
+    result = audit.verify_apart()
+    assert (result.ok, result.count, result.first_broken_seq) == (False, 2, 3)
+    assert "hash does not match" in result.reason and result.warnings
+
+
 # --- the services record what they change ------------------------------------------------------------------------
 
 @pytest.fixture
