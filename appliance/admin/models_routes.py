@@ -14,7 +14,7 @@ from litestar.params import FromPath
 from appliance.admin.keys_routes import actor_of, decode_body
 from appliance.auth.guards import permission
 from appliance.registry.rollout import RolloutService
-from appliance.registry.versions import Alias
+from appliance.registry.versions import Alias, ModelVersion
 
 
 class Promotion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -31,7 +31,13 @@ def _alias(alias: Alias) -> dict[str, Any]:
     return {**msgspec.to_builtins(alias), "weights": {str(v): w for v, w in (alias.weights or {}).items()} or None}
 
 
-@get("/api/models", summary="Installed models with their production version, versions and aliases",
+def _versions(versions: list[ModelVersion], rollout: RolloutService) -> list[dict[str, Any]]:
+    """Each version with its requests over the rollout window (`stats`), canaries and production alike."""
+    return [{**msgspec.to_builtins(v), "stats": rollout.window_stats(v.ref).to_dict()} for v in versions]
+
+
+@get("/api/models", summary="Installed models with their production version, versions (each with its requests, "
+     "errors and p95 over the rollout window) and aliases",
      opt=permission("models:read"), tags=["Admin"])
 async def list_models(rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
     versions, aliases = rollout.versions.all(), rollout.versions.aliases()
@@ -40,16 +46,17 @@ async def list_models(rollout: NamedDependency[RolloutService]) -> dict[str, Any
         own = [v for v in versions if v.model == record.name]
         production = next((v.version for v in own if v.stage == "production"), None)
         data.append({**msgspec.to_builtins(record), "production_version": production,
-                     "versions": msgspec.to_builtins(own),
+                     "versions": _versions(own, rollout),
                      "aliases": [_alias(a) for a in aliases if a.model == record.name]})
     return {"object": "list", "data": data}
 
 
-@get("/api/models/{name:str}/versions", summary="A model's versions with digest, source, stage and details",
+@get("/api/models/{name:str}/versions", summary="A model's versions with digest, source, stage, details and their "
+     "requests over the rollout window",
      opt=permission("models:read"), tags=["Admin"])
 async def list_versions(name: FromPath[str], rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
     rollout.registry.get(name)  # 404 for an unknown model
-    return {"object": "list", "data": msgspec.to_builtins(rollout.versions.list(name))}
+    return {"object": "list", "data": _versions(rollout.versions.list(name), rollout)}
 
 
 @post("/api/models/{name:str}/promote", summary="Blue-green promote a version to production (loaded and warmed "

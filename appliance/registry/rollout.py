@@ -6,10 +6,13 @@ resolves to the old version or the new one, never to nothing; then the old worke
 and unloaded. No request fails during the switch.
 
 Canary: an alias splits its traffic, e.g. {1: 90, 2: 10}, sticky per subject. Every request a worker serves is
-observed (`observe`, the pool's `on_request`); when the canary version's error rate or p95 latency over the last
-`rollout.window_seconds` passes its threshold (after `rollout.min_requests` requests), the split ends by itself:
-the alias sends everything to its stable version again, the canary's worker is drained, and the audit log records
-`model.rollback` by `supervisor` with the numbers. Every transition is audited.
+observed (`observe`, the pool's `on_request`) into its version's window of the last `rollout.window_seconds`
+(`window_stats`, which the admin API shows for every version, so a canary can be compared with production beside
+it); when the canary version's error rate or p95 latency over its window passes its threshold (after
+`rollout.min_requests` requests), the split ends by itself: the alias sends everything to its stable version again,
+the canary's worker is drained, and the audit log records `model.rollback` by `supervisor` with the numbers. A
+version's window starts afresh when it becomes a canary, so that it is judged on its canary traffic alone. Every
+transition is audited.
 
 Without a running server (the CLI), a promote or rollback is only the switch: the next request loads the version."""
 
@@ -36,6 +39,7 @@ from appliance.supervisor.pool import WorkerPool
 
 log = get_logger(__name__)
 WARM_UP = {"prompt": "Hello", "max_tokens": 1, "temperature": 0}
+WINDOW_CAP = 10_000  # requests kept per version's window: under heavy traffic the window is the last this many
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,20 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+@dataclass(frozen=True)
+class WindowStats:
+    """A version's requests over the rollout window: how many, how many failed, and the p95 request time."""
+
+    requests: int
+    errors: int
+    error_rate: float | None
+    p95_seconds: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors, "error_rate": self.error_rate,
+                "p95_seconds": self.p95_seconds}
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)] if ordered else 0.0
@@ -70,8 +88,9 @@ class RolloutService:
         self.pool = pool
         self.settings = settings
         self.audit = audit
-        self._windows: dict[str, deque[tuple[float, bool, float]]] = {}  # canary worker key -> recent requests
+        self._windows: dict[str, deque[tuple[float, bool, float]]] = {}  # worker key -> recent requests
         self._canaries_seen: tuple[float, frozenset[str]] = (-math.inf, frozenset())
+        self._judged: frozenset[str] = frozenset()  # the canaries as last found (a new one starts a fresh window)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()  # one transition at a time
 
@@ -228,22 +247,41 @@ class RolloutService:
         at, keys = self._canaries_seen
         if time.monotonic() - at < 1.0:
             return keys
-        found = {version_ref(a.model, v) for a in self.versions.aliases() if a.weights
-                 for v in a.weights if v != self._stable(a)}
-        self._canaries_seen = (time.monotonic(), frozenset(found))
-        return self._canaries_seen[1]
-
-    def observe(self, key: str, failed: bool, seconds: float) -> None:
-        """One request served by worker `key` (`name@N`); rolls a canary back when it passes a threshold. Only
-        canaries are judged (and their requests kept): production traffic costs one set lookup."""
-        if key not in self.canary_keys():
+        found = frozenset(version_ref(a.model, v) for a in self.versions.aliases() if a.weights
+                          for v in a.weights if v != self._stable(a))
+        for key in found - self._judged:  # a new canary: judged on its canary traffic alone
             self._windows.pop(key, None)
-            return
-        now = time.monotonic()
-        window = self._windows.setdefault(key, deque())
-        window.append((now, failed, seconds))
+        self._canaries_seen, self._judged = (time.monotonic(), found), found
+        return found
+
+    def _window(self, key: str, now: float) -> deque[tuple[float, bool, float]] | None:
+        """Worker `key`'s requests within the window (older ones dropped)."""
+        window = self._windows.get(key)
         while window and window[0][0] < now - self.settings.window_seconds:
             window.popleft()
+        return window
+
+    def window_stats(self, key: str) -> WindowStats:
+        """What worker `key` (`name@N`) served over the last `rollout.window_seconds` (at most the last WINDOW_CAP
+        requests): every version has one, canary or not."""
+        window = self._window(key, time.monotonic())
+        if not window:
+            return WindowStats(0, 0, None, None)
+        errors = sum(1 for _, failed, _ in window if failed)
+        return WindowStats(len(window), errors, round(errors / len(window), 4),
+                           round(p95([d for _, _, d in window]), 4))
+
+    def observe(self, key: str, failed: bool, seconds: float) -> None:
+        """One request served by worker `key` (`name@N`), kept in its window; rolls a canary back when it passes a
+        threshold (only canaries are judged)."""
+        canary = key in self.canary_keys()
+        now = time.monotonic()
+        window = self._window(key, now)
+        if window is None:
+            window = self._windows[key] = deque(maxlen=WINDOW_CAP)
+        window.append((now, failed, seconds))
+        if not canary:
+            return
         s = self.settings
         if len(window) < s.min_requests or self._lock.locked():
             return

@@ -253,3 +253,34 @@ def test_promote_and_rollback_through_the_cli_and_the_api_are_audited(rollout_se
     as_user = {"Authorization": f"Bearer {secret}"}
     assert httpx.get(server.url + "/api/models", headers=as_user).status_code == 200
     assert httpx.post(server.url + f"/api/models/{DEFAULT_MODEL}/rollback", headers=as_user).status_code == 403
+
+
+def test_a_canary_and_production_show_their_window_stats_side_by_side(rollout_server: Running) -> None:
+    """/api/models gives each version its requests over the rollout window; the dashboard lists both workers."""
+    server = rollout_server
+    stable = next(v for v, s in stages(server).items() if s == "production")
+    canary = next(v for v, s in stages(server).items() if s == "staging" and v != stable)
+    before = {v["version"]: v["stats"] for v in api(server, "GET", "/api/models").json()["data"][0]["versions"]}
+    put = api(server, "PUT", "/api/aliases/duo", json={"target": DEFAULT_MODEL, "canary": canary, "weight": 50})
+    assert put.status_code == 200, put.text
+    subjects = list(keys(server, 8))
+    sides = {k: pick_weighted({stable: 50, canary: 50}, sticky_bucket("duo", f"key:{k}", 100)) for k, _ in subjects}
+    assert set(sides.values()) == {stable, canary}  # both sides have clients (fixed by the key ids)
+    for _, secret in subjects:
+        assert server.client(secret).chat.completions.create(model="duo", messages=QUESTION, max_tokens=4).choices
+    listed = api(server, "GET", "/api/models").json()["data"]
+    (model,) = [m for m in listed if m["name"] == DEFAULT_MODEL]
+    stats = {v["version"]: v["stats"] for v in model["versions"]}
+    assert stats[canary]["requests"] == list(sides.values()).count(canary)  # a new canary's window starts afresh
+    assert stats[stable]["requests"] >= before[stable]["requests"] + list(sides.values()).count(stable)
+    for version in (stable, canary):
+        assert stats[version]["errors"] == 0 and stats[version]["error_rate"] == 0.0
+        assert 0 < stats[version]["p95_seconds"] < 60
+    idle = [v for v, s in stats.items() if v not in (stable, canary) and s["requests"] == 0]
+    assert all(stats[v] == {"requests": 0, "errors": 0, "error_rate": None, "p95_seconds": None} for v in idle)
+    assert api(server, "GET", f"/api/models/{DEFAULT_MODEL}/versions").json()["data"][0]["stats"]["requests"] >= 0
+    dashboard = {m["model"]: m for m in api(server, "GET", "/api/dashboard").json()["models"]}
+    for version in (stable, canary):
+        worker = dashboard[f"{DEFAULT_MODEL}@{version}"]
+        assert worker["state"] == "ready" and worker["requests"] >= stats[version]["requests"]
+    assert api(server, "DELETE", "/api/aliases/duo").status_code == 200

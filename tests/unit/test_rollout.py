@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from appliance.crypto.keyring import KeyRing
 from appliance.datadir import DataDir
 from appliance.errors import InvalidRequest, ModelUnavailable
 from appliance.registry.catalog import Catalog
-from appliance.registry.rollout import RolloutService, p95
+from appliance.registry.rollout import RolloutService, WindowStats, p95
 from appliance.registry.service import ModelRegistry
 from appliance.registry.store import ModelStore
 from appliance.supervisor.pool import WorkerPool
@@ -171,6 +172,43 @@ def test_a_slow_canary_is_rolled_back_and_a_failing_non_canary_is_not(registry: 
         await eventually(lambda: registry.versions.alias("m").weights is None)  # type: ignore[union-attr]
         (record,) = actions(audit, "model.rollback")
         assert "p95 latency 9.00s > 2.00s" in record["details"]["reason"]
+        await pool.close()
+
+    run(main)
+
+
+def test_every_version_has_window_stats_and_a_new_canary_starts_afresh(registry: ModelRegistry,
+                                                                      audit: AuditLog) -> None:
+    async def main() -> None:
+        pool, rollout = wire(registry, audit, AnsweringFactory(), min_requests=50, window_seconds=0.5)
+        assert rollout.window_stats("m@1") == WindowStats(0, 0, None, None)
+        for seconds in (0.1, 0.2, 0.3, 0.4):
+            rollout.observe("m@1", False, seconds)  # production traffic, no canary anywhere
+        rollout.observe("m@2", True, 1.0)  # version 2 named explicitly, before it is a canary
+        assert rollout.window_stats("m@1") == WindowStats(4, 0, 0.0, 0.4)
+        assert rollout.window_stats("m@2").requests == 1
+        rollout.set_alias("m", "m", canary=2, weight=20, actor="cli:carol")
+        assert rollout.window_stats("m@2").requests == 0  # judged on its canary traffic alone
+        rollout.observe("m@2", True, 2.0)
+        rollout.observe("m@2", False, 1.0)
+        assert rollout.window_stats("m@2") == WindowStats(2, 1, 0.5, 2.0)
+        assert rollout.window_stats("m@1").to_dict() == {"requests": 4, "errors": 0, "error_rate": 0.0,
+                                                         "p95_seconds": 0.4}  # production beside it
+        await asyncio.sleep(0.6)
+        assert rollout.window_stats("m@1").requests == rollout.window_stats("m@2").requests == 0  # out of the window
+        await pool.close()
+
+    run(main)
+
+
+def test_a_canary_set_by_another_process_starts_afresh_too(registry: ModelRegistry, audit: AuditLog) -> None:
+    async def main() -> None:
+        pool, rollout = wire(registry, audit, AnsweringFactory(), min_requests=50)
+        rollout.observe("m@2", True, 1.0)
+        RolloutService(registry, None, RolloutSettings(), audit).set_alias("m", "m", canary=2, actor="cli:dave")
+        rollout._canaries_seen = (-math.inf, frozenset())  # a second later: the split is noticed
+        rollout.observe("m@2", False, 1.0)
+        assert rollout.window_stats("m@2") == WindowStats(1, 0, 0.0, 1.0)
         await pool.close()
 
     run(main)
