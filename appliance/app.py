@@ -30,6 +30,7 @@ from appliance.admin.audit_routes import ROUTES as AUDIT_ROUTES
 from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
 from appliance.admin.auth_routes import cookie_name
 from appliance.admin.cache_routes import ROUTES as CACHE_ROUTES
+from appliance.admin.dashboard_routes import ROUTES as DASHBOARD_ROUTES
 from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
 from appliance.admin.models_routes import ROUTES as MODELS_ROUTES
 from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
@@ -61,6 +62,7 @@ from appliance.gateway.embeddings import EmbeddingsEndpoint
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
 from appliance.logs import get_logger, install_scrubber
+from appliance.observability.dashboard import Dashboard
 from appliance.observability.metrics import Metrics
 from appliance.privacy.controls import PrivacyControls
 from appliance.rag.chat import RagChat
@@ -131,6 +133,9 @@ class Services:
         self.pool.key = self.registry.versions.worker_key
         self.pool.on_request = self.rollout.observe
         self.completions.rollout = self.rollout
+        self.dashboard = Dashboard(self.metrics, self.pool, self.registry, self.data.root,
+                                   memory_budget=settings.models.memory_limit_bytes,
+                                   semantic_cache=settings.cache.enabled and settings.cache.semantic)
 
     def imported_folder(self, name: str) -> Path | None:
         """A Hugging Face folder model from the store, unpacked into private tmpfs for as long as the app runs
@@ -310,7 +315,9 @@ def create_app(settings: Settings) -> Litestar:
                 services.pool.start_loading(default)
             rag_open = asyncio.create_task(asyncio.to_thread(lambda: services.rag.index))  # repairs after a crash
             purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
+            sampling = asyncio.create_task(services.dashboard.run())  # the dashboard's TTFT window
             yield
+            sampling.cancel()
             await services.rollout.close()
             purging.cancel()
             rag_open.cancel()
@@ -322,7 +329,8 @@ def create_app(settings: Settings) -> Litestar:
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
-                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES],
+                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
+                        *DASHBOARD_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),
@@ -333,6 +341,7 @@ def create_app(settings: Settings) -> Litestar:
             "rag": Provide(lambda: services.rag, sync_to_thread=False),
             "embeddings": Provide(lambda: services.embeddings_api, sync_to_thread=False),
             "response_cache": Provide(lambda: services.response_cache, sync_to_thread=False),
+            "dashboard": Provide(lambda: services.dashboard, sync_to_thread=False),
         },
         state=State({"services": services}),
         lifespan=[lifespan],

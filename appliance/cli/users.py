@@ -1,9 +1,11 @@
-"""`appliance users create|list|disable|enable|set-role|set-limits`."""
+"""`appliance users create|list|disable|enable|set-role|set-limits|has-admin`."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import secrets
+import string
 import sys
 from typing import Any
 
@@ -44,15 +46,40 @@ def _read_new_password(service: Any, name: str, role: str, from_stdin: bool) -> 
     return password
 
 
+# Letters and digits only, so that the password survives copying from a terminal and pasting into any shell or
+# form; 24 of 62 symbols is about 143 bits, far beyond guessing.
+_GENERATED_ALPHABET = string.ascii_letters + string.digits
+GENERATED_LENGTH = 24
+
+
+def generate_password() -> str:
+    """A random password that passes the policy (`check_password`)."""
+    return "".join(secrets.choice(_GENERATED_ALPHABET) for _ in range(GENERATED_LENGTH))
+
+
 def cmd_users_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     from appliance.auth.quotas import Limits
 
     service = _users(loaded)
-    password = _read_new_password(service, args.name, args.role, args.password_stdin)
+    if args.generate_password:
+        password = generate_password()
+    else:
+        password = _read_new_password(service, args.name, args.role, args.password_stdin)
     user = service.create(args.name, args.role, password, actor=cli_actor(),
                           limits=Limits(args.rpm, args.tpm, args.daily_tokens))
-    print(f"created user {user.name} (role {user.role}, {limits_text(user)})")
+    created = f"created user {user.name} (role {user.role}, {limits_text(user)})"
+    if not args.generate_password:
+        print(created)
+        return 0
+    # As `keys create`: what was done on stderr, the secret alone on stdout, printed once and kept nowhere else.
+    print(created, file=sys.stderr)
+    print("their password follows; store it now: it is shown only this once", file=sys.stderr, flush=True)
+    print(password)
     return 0
+
+
+def cmd_users_has_admin(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    return 0 if any(user.role == "admin" and not user.disabled for user in _users(loaded).list()) else 1
 
 
 def cmd_users_set_limits(args: argparse.Namespace, loaded: LoadedSettings) -> int:
@@ -97,16 +124,21 @@ def cmd_users_set_role(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 def register(sub: Any, add: Add) -> None:
     users = sub.add_parser("users", help="people who log in to the web UI").add_subparsers(dest="sub", required=True)
     ucreate = add("create", cmd_users_create, "create a user; the password is read from a pipe "
-                  "(--password-stdin) or typed twice at a terminal, never given as an argument", users)
+                  "(--password-stdin), typed twice at a terminal, or generated (--generate-password), never given "
+                  "as an argument", users)
     ucreate.add_argument("name")
     ucreate.add_argument("--role", required=True)
-    ucreate.add_argument("--password-stdin", action="store_true",
-                         help="read the password as one line from standard input")
+    source = ucreate.add_mutually_exclusive_group()
+    source.add_argument("--password-stdin", action="store_true",
+                        help="read the password as one line from standard input")
+    source.add_argument("--generate-password", action="store_true",
+                        help="generate a strong password and print it once, alone on the last line")
     ucreate.add_argument("--rpm", type=positive_int, help="requests per minute, session and own keys together; "
                          "default unlimited")
     ucreate.add_argument("--tpm", type=positive_int, help="tokens per minute; default unlimited")
     ucreate.add_argument("--daily-tokens", type=positive_int, help="tokens per UTC day; default unlimited")
     add("list", cmd_users_list, "users with their role and state (never their password hashes)", users)
+    add("has-admin", cmd_users_has_admin, "exit 0 when an enabled admin user exists (used by install.sh)", users)
     for name, handler, helptext in (("disable", cmd_users_disable, "stop a user from logging in"),
                                     ("enable", cmd_users_enable, "let a disabled user log in again")):
         add(name, handler, helptext, users).add_argument("name")

@@ -87,3 +87,62 @@ def test_user_limits_from_the_command_line(data_dir: Path) -> None:
     records = [json.loads(r) for r in appliance("audit", "export", "--action", "user.update",
                                                 data_dir=data_dir).stdout.splitlines()]
     assert len(records) == 1 and records[0]["details"]["tpm"] == 100 and records[0]["details"]["rpm"] is None
+
+
+def _verifies(data_dir: Path, name: str, password: str) -> bool:
+    """Whether the stored hash takes this password, checked as the server's login checks it."""
+    from appliance.auth.passwords import derive_password_pepper
+    from appliance.auth.users import UserService
+    from appliance.datadir import DataDir
+
+    data = DataDir(data_dir)
+    conn = data.connect()
+    try:
+        return UserService(conn, derive_password_pepper(data.read_master_key())).verify_password(name, password) \
+            is not None
+    finally:
+        conn.close()
+
+
+def test_generated_password_is_printed_once_alone_on_the_last_line(data_dir: Path) -> None:
+    from appliance.auth.passwords import check_password
+
+    created = appliance("users", "create", "admin", "--role", "admin", "--generate-password", data_dir=data_dir)
+    [password] = created.stdout.splitlines()  # stdout holds the password alone; what was done goes to stderr
+    check_password(password, "admin")
+    assert "created user admin (role admin" in created.stderr and password not in created.stderr
+    assert _verifies(data_dir, "admin", password) and not _verifies(data_dir, "admin", password + "x")
+
+    other = appliance("users", "create", "admin2", "--role", "admin", "--generate-password", data_dir=data_dir)
+    assert other.stdout.strip() != password
+
+    everything = appliance("audit", "export", data_dir=data_dir).stdout
+    assert password not in everything and "user.create" in everything
+    for path in data_dir.glob("appliance.db*"):
+        assert password.encode() not in path.read_bytes(), path
+    for path in data_dir.rglob("*.log"):
+        assert password not in path.read_text(errors="replace"), path
+
+
+def test_generate_password_and_password_stdin_exclude_each_other(data_dir: Path) -> None:
+    result = appliance("users", "create", "erin", "--role", "user", "--generate-password", "--password-stdin",
+                       data_dir=data_dir, input=PASSWORD + "\n", check=False)
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+    assert appliance("users", "list", data_dir=data_dir).stdout == ""
+
+
+def test_has_admin_means_an_enabled_admin_user(data_dir: Path) -> None:
+    def has_admin() -> int:
+        return appliance("users", "has-admin", data_dir=data_dir, check=False).returncode
+
+    assert has_admin() == 1  # no users yet
+    appliance("users", "create", "frank", "--role", "user", "--password-stdin", data_dir=data_dir,
+              input=PASSWORD + "\n")
+    assert has_admin() == 1
+    appliance("users", "create", "grace", "--role", "admin", "--password-stdin", data_dir=data_dir,
+              input=PASSWORD + "\n")
+    assert has_admin() == 0
+    appliance("users", "disable", "grace", data_dir=data_dir)
+    assert has_admin() == 1
+    appliance("users", "set-role", "frank", "admin", data_dir=data_dir)
+    assert has_admin() == 0
