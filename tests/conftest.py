@@ -1,10 +1,15 @@
-"""Suite-wide hooks: GPU-only tests skip cleanly on boxes without an NVIDIA GPU."""
+"""Suite-wide fixtures and hooks: the prepared data dir and `start_server` that the integration and e2e tests
+share, closing SDK clients, and GPU-only tests skipping cleanly on boxes without an NVIDIA GPU."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.server import DEFAULT_MODEL, OPEN_CLIENTS, Running, ServerProcess, appliance, clone_data_dir, new_key
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -14,3 +19,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised data dir holding the default model, pulled once through the real catalog source."""
+    data = tmp_path_factory.mktemp("template") / "data"
+    appliance("init", data_dir=data)
+    appliance("models", "pull", DEFAULT_MODEL, data_dir=data)
+    return data
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    """Close every SDK client a test made, so no socket is left for the garbage collector to find."""
+    yield
+    while OPEN_CLIENTS:
+        OPEN_CLIENTS.pop().close()
+
+
+@pytest.fixture(scope="session")
+def start_server(template_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Running]]:
+    """Start a fresh server with its own copy of the data dir; extra settings as APPLIANCE_* variables. `prepare`,
+    when given, is called with the data dir before the server starts (e.g. to create users with the CLI)."""
+    started: list[ServerProcess] = []
+
+    def start(env: dict[str, str] | None = None, wait_ready: bool = True,
+              prepare: Callable[[Path], None] | None = None) -> Running:
+        data = clone_data_dir(template_dir, tmp_path_factory.mktemp("server") / "data")
+        key = new_key(data)
+        if prepare is not None:
+            prepare(data)
+        process = ServerProcess(data, env)
+        started.append(process)
+        process.start(wait_ready=wait_ready)
+        return Running(process.url, key, process)
+
+    yield start
+    for process in started:
+        process.stop()

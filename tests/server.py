@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -106,3 +107,33 @@ class ServerProcess:
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
         return self.proc.returncode
+
+
+def new_key(data_dir: Path, role: str = "admin", expires: str | None = None,
+            env: dict[str, str] | None = None) -> str:
+    args = ["keys", "create", "--name", "test", "--role", role] + (["--expires", expires] if expires else [])
+    return appliance(*args, data_dir=data_dir, env=env).stdout.strip().splitlines()[-1]
+
+
+OPEN_CLIENTS: list[openai.OpenAI] = []
+"""SDK clients made by `Running.client`; tests/conftest.py closes them after each test."""
+
+
+class Running:
+    """A server under test: its URL, an admin key, and (when local) the process and data dir."""
+
+    def __init__(self, url: str, key: str, process: ServerProcess | None = None) -> None:
+        self.url = url
+        self.key = key
+        self.process = process
+
+    def client(self, key: str | None = None, **kwargs: object) -> openai.OpenAI:
+        """An openai SDK client for this server (the admin key unless `key`); closed after the test."""
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0,
+                               **kwargs)  # type: ignore[arg-type]
+        OPEN_CLIENTS.append(client)
+        return client
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}

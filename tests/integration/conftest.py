@@ -1,4 +1,7 @@
-"""Fixtures for the real server: a prepared data dir with the default model, servers, keys and clients.
+"""Fixtures for the real server: the shared server, its clients, and the default model in plaintext.
+
+The data dir template, `start_server`, `Running` and `new_key` are suite-wide (tests/conftest.py, tests/server.py),
+as the e2e tests start servers too; the names are re-exported here for the tests that import them from here.
 
 Set APPLIANCE_TEST_URL (and APPLIANCE_TEST_KEY) to run the client-side tests against an installed box."""
 
@@ -6,22 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.server import DEFAULT_MODEL, ServerProcess, appliance, clone_data_dir
+from tests.server import OPEN_CLIENTS, Running, new_key
 
-
-@pytest.fixture(scope="session")
-def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An initialised data dir holding the default model, pulled once through the real catalog source."""
-    data = tmp_path_factory.mktemp("template") / "data"
-    appliance("init", data_dir=data)
-    appliance("models", "pull", DEFAULT_MODEL, data_dir=data)
-    return data
+__all__ = ["OPEN_CLIENTS", "Running", "new_key"]
 
 
 @pytest.fixture(scope="session")
@@ -39,61 +35,6 @@ def model_file(template_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     with store.open_for_load(blobs[0].name.removeprefix("sha256-")) as weights:
         shutil.copyfile(weights.path, target)
     return target
-
-
-def new_key(data_dir: Path, role: str = "admin", expires: str | None = None,
-            env: dict[str, str] | None = None) -> str:
-    args = ["keys", "create", "--name", "test", "--role", role] + (["--expires", expires] if expires else [])
-    return appliance(*args, data_dir=data_dir, env=env).stdout.strip().splitlines()[-1]
-
-
-OPEN_CLIENTS: list[openai.OpenAI] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_sdk_clients() -> Iterator[None]:
-    """Close every SDK client a test made, so no socket is left for the garbage collector to find."""
-    yield
-    while OPEN_CLIENTS:
-        OPEN_CLIENTS.pop().close()
-
-
-class Running:
-    """A server under test: its URL, an admin key, and (when local) the process and data dir."""
-
-    def __init__(self, url: str, key: str, process: ServerProcess | None = None) -> None:
-        self.url = url
-        self.key = key
-        self.process = process
-
-    def client(self, key: str | None = None, **kwargs: object) -> openai.OpenAI:
-        """An openai SDK client for this server (the admin key unless `key`); closed after the test."""
-        client = openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0,
-                               **kwargs)  # type: ignore[arg-type]
-        OPEN_CLIENTS.append(client)
-        return client
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
-
-
-@pytest.fixture(scope="session")
-def start_server(template_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Running]]:
-    """Start a fresh server with its own copy of the data dir; extra settings as APPLIANCE_* variables."""
-    started: list[ServerProcess] = []
-
-    def start(env: dict[str, str] | None = None, wait_ready: bool = True) -> Running:
-        data = clone_data_dir(template_dir, tmp_path_factory.mktemp("server") / "data")
-        key = new_key(data)
-        process = ServerProcess(data, env)
-        started.append(process)
-        process.start(wait_ready=wait_ready)
-        return Running(process.url, key, process)
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 @pytest.fixture(scope="session")
