@@ -33,6 +33,7 @@ from appliance.admin.cache_routes import ROUTES as CACHE_ROUTES
 from appliance.admin.dashboard_routes import ROUTES as DASHBOARD_ROUTES
 from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
 from appliance.admin.models_routes import ROUTES as MODELS_ROUTES
+from appliance.admin.policies_routes import ROUTES as POLICIES_ROUTES
 from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
 from appliance.admin.rag_routes import ROUTES as RAG_ROUTES
 from appliance.admin.users_routes import ROUTES as USERS_ROUTES
@@ -42,6 +43,7 @@ from appliance.auth.keys import ApiKeyService, derive_pepper
 from appliance.auth.passwords import derive_password_pepper
 from appliance.auth.quotas import QuotaService
 from appliance.auth.rbac import Rbac
+from appliance.auth.roles_file import RolesFile
 from appliance.auth.sessions import (
     STATE_CHANGING_METHODS,
     LoginService,
@@ -102,6 +104,7 @@ class Services:
         self.keys = ApiKeyService(self.conn, derive_pepper(master_key), audit=self.audit, roles=self.rbac.roles)
         self.users = UserService(self.conn, derive_password_pepper(master_key), audit=self.audit,
                                  roles=self.rbac.roles)
+        self.roles_file = RolesFile(self.rbac, self.audit, listeners=[self.keys.use_roles, self.users.use_roles])
         self.sessions = SessionService(self.conn, settings.sessions)
         self.logins = LoginService(self.users, self.sessions, LoginThrottle(settings.sessions), audit=self.audit)
         self.store = open_model_store(self.data, settings.crypto)
@@ -330,7 +333,8 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
                         *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
-                        *DASHBOARD_ROUTES],
+                        *DASHBOARD_ROUTES,
+                        *POLICIES_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),

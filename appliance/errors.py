@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 class ApplianceError(Exception):
@@ -21,7 +22,7 @@ class ApplianceError(Exception):
             self.code = code
         self.retry_after = retry_after
 
-    def to_body(self) -> dict[str, dict[str, str | None]]:
+    def to_body(self) -> dict[str, dict[str, Any]]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
                           "code": self.code}}
 
@@ -33,6 +34,36 @@ class ApplianceError(Exception):
 class InvalidRequest(ApplianceError):
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class InvalidPolicy(InvalidRequest):
+    """A policy document (privacy.toml, rbac.toml) that cannot be used. Where the line to fix can be told, the
+    message starts with "line N: " and the error object carries `"line": N` besides the usual fields."""
+
+    code = "invalid_policy"
+
+    def __init__(self, reason: str, *, line: int | None = None, param: str | None = "policy") -> None:
+        super().__init__(f"line {line}: {reason}" if line else reason, param=param)
+        self.line = line
+
+    def to_body(self) -> dict[str, dict[str, Any]]:
+        body = super().to_body()
+        body["error"]["line"] = self.line
+        return body
+
+
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
+class Conflict(ApplianceError):
+    """The change cannot be made in the present state (a version in production, the last admin role); the
+    message says what to change first."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
 
 
 class Unauthenticated(ApplianceError):

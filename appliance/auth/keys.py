@@ -134,10 +134,15 @@ class ApiKeyService:
         if roles is None:
             roles = Rbac.load().roles
         if isinstance(roles, Mapping):
-            self.grants: dict[str, frozenset[str]] = dict(roles)
+            self.use_roles(roles)
         else:
             shipped = Rbac.load().roles
-            self.grants = {role: shipped.get(role, frozenset(PERMISSIONS)) for role in roles}
+            self.use_roles({role: shipped.get(role, frozenset(PERMISSIONS)) for role in roles})
+
+    def use_roles(self, roles: Mapping[str, frozenset[str]]) -> None:
+        """What each role grants from now on (the roles file changed while running): new keys' roles and scopes
+        are checked against it."""
+        self.grants: dict[str, frozenset[str]] = dict(roles)
         self.roles = tuple(self.grants)
 
     def _digest(self, key: str) -> str:

@@ -15,7 +15,8 @@ PERMISSIONS: dict[str, str] = {
     "users:manage": "Create, disable and change the role of users.",
     "keys:manage": "Create, list and revoke any API key.",
     "keys:own": "Create, list and revoke one's own API keys.",
-    "policies:manage": "Change privacy, retention and quota policies.",
+    "policies:manage": "Change privacy, retention and quota policies, and read and replace the roles file "
+                       "(/api/policies/rbac).",
     "audit:read": "Read and export the audit log.",
     "privacy:read": "Read the privacy report (what data is held, counts, oldest item, next purge) and the privacy "
                     "policy in force (/api/privacy/report, GET /api/privacy/policy).",

@@ -12,6 +12,7 @@ import msgspec
 
 from appliance.auth.permissions import ALL, PERMISSIONS
 from appliance.resources import shipped
+from appliance.toml_lines import LocatedError, locate, locate_value, syntax_error_line, validation_error_path
 
 if TYPE_CHECKING:
     from appliance.audit import AuditLog
@@ -28,8 +29,9 @@ class RbacFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     roles: dict[str, Role]
 
 
-class RbacError(ValueError):
-    """The roles file cannot be used; the message names the file, the role and what to fix."""
+class RbacError(LocatedError):
+    """The roles file cannot be used; the message names the file, the role and what to fix (and the line, where
+    it can be told: `line`)."""
 
 
 class Rbac:
@@ -61,23 +63,43 @@ class Rbac:
     def load(cls, path: str | Path = "") -> Rbac:
         source = Path(path) if path else SHIPPED_RBAC
         try:
-            parsed = msgspec.convert(tomllib.loads(source.read_text()), RbacFile)
+            text = source.read_text()
         except FileNotFoundError:
             raise RbacError(f"no roles file at {source}; set auth.rbac_file to the path of rbac.toml") from None
-        except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-            raise RbacError(f"{source}: {exc}") from exc
+        return cls.parse(text, source)
+
+    @classmethod
+    def parse(cls, text: str, source: str | Path = "rbac.toml") -> Rbac:
+        """Validate a roles document; RbacError names the line that is wrong where it can."""
+
+        def fail(reason: str, line: int | None) -> RbacError:
+            return RbacError(f"{source}{f' line {line}' if line else ''}: {reason}", line=line, reason=reason)
+
+        try:
+            parsed = msgspec.convert(tomllib.loads(text), RbacFile)
+        except tomllib.TOMLDecodeError as exc:
+            raise fail(f"not valid TOML: {exc}", syntax_error_line(exc, text)) from exc
+        except msgspec.ValidationError as exc:
+            path, message = validation_error_path(exc)
+            raise fail(f"{'.'.join(path)}: {message}" if path else message, locate(text, path)) from exc
         roles: dict[str, frozenset[str]] = {}
         for name, role in parsed.roles.items():
             unknown = sorted(set(role.permissions) - PERMISSIONS.keys() - {ALL})
             if unknown:
-                raise RbacError(f"{source}: role '{name}' grants unknown permission(s) {', '.join(unknown)}; "
-                                f"known: {', '.join(PERMISSIONS)}")
+                raise fail(f"role '{name}' grants unknown permission(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(PERMISSIONS)}", locate_value(text, ["roles", name, "permissions"], unknown[0]))
             if not role.permissions:
-                raise RbacError(f"{source}: role '{name}' grants nothing; give it permissions or remove it")
+                raise fail(f"role '{name}' grants nothing; give it permissions or remove it",
+                           locate(text, ["roles", name, "permissions"]))
             roles[name] = frozenset(PERMISSIONS) if ALL in role.permissions else frozenset(role.permissions)
         if not roles:
-            raise RbacError(f"{source}: no roles defined")
-        return cls(roles, {name: role.description for name, role in parsed.roles.items()}, source)
+            raise fail("no roles defined; add one, e.g. [roles.admin] with permissions = [\"*\"]", None)
+        source_path = Path(source) if isinstance(source, Path) else None
+        return cls(roles, {name: role.description for name, role in parsed.roles.items()}, source_path)
+
+    def adopt(self, other: Rbac) -> None:
+        """Take `other`'s roles in place: whoever holds this object (the permission guard, RAG) sees them at once."""
+        self.roles, self.descriptions, self.source = other.roles, other.descriptions, other.source
 
     def allows(self, role: str, permission: str) -> bool:
         return permission in self.roles.get(role, frozenset())

@@ -89,6 +89,10 @@ class UserService:
         self.hasher = PasswordHasher(params, pepper)
         self._dummy_hash = self.hasher.dummy_hash()
 
+    def use_roles(self, roles: Collection[str]) -> None:
+        """The roles a user may be given from now on (the roles file changed while running)."""
+        self.roles = tuple(roles)
+
     def _check_role(self, role: str) -> str:
         if role not in self.roles:
             raise InvalidRequest(f"unknown role {role!r}; roles: {', '.join(self.roles)}", param="role")

@@ -35,12 +35,14 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, crash_label: str = "") -> None:
-    """Replace `path` with `data` (mode 0600) so that a crash leaves either the old or the new content."""
+def atomic_write(path: Path, data: bytes, *, crash_label: str = "", mode: int = 0o600) -> None:
+    """Replace `path` with `data` (file mode `mode`) so that a crash leaves either the old or the new content."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode != 0o600:  # mkstemp's own mode
+                os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

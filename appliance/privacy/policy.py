@@ -15,6 +15,7 @@ from typing import Literal, cast
 import msgspec
 
 from appliance.resources import shipped
+from appliance.toml_lines import LocatedError, locate, syntax_error_line, validation_error_path
 
 SHIPPED_PRIVACY = shipped("policies/privacy.toml")
 
@@ -31,11 +32,11 @@ DEFAULT = "default"
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-_MSGSPEC_PATH = re.compile(r"\s*-\s*at `\$\.?([^`]*)`")
 
 
-class PolicyError(ValueError):
-    """The privacy policy cannot be used; the message names the file, the line and what to fix."""
+class PolicyError(LocatedError):
+    """The privacy policy cannot be used; the message names the file, the line and what to fix (`line` and `reason`
+    hold them apart, for the API's error)."""
 
 
 class DetectorsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -123,37 +124,11 @@ def format_duration(age: timedelta | None) -> str:
     return f"{seconds}s"
 
 
-def locate(text: str, path: Sequence[str]) -> int | None:
-    """The 1-based line of `path` (e.g. ['surfaces', 'prompt', 'emial']) in a TOML document: the line of the key
-    itself, else of the nearest table or key above it. Good enough for error messages."""
-    target = list(path)
-    table: list[str] = []
-    best: tuple[int, int] | None = None  # (matched length, line)
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith(("'", '"')) else raw.strip()
-        header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?$", line)
-        if header:
-            table = [p.strip().strip("\"'") for p in header.group(1).split(".")]
-            full = table
-        else:
-            key = re.match(r"^([A-Za-z0-9_\-.\"' ]+?)\s*=", line)
-            if not key:
-                continue
-            full = table + [p.strip().strip("\"'") for p in key.group(1).split(".")]
-        matched = 0
-        while matched < min(len(full), len(target)) and full[matched] == target[matched]:
-            matched += 1
-        if matched == len(full) and matched and (best is None or matched > best[0]):
-            best = (matched, number)
-        if full == target:
-            return number
-    return best[1] if best else None
-
-
 def _fail(source: str, text: str, path: Sequence[str], message: str) -> PolicyError:
     line = locate(text, path)
     where = f"{source} line {line}" if line else source
-    return PolicyError(f"{where}: {'.'.join(path)}: {message}")
+    reason = f"{'.'.join(path)}: {message}"
+    return PolicyError(f"{where}: {reason}", line=line, reason=reason)
 
 
 def load_policy(path: str | Path = "") -> PrivacyPolicy:
@@ -172,16 +147,12 @@ def parse_policy(text: str, source: str = "privacy.toml") -> PrivacyPolicy:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{source}: not valid TOML: {exc}") from None
+        raise PolicyError(f"{source}: not valid TOML: {exc}", line=syntax_error_line(exc, text),
+                          reason=f"not valid TOML: {exc}") from None
     try:
         parsed = msgspec.convert(raw, PolicyFile)
     except msgspec.ValidationError as exc:
-        match = _MSGSPEC_PATH.search(str(exc))
-        dotted = match.group(1) if match else ""
-        message = _MSGSPEC_PATH.sub("", str(exc))
-        path = [p for p in re.split(r"[.\[\]]+", dotted) if p]
-        unknown = re.search(r"unknown field `([^`]+)`", message)
-        raise _fail(source, text, [*path, unknown.group(1)] if unknown else path, message) from None
+        raise _fail(source, text, *validation_error_path(exc)) from None
     custom = _custom_patterns(parsed, text, source)
     known = (*BUILTIN_ENTITIES, *NER_ENTITIES, *custom)
     for surface, actions in parsed.surfaces.items():

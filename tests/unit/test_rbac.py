@@ -72,3 +72,19 @@ def test_a_change_of_roles_is_audited_once(tmp_path: Path, audit: AuditLog) -> N
     records = list(audit.export(action="policy.change"))
     assert [r["details"]["roles"]["a"] for r in records] == [["chat:use"], ["chat:use", "metrics:read"]]
     assert audit.verify().ok
+
+
+@pytest.mark.parametrize(("text", "line", "needle"), [
+    ('[roles.a]\npermissions = ["chat:use"]\n\n[roles.b]\npermissions = [\n  "chat:use",\n  "root:all",\n]\n', 7,
+     "root:all"),
+    ('[roles.a]\npermissions = ["chat:use"]\n[roles.b]\npermissions = []\n', 4, "grants nothing"),
+    ('[roles.a]\npermissions = ["chat:use"]\ncolour = "red"\n', 3, "colour"),
+    ('[roles.a]\npermissions = "chat:use"\n', 2, "Expected `array`"),
+    ('[roles.a]\npermissions = ["chat:use"\n', 2, "not valid TOML"),  # unclosed: the last line
+    ('[roles.a]\npermissions = ]\n', 2, "not valid TOML"),
+])
+def test_errors_name_the_line_to_fix(text: str, line: int, needle: str) -> None:
+    with pytest.raises(RbacError) as caught:
+        Rbac.parse(text, "rbac.toml")
+    assert caught.value.line == line and needle in caught.value.reason
+    assert str(caught.value).startswith(f"rbac.toml line {line}: ")
