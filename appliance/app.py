@@ -36,6 +36,7 @@ from appliance.admin.models_routes import ROUTES as MODELS_ROUTES
 from appliance.admin.policies_routes import ROUTES as POLICIES_ROUTES
 from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
 from appliance.admin.rag_routes import ROUTES as RAG_ROUTES
+from appliance.admin.usage_routes import ROUTES as USAGE_ROUTES
 from appliance.admin.users_routes import ROUTES as USERS_ROUTES
 from appliance.audit import AuditLog
 from appliance.auth.guards import PUBLIC, permission, permission_guard
@@ -79,6 +80,7 @@ from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.supervisor.placement import GgufMemoryEstimator, Placement
 from appliance.supervisor.pool import WorkerPool
 from appliance.supervisor.process import Worker, WorkerProcess
+from appliance.usage import UsageLog
 
 log = get_logger(__name__)
 PUBLIC_PATHS = ("/healthz", "/readyz", "/api/auth/login")
@@ -131,6 +133,7 @@ class Services:
                                              cache=self.response_cache if settings.cache.enabled else None)
         self.completions.rag_chat = RagChat(self.rag, self.pool, self.rbac)
         self.completions.privacy = self.privacy.gateway
+        self.usage = self.completions.usage = UsageLog(self.conn)  # the usage history (GET /api/usage)
         # versions: a worker per version (`name@N`), aliases and canaries resolved per request, canaries watched
         self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit)
         self.pool.key = self.registry.versions.worker_key
@@ -334,7 +337,7 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
                         *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES,
-                        *POLICIES_ROUTES],
+                        *USAGE_ROUTES, *POLICIES_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),

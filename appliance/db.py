@@ -175,6 +175,21 @@ MIGRATIONS: Sequence[str] = (
         updated_at  TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 10: usage history (appliance/usage.py): requests and tokens per UTC hour ('2026-12-02T13:00:00Z'), user, API
+    # key and model; user_id '' for a key no user owns, key_id '' for a web session. No foreign keys: rows outlive
+    # neither retention nor erasure (appliance/privacy/retention.py), and a revoked key's history stays readable.
+    """
+    CREATE TABLE usage_hourly (
+        hour               TEXT NOT NULL,
+        user_id            TEXT NOT NULL,
+        key_id             TEXT NOT NULL,
+        model              TEXT NOT NULL,
+        requests           INTEGER NOT NULL,
+        prompt_tokens      INTEGER NOT NULL,
+        completion_tokens  INTEGER NOT NULL,
+        PRIMARY KEY (hour, user_id, key_id, model)
+    ) WITHOUT ROWID;
+    """,
 )
 
 

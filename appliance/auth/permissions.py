@@ -18,8 +18,10 @@ PERMISSIONS: dict[str, str] = {
     "policies:manage": "Change privacy, retention and quota policies, and read and replace the roles file "
                        "(/api/policies/rbac).",
     "audit:read": "Read and export the audit log.",
+    "usage:read": "Read token and request usage by user, model and key over time (/api/usage).",
     "privacy:read": "Read the privacy report (what data is held, counts, oldest item, next purge) and the privacy "
-                    "policy in force (/api/privacy/report, GET /api/privacy/policy).",
+                    "policy in force (/api/privacy/report, GET /api/privacy/policy), and try its detectors on a "
+                    "sample text (/api/privacy/detect).",
     "privacy:admin": "Change the privacy policy (PUT /api/privacy/policy), run a purge and erase a subject's data "
                      "(/api/privacy/purge, /api/privacy/erasures).",
     "metrics:read": "Read Prometheus metrics (/metrics) and the API schema.",

@@ -170,9 +170,15 @@ class ResponseCache:
 
     def purge_older_than(self, seconds: float) -> int:
         """Retention: drop entries stored more than `seconds` ago, and any expired ones."""
+        return self.expire() + sum(1 for key in self._stored_before(seconds) if self._cache.delete(key))
+
+    def count_older_than(self, seconds: float) -> int:
+        """How many entries were stored more than `seconds` ago (what a purge would drop besides expired ones)."""
+        return len(self._stored_before(seconds))
+
+    def _stored_before(self, seconds: float) -> list[str]:
         cutoff = time.time() - seconds
-        old = [key for key, stored in self._stored_times() if stored < cutoff]
-        return self.expire() + sum(1 for key in old if self._cache.delete(key))
+        return [key for key, stored in self._stored_times() if stored < cutoff]
 
     def report(self) -> CacheReport:
         partitions: dict[str, int] = {}

@@ -22,6 +22,9 @@ class CacheEntriesStore:
     def purge_older_than(self, cutoff: datetime) -> int:
         return self.service.purge_older_than((datetime.now(UTC) - cutoff).total_seconds())
 
+    def count_older_than(self, cutoff: datetime) -> int:
+        return self.service.cache.count_older_than((datetime.now(UTC) - cutoff).total_seconds())
+
     def erase_subject(self, subject: Subject) -> int:
         """The subject's own partitions (their user and their keys), and what they added to shared ones."""
         return sum(self.service.erase_partition(p) for p in sorted(subject.principals)) + \

@@ -17,7 +17,12 @@ each reservation is settled with the worker's usage. Which usage, by outcome:
   plus one token per text chunk relayed, which is what the client saw (the worker streams about one token a chunk;
   a disconnect cancels generation at once, so little more was generated);
 * a whole request whose client went away mid-generation: the reservation stands, since the worker may have
-  generated up to max_tokens and its usage never arrives."""
+  generated up to max_tokens and its usage never arrives.
+
+Usage history (step 9, `appliance.usage`): once settled, a request that was charged is counted for its user, key and
+model with the worker's prompt and completion tokens; a stream cut short counts the prompt estimate and a token per
+chunk relayed, as its quota does; a cached answer counts as a request with no tokens; a request released (nothing
+generated) is not counted."""
 
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ from appliance.rag.chat import RagChat
 from appliance.registry.rollout import RolloutService
 from appliance.registry.service import ModelRegistry, model_not_found
 from appliance.supervisor.pool import WorkerPool
+from appliance.usage import UsageLog
 
 log = get_logger(__name__)
 _decoder = msgspec.json.Decoder()
@@ -94,6 +100,22 @@ class Metered:
     prompt_estimate: int = 0
     usage_tokens: int | None = None
     text_chunks: int = 0
+    usage: dict[str, int] | None = None  # the worker's usage object, when it sent one
+    model: str = ""
+    principal: Principal | SessionPrincipal | None = None
+
+    @property
+    def charged(self) -> bool:
+        """Whether the response showed anything to charge (else its reservations are released)."""
+        return self.usage_tokens is not None or self.text_chunks > 0
+
+    def token_counts(self) -> tuple[int, int]:
+        """(prompt, completion) tokens for the usage history (see the module docstring)."""
+        if self.usage is not None:
+            return int(self.usage.get("prompt_tokens", 0)), int(self.usage.get("completion_tokens", 0))
+        if self.usage_tokens is None:
+            return self.prompt_estimate, self.text_chunks
+        return 0, 0
 
     @property
     def reserved_tokens(self) -> int:
@@ -121,6 +143,7 @@ class CompletionService:
         self.cache = cache
         self.rag_chat: RagChat | None = None  # set by the composition root when RAG is on
         self.rollout: RolloutService | None = None  # aliases, versions and canaries; set by the composition root
+        self.usage: UsageLog | None = None  # the usage history; set by the composition root
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
                   principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
@@ -159,6 +182,7 @@ class CompletionService:
         if self.privacy is not None:  # step 4: PII in the prompt is blocked (422) or rewritten
             self.privacy.screen_request(body)
         metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
+        metered.model, metered.principal = record.name, principal
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         lookup = NO_CACHE if self.cache is None else await self.cache.lookup(
             body, chat=chat, model_sha256=record.sha256, principal=principal, directive=cache)
@@ -207,7 +231,10 @@ class CompletionService:
         return Metered(self.quotas.reserve_all(principal.quotas, tokens), prompt)
 
     def _settle(self, metered: Metered) -> None:
-        """Charge what the response showed (see the module docstring); release when it showed nothing."""
+        """Charge what the response showed (see the module docstring) and count it in the usage history; release
+        when it showed nothing."""
+        if self.usage is not None and metered.charged:
+            self.usage.record(metered.principal, metered.model, *metered.token_counts())
         if self.quotas is None:
             return
         for reservation in metered.reservations:
@@ -225,14 +252,15 @@ class CompletionService:
         except ApplianceError:  # refused, or failed before a usage came back: nothing to charge
             self._settle(metered)
             raise
+        metered.usage = usage
+        metered.usage_tokens = _total(usage) if usage is not None else metered.reserved_tokens  # none: the estimate
+        self._settle(metered)
         if metered.reservations:
-            metered.usage_tokens = usage if usage is not None else metered.reserved_tokens  # none: keep the estimate
-            self._settle(metered)
             completed.headers = metered.headers()
         return completed
 
     async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any], key: str = ""
-                               ) -> tuple[Completed, int | None]:
+                               ) -> tuple[Completed, dict[str, int] | None]:
         """`model` labels the metrics; `key` names the worker (a version, `name@N`), else `model` does."""
         started = time.perf_counter()
         async with self.pool.acquire(key or model, keep_alive=body.pop("keep_alive", None)) as worker:
@@ -247,7 +275,7 @@ class CompletionService:
         self._count_tokens(model, usage or {})
         self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
         content = response.content if self.privacy is None else self.privacy.screen_response(response.content)
-        return Completed(content), _total(usage) if usage else None
+        return Completed(content), usage or None
 
     async def _stream(self, model: str, path: str, body: dict[str, Any], include_usage: bool, metered: Metered,
                       key: str = "") -> AsyncIterator[bytes]:
@@ -288,7 +316,7 @@ class CompletionService:
                 if _USAGE.search(event):
                     chunk = _decoder.decode(event[6:])
                     self._count_tokens(model, chunk["usage"])
-                    metered.usage_tokens = _total(chunk["usage"])
+                    metered.usage, metered.usage_tokens = chunk["usage"], _total(chunk["usage"])
                     if not chunk.get("choices") and not include_usage:
                         continue
                 if _TEXT.search(event):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -25,6 +25,7 @@ from appliance.audit import AuditLog
 from appliance.errors import InvalidRequest, NotFound
 from appliance.logs import get_logger
 from appliance.privacy.policy import PrivacyPolicy, format_duration
+from appliance.usage import hour_start
 
 log = get_logger(__name__)
 
@@ -73,6 +74,10 @@ class ErasableStore(Protocol):
         """Delete what was stored (or last used) before `cutoff`; return how many items."""
         ...
 
+    def count_older_than(self, cutoff: datetime) -> int:
+        """How many items `purge_older_than(cutoff)` would delete, deleting nothing (a dry run)."""
+        ...
+
     def erase_subject(self, subject: Subject) -> int:
         """Delete everything held about `subject`; return how many items."""
         ...
@@ -111,7 +116,8 @@ def compact_sqlite(conn: sqlite3.Connection) -> bool:
 
 
 class UsageStore:
-    """Quota counters (`quota_usage`): per subject, levels and today's tokens, no text."""
+    """Quota counters (`quota_usage`: per subject, levels and today's tokens) and the usage history
+    (`usage_hourly`: requests and tokens per hour, user, key and model); ids and counts, no text."""
 
     data_class = "usage"
 
@@ -119,18 +125,31 @@ class UsageStore:
         self.conn = conn
 
     def purge_older_than(self, cutoff: datetime) -> int:
-        return self.conn.execute("DELETE FROM quota_usage WHERE at < ?", (cutoff.timestamp(),)).rowcount
+        quotas = self.conn.execute("DELETE FROM quota_usage WHERE at < ?", (cutoff.timestamp(),)).rowcount
+        return quotas + self.conn.execute("DELETE FROM usage_hourly WHERE hour < ?", (hour_start(cutoff),)).rowcount
+
+    def count_older_than(self, cutoff: datetime) -> int:
+        quotas = self.conn.execute("SELECT COUNT(*) FROM quota_usage WHERE at < ?", (cutoff.timestamp(),))
+        history = self.conn.execute("SELECT COUNT(*) FROM usage_hourly WHERE hour < ?", (hour_start(cutoff),))
+        return int(quotas.fetchone()[0]) + int(history.fetchone()[0])
 
     def erase_subject(self, subject: Subject) -> int:
         ids = sorted(subject.principals)
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
-        return self.conn.execute(f"DELETE FROM quota_usage WHERE subject IN ({marks})", ids).rowcount  # noqa: S608
+        erased = self.conn.execute(f"DELETE FROM quota_usage WHERE subject IN ({marks})", ids).rowcount  # noqa: S608
+        keys = sorted(subject.key_ids)
+        return erased + self.conn.execute(
+            f"DELETE FROM usage_hourly WHERE user_id = ? OR key_id IN ({','.join('?' * len(keys))})",  # noqa: S608
+            [subject.user_id or "\x00", *keys]).rowcount
 
     def report(self) -> StoreReport:
         count, oldest = self.conn.execute("SELECT COUNT(*), MIN(at) FROM quota_usage").fetchone()
-        return StoreReport(self.data_class, count, datetime.fromtimestamp(oldest, UTC) if oldest else None)
+        hours, first_hour = self.conn.execute("SELECT COUNT(*), MIN(hour) FROM usage_hourly").fetchone()
+        times = [t for t in (datetime.fromtimestamp(oldest, UTC) if oldest else None, _parse(first_hour)) if t]
+        return StoreReport(self.data_class, count + hours, min(times, default=None),
+                           note="quota counters and hourly usage per user, key and model")
 
     def compact(self) -> None:
         compact_sqlite(self.conn)
@@ -148,6 +167,10 @@ class SessionStore:
     def purge_older_than(self, cutoff: datetime) -> int:
         return self.conn.execute("DELETE FROM sessions WHERE last_seen_at < ? OR expires_at < ?",
                                  (_iso(cutoff), _iso(self.now()))).rowcount
+
+    def count_older_than(self, cutoff: datetime) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM sessions WHERE last_seen_at < ? OR expires_at < ?",
+                                     (_iso(cutoff), _iso(self.now()))).fetchone()[0])
 
     def erase_subject(self, subject: Subject) -> int:
         if not subject.user_id:
@@ -174,6 +197,9 @@ class AccountStore:
     def purge_older_than(self, cutoff: datetime) -> int:
         return 0
 
+    def count_older_than(self, cutoff: datetime) -> int:
+        return 0
+
     def erase_subject(self, subject: Subject) -> int:
         if not subject.user_id:
             return 0
@@ -198,6 +224,12 @@ class AuditStore:
 
     def purge_older_than(self, cutoff: datetime) -> int:
         return self.audit.purge_before(_iso(cutoff))
+
+    def count_older_than(self, cutoff: datetime) -> int:
+        """The whole prefix of the chain up to the last record older than `cutoff`, as `purge_before` deletes."""
+        row = self.audit.conn.execute("SELECT COUNT(*) FROM audit_log WHERE seq <= (SELECT MAX(seq) FROM audit_log "
+                                      "WHERE at < ?)", (_iso(cutoff),)).fetchone()
+        return int(row[0])
 
     def erase_subject(self, subject: Subject) -> int:
         return 0
@@ -250,21 +282,32 @@ class Retention:
             raise TypeError(f"{type(store).__name__} does not implement ErasableStore")
         self.stores.append(store)
 
+    def _aged(self, policy: PrivacyPolicy, now: datetime) -> Iterator[tuple[ErasableStore, datetime]]:
+        """Each store whose class has a maximum age, with the cutoff before which its items are past it."""
+        for store in self.stores:
+            age = policy.retention.get(store.data_class)
+            if age is not None:
+                yield store, now - age
+
     def purge(self, actor: str = "supervisor") -> dict[str, int]:
         """Delete what is past its class's maximum age in every store, then compact; audited."""
         policy, now = self._policy(), self.now()
         counts: dict[str, int] = {}
-        for store in self.stores:
-            age = policy.retention.get(store.data_class)
-            if age is None:
-                continue
+        for store, cutoff in self._aged(policy, now):
             with self.audit.transaction():
-                counts[store.data_class] = counts.get(store.data_class, 0) + store.purge_older_than(now - age)
+                counts[store.data_class] = counts.get(store.data_class, 0) + store.purge_older_than(cutoff)
         self._compact(store for store in self.stores if counts.get(store.data_class))
         self.last_purge = now
         self.next_purge = now + policy.purge_interval
         if any(counts.values()):
             self.audit.record(actor, "privacy.purge", "", "ok", deleted=counts)
+        return counts
+
+    def due(self) -> dict[str, int]:
+        """What a purge now would delete, per data class; deletes nothing (a dry run)."""
+        counts: dict[str, int] = {}
+        for store, cutoff in self._aged(self._policy(), self.now()):
+            counts[store.data_class] = counts.get(store.data_class, 0) + store.count_older_than(cutoff)
         return counts
 
     def resolve(self, text: str) -> Subject:

@@ -23,10 +23,16 @@ class RagDocumentStore:
 
     def purge_older_than(self, cutoff: datetime) -> int:
         index = self.rag.index
-        stale = index.documents_where("updated_at < ?", cutoff.astimezone(UTC).isoformat(timespec="seconds"))
+        stale = self._stale(cutoff)
         for collection_id, document_id in stale:
             index.delete_document(collection_id, document_id)
         return len(stale)
+
+    def count_older_than(self, cutoff: datetime) -> int:
+        return len(self._stale(cutoff))
+
+    def _stale(self, cutoff: datetime) -> list[tuple[str, str]]:
+        return self.rag.index.documents_where("updated_at < ?", cutoff.astimezone(UTC).isoformat(timespec="seconds"))
 
     def erase_subject(self, subject: Subject) -> int:
         ids = sorted(subject.principals)

@@ -70,8 +70,11 @@ def test_purge_removes_old_data_and_the_audit_chain_still_verifies(
     QuotaService(conn).reserve("key:old", Limits(rpm=10), 5)
     retention = controls.retention
     retention.now = lambda: datetime.now(UTC) + timedelta(days=500)  # everything is past its age
+    due = retention.due()
+    assert len(list(audit.export())) == due["audit"]  # a dry run counts and deletes nothing
     counts = retention.purge(actor="cli:test")
     assert counts["audit"] >= 5 and counts["usage"] == 1
+    assert counts == due
     result = audit.verify()
     assert result.ok, result.reason
     assert [r["action"] for r in audit.export()] == ["privacy.purge"]
@@ -101,6 +104,9 @@ class ListStore:
         self.items = [i for i in self.items if i[0] >= cutoff]
         return before - len(self.items)
 
+    def count_older_than(self, cutoff: datetime) -> int:
+        return sum(1 for i in self.items if i[0] < cutoff)
+
     def erase_subject(self, subject: Subject) -> int:
         before = len(self.items)
         self.items = [i for i in self.items if not any(t in i[1] for t in subject.terms)]
@@ -116,7 +122,9 @@ class ListStore:
 def test_registered_stores_join_purge_erasure_and_report(controls: PrivacyControls) -> None:
     store = ListStore()
     controls.retention.register(store)
+    assert controls.retention.due()["cache_entries"] == 1 and len(store.items) == 2  # a dry run deletes nothing
     assert controls.retention.purge()["cache_entries"] == 1
+    assert controls.retention.due()["cache_entries"] == 0
     assert controls.retention.erase("Zebra.Canary.7731@example.org", actor="cli:test")["cache_entries"] == 1
     assert store.items == [] and store.compacted == 2
     report = controls.retention.report()
