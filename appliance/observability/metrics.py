@@ -31,6 +31,10 @@ class Metrics:
         self.model_load_seconds = Histogram("appliance_model_load_seconds", "Time to start a worker and load a model.",
                                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.models_loaded = Gauge("appliance_models_loaded", "Models whose worker is running.", registry=r)
+        # by worker, `name@N` (the labels above hold the model's name): what the dashboard shows per version
+        self.worker_requests = Counter("appliance_worker_requests", "Requests a model worker held, by worker "
+                                       "(name@N) and outcome (error: a server error or the worker's failure).",
+                                       ["worker", "outcome"], registry=r)
         # the response cache: "exact" (diskcache) and "semantic" (prompt embeddings)
         self.cache_hits = Counter("appliance_cache_hits", "Requests answered from the response cache.", ["cache"],
                                   registry=r)

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from appliance.config import GatewaySettings, ModelSettings, SupervisorSettings
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable, QueueFull
@@ -27,6 +28,7 @@ OnEvent = Callable[[str, str, str, dict[str, object]], None]
 """Told of lifecycle events: (action, model, outcome, details), e.g. ("model.load", "m", "ok", {...})."""
 OnRequest = Callable[[str, bool, float], None]
 """Told when a request leaves a worker: (worker key, failed, seconds held); failed = a server-side failure."""
+SlotState = Literal["ready", "loading", "failed", "unloaded"]
 
 STABLE_AFTER_S = 60.0
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -65,6 +67,7 @@ class ModelSlot:
     not_before: float = 0.0
     need: MemoryNeed | None = None  # reserved by placement from before the load until the worker is retired
     keep_alive: float | None = None  # the last request's keep_alive; None = the configured one
+    last_error: str | None = None  # why the last load failed or the worker died; cleared by a load that succeeds
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     released: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever a request lets go (drain)
     gate: asyncio.Semaphore = field(init=False)
@@ -75,6 +78,14 @@ class ModelSlot:
     @property
     def alive(self) -> bool:
         return self.worker is not None and not self.worker.exited.is_set()
+
+    @property
+    def state(self) -> SlotState:
+        if self.alive:
+            return "ready"
+        if self.load_lock.locked():
+            return "loading"
+        return "failed" if self.last_error else "unloaded"
 
 
 class WorkerPool:
@@ -175,9 +186,11 @@ class WorkerPool:
                 await stack.aclose()
                 slot.need = None
                 self._note_crash(slot)
-                self._event("model.load", name, "error", reason=str(getattr(exc, "message", type(exc).__name__))[:300])
+                slot.last_error = str(getattr(exc, "message", type(exc).__name__))[:300]
+                self._event("model.load", name, "error", reason=slot.last_error)
                 raise
             slot.worker, slot.resources, slot.started_at = worker, stack, time.monotonic()
+            slot.last_error = None
             slot.last_used = slot.started_at  # idle time counts from readiness, not from the first request
             self.metrics.model_load_seconds.labels(name).observe(slot.started_at - started)
             self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
@@ -209,6 +222,7 @@ class WorkerPool:
         self.metrics.models_loaded.set(sum(s.alive for s in self.slots.values()))
         slot.need = None  # the dead process's memory is free again
         self._note_crash(slot)
+        slot.last_error = f"the worker exited on its own (crash {slot.crashes})"
         log.error("model.crashed", model=slot.name, detail=worker.failure(), crashes=slot.crashes)
         self._event("model.crash", slot.name, "error", crashes=slot.crashes)
         if slot.pinned:
@@ -303,10 +317,13 @@ class WorkerPool:
             slot.last_used = time.monotonic()
             slot.gate.release()
             slot.released.set()
-            if self.on_request is not None:  # a worker that died under a stream failed it, even if relayed as SSE
-                dead = worker is not None and worker.exited.is_set() and not getattr(worker, "stopping", False)
+            # a worker that died under a stream failed it, even if relayed as SSE
+            failed = failed or (worker is not None and worker.exited.is_set()
+                                and not getattr(worker, "stopping", False))
+            self.metrics.worker_requests.labels(name, "error" if failed else "ok").inc()
+            if self.on_request is not None:
                 try:
-                    self.on_request(name, failed or dead, slot.last_used - started)
+                    self.on_request(name, failed, slot.last_used - started)
                 except Exception:  # the monitor must not fail the request it watched
                     log.exception("model.observe_failed", model=name)
             if keep is not None:
@@ -345,7 +362,8 @@ class WorkerPool:
                   timeout_s=self.supervisor.health_timeout)
         self.metrics.worker_restarts.labels(slot.name).inc()
         self._note_crash(slot)
-        self._event("model.crash", slot.name, "error", crashes=slot.crashes, reason=f"health check failed: {reason}")
+        slot.last_error = f"health check failed: {reason}"
+        self._event("model.crash", slot.name, "error", crashes=slot.crashes, reason=slot.last_error)
         async with slot.load_lock:
             if slot.worker is worker:
                 await self._retire(slot)  # SIGTERM, then SIGKILL: a stopped or deadlocked process goes too
