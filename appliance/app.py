@@ -36,6 +36,7 @@ from appliance.admin.models_routes import ROUTES as MODELS_ROUTES
 from appliance.admin.policies_routes import ROUTES as POLICIES_ROUTES
 from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
 from appliance.admin.rag_routes import ROUTES as RAG_ROUTES
+from appliance.admin.settings_routes import ROUTES as SETTINGS_ROUTES
 from appliance.admin.usage_routes import ROUTES as USAGE_ROUTES
 from appliance.admin.users_routes import ROUTES as USERS_ROUTES
 from appliance.audit import AuditLog
@@ -54,8 +55,9 @@ from appliance.auth.sessions import (
 )
 from appliance.auth.users import UserService
 from appliance.cache.setup import build_response_cache
-from appliance.config import Settings
+from appliance.config import LoadedSettings, Settings
 from appliance.datadir import DataDir
+from appliance.doctor import diagnose
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
 from appliance.engines.remote import RemoteCredentials, RemoteWorker
 from appliance.engines.select import Gpu, choose_engine, probe_gpus
@@ -77,6 +79,7 @@ from appliance.registry.folder import unpacked_from_store
 from appliance.registry.rollout import RolloutService
 from appliance.registry.service import ModelRegistry, parse_remote_source
 from appliance.registry.store import LoadableWeights, open_model_store
+from appliance.settings_report import SettingsReport
 from appliance.supervisor.placement import GgufMemoryEstimator, Placement
 from appliance.supervisor.pool import WorkerPool
 from appliance.supervisor.process import Worker, WorkerProcess
@@ -89,7 +92,7 @@ PUBLIC_PATHS = ("/healthz", "/readyz", "/api/auth/login")
 class Services:
     """Everything one app instance owns; built once per app, never at import time."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, loaded: LoadedSettings | None = None) -> None:
         self.settings = settings
         self._folders = contextlib.ExitStack()  # model folders unpacked for the app's lifetime
         self.data = DataDir(settings.data_path)
@@ -142,6 +145,9 @@ class Services:
         self.dashboard = Dashboard(self.metrics, self.pool, self.registry, self.data.root,
                                    memory_budget=settings.models.memory_limit_bytes,
                                    semantic_cache=settings.cache.enabled and settings.cache.semantic)
+        # the settings as loaded (with their sources), and the doctor's findings (GET /api/settings)
+        self.settings_view = SettingsReport(loaded or LoadedSettings(settings, {}, None),
+                                            functools.partial(diagnose, settings, self.vllm))
 
     def imported_folder(self, name: str) -> Path | None:
         """A Hugging Face folder model from the store, unpacked into private tmpfs for as long as the app runs
@@ -307,8 +313,9 @@ async def metrics(state: State) -> bytes:
     return services.metrics.render()
 
 
-def create_app(settings: Settings) -> Litestar:
-    services = Services(settings)
+def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Litestar:
+    """`loaded`: the settings with where each value came from (`load_settings`), shown by /api/settings."""
+    services = Services(settings, loaded)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -336,7 +343,7 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
                         *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
-                        *DASHBOARD_ROUTES,
+                        *DASHBOARD_ROUTES, *SETTINGS_ROUTES,
                         *USAGE_ROUTES, *POLICIES_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
@@ -349,6 +356,7 @@ def create_app(settings: Settings) -> Litestar:
             "embeddings": Provide(lambda: services.embeddings_api, sync_to_thread=False),
             "response_cache": Provide(lambda: services.response_cache, sync_to_thread=False),
             "dashboard": Provide(lambda: services.dashboard, sync_to_thread=False),
+            "settings_view": Provide(lambda: services.settings_view, sync_to_thread=False),
         },
         state=State({"services": services}),
         lifespan=[lifespan],

@@ -342,6 +342,55 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message is one line saying what to fix."""
 
 
+SourceKind = Literal["default", "file", "env", "cli"]
+# a setting named like a secret is never shown; neither is a list item after a flag named like one (`--api-key X`)
+SECRET_WORDS = frozenset({"key", "apikey", "secret", "password", "passwd", "passphrase", "token", "credential",
+                          "credentials"})
+SECRET_ANYWHERE = frozenset(SECRET_WORDS - {"key"})  # a word of the name, not only its last (`token_file`)
+SECRET_PARTS = ("password", "passphrase", "secret")  # inside a word too (`dbpassword`)
+_URL_PASSWORD = re.compile(r"(?P<user>//[^/:@\s]*):[^/@\s]*@")
+
+
+def is_secret_name(name: str) -> bool:
+    """`rag.api_key`, `upstream_password`, `--hf-token`: named like a secret (`crypto.key_source` and
+    `rag.chunk_tokens` are not)."""
+    words = re.split(r"[_\-]+", name.rsplit(".", 1)[-1].lower().strip("-"))
+    return (words[-1] in SECRET_WORDS or any(word in SECRET_ANYWHERE for word in words)
+            or any(part in word for word in words for part in SECRET_PARTS))
+
+
+def public_value(name: str, value: Any) -> Any:
+    """A setting's value as it may be shown: "(set)" (or None when empty) for a secret, URLs without their
+    password, and no value after a flag named like a secret in a list of arguments (`["--api-key", "x"]`)."""
+    if is_secret_name(name):
+        return "(set)" if value not in (None, "", [], {}) else None
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<user>:(set)@", value)
+    if not isinstance(value, list):
+        return value
+    shown: list[Any] = []
+    hide_next = False
+    for item in value:
+        flag, eq, _ = item.partition("=") if isinstance(item, str) and item.startswith("-") else ("", "", "")
+        if hide_next:
+            shown.append("(set)")
+        elif flag and is_secret_name(flag):
+            shown.append(f"{flag}=(set)" if eq else item)
+        else:
+            shown.append(public_value("", item))
+        hide_next = bool(flag) and not eq and is_secret_name(flag) and not hide_next
+    return shown
+
+
+def source_kind(source: str) -> SourceKind:
+    """Where a setting came from, in one word: its default, the config file, the environment or the command line."""
+    if source.startswith("file "):
+        return "file"
+    if source.startswith("env "):
+        return "env"
+    return "cli" if source == "command line" else "default"
+
+
 @dataclass(frozen=True)
 class SettingInfo:
     key: str

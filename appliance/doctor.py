@@ -1,13 +1,18 @@
-"""`appliance doctor`: what this box has and what would run where, with a fix for each problem found."""
+"""`appliance doctor`: what this box has and what would run where, with a fix for each problem found.
+
+`diagnose()` returns the findings (also served by `GET /api/settings`); `run_doctor()` prints them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import psutil
 
@@ -19,20 +24,48 @@ from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.vllm import VllmEngine
 
 MIN_FREE_DISK = 2 * 2**30
+Level = Literal["ok", "problem"]
+# how `appliance doctor` labels a fact, by topic
+LABELS = {"python": "", "cpu": "CPU:     ", "memory": "memory:  ", "disk": "disk:    ", "gpu": "GPU:     ",
+          "engines": "engines: ", "data": "data:    ", "crypto": "crypto:  ", "models": "  "}
+NO_MODELS = "none installed"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A fact the doctor found (level "ok") or a problem, with what to do about it."""
+
+    level: Level
+    topic: str
+    message: str
+    fix: str | None = None
+    joiner: str = ": "  # how `appliance doctor` writes message and fix on one line
+
+    @property
+    def line(self) -> str:
+        return self.message if self.fix is None else f"{self.message}{self.joiner}{self.fix}"
+
+
+def _ok(topic: str, message: str) -> Finding:
+    return Finding("ok", topic, message)
+
+
+def _problem(topic: str, message: str, fix: str | None = None, joiner: str = ": ") -> Finding:
+    return Finding("problem", topic, message, fix, joiner)
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _check_modes(data: DataDir) -> list[str]:
+def _check_modes(data: DataDir) -> list[Finding]:
     problems = []
     key_files = [(p, 0o600) for p in sorted(data.keys.glob("kek-*"))] if data.keys.is_dir() else []
     for path, wanted in ((data.root, 0o700), (data.keys, 0o700), (data.master_key, 0o600), (data.run, 0o700),
                          (data.wrapped_keys, 0o700), *key_files):
         if path.exists() and stat.S_IMODE(path.stat().st_mode) & ~wanted:
-            problems.append(f"{path} is mode {oct(stat.S_IMODE(path.stat().st_mode))}, expected {oct(wanted)}: "
-                            f"chmod {oct(wanted)[2:]} {path}")
+            problems.append(_problem("permissions", f"{path} is mode {oct(stat.S_IMODE(path.stat().st_mode))}, "
+                                     f"expected {oct(wanted)}", f"chmod {oct(wanted)[2:]} {path}"))
     return problems
 
 
@@ -48,59 +81,96 @@ def _describe_vllm(vllm: VllmEngine) -> str:
     return f"installed ({kind}) in {vllm.python}"
 
 
-def run_doctor(settings: Settings) -> int:
-    problems: list[str] = []
-    print(f"appliance on Python {platform.python_version()} ({sys.executable})")
+def _hardware(data: DataDir) -> list[Finding]:
     cpu = platform.processor() or platform.machine()
-    print(f"CPU:     {cpu}, {physical_cores()} physical cores, {os.cpu_count()} logical")
     mem = psutil.virtual_memory()
-    print(f"memory:  {_gib(mem.total)} total, {_gib(mem.available)} available")
-    data = DataDir(settings.data_path)
     probe = data.root if data.root.exists() else Path(data.root).parent
     while not probe.exists():
         probe = probe.parent
     disk = shutil.disk_usage(probe)
-    print(f"disk:    {_gib(disk.free)} free at {probe}")
+    findings = [_ok("python", f"appliance on Python {platform.python_version()} ({sys.executable})"),
+                _ok("cpu", f"{cpu}, {physical_cores()} physical cores, {os.cpu_count()} logical"),
+                _ok("memory", f"{_gib(mem.total)} total, {_gib(mem.available)} available"),
+                _ok("disk", f"{_gib(disk.free)} free at {probe}")]
     if disk.free < MIN_FREE_DISK:
-        problems.append(f"only {_gib(disk.free)} free at {probe}; models need room, free at least 2 GiB")
-    gpus = probe_gpus()
-    print("GPU:     " + (", ".join(map(_describe_gpu, gpus)) or "none (NVIDIA driver not found)"))
-    llama_gpu = gpu_offload_supported()
-    vllm = VllmEngine(settings.vllm)
-    print(f"engines: llama.cpp (GPU offload: {'yes' if llama_gpu else 'no'}); vLLM: {_describe_vllm(vllm)}; "
-          "remote: any OpenAI-compatible upstream (appliance models add-remote)")
-    if data.master_key.exists():
-        print(f"data:    {data.root} (initialised)")
-        problems += _check_modes(data)
-        from appliance.registry.catalog import load_catalog
-        from appliance.registry.service import ModelRegistry, parse_remote_source
-        from appliance.registry.store import open_model_store
+        findings.append(_problem("disk", f"only {_gib(disk.free)} free at {probe}",
+                                 "models need room, free at least 2 GiB", joiner="; "))
+    return findings
 
-        catalog = load_catalog(settings.models.catalog)
-        store = open_model_store(data, settings.crypto)
-        registry = ModelRegistry(data.connect(), store, catalog)
-        versions = store.ring.versions()
-        print(f"crypto:  model weights encrypted at rest (AES-256-GCM segments); key source "
-              f"{settings.crypto.key_source}, key versions {versions or 'none yet'}")
+
+def _models(settings: Settings, data: DataDir, gpus: list[Gpu], vllm: VllmEngine, llama_gpu: bool) -> list[Finding]:
+    from appliance.registry.catalog import load_catalog
+    from appliance.registry.service import ModelRegistry, parse_remote_source
+    from appliance.registry.store import open_model_store
+
+    store = open_model_store(data, settings.crypto)
+    versions = store.ring.versions()
+    findings = [_ok("crypto", f"model weights encrypted at rest (AES-256-GCM segments); key source "
+                              f"{settings.crypto.key_source}, key versions {versions or 'none yet'}")]
+    with contextlib.closing(data.connect()) as conn:
+        registry = ModelRegistry(conn, store, load_catalog(settings.models.catalog))
         records = registry.list()
-        print("models:" + ("" if records else "  none installed"))
-        for record in records:
-            choice = choose_engine(record.format, gpus, vllm=vllm.build, llamacpp_gpu=llama_gpu)
-            default = " (default)" if record.name == settings.models.default else ""
-            what = f"{record.format}, {record.size_bytes / 2**20:.0f} MiB"
-            if record.format == "remote":
-                url, upstream = parse_remote_source(record.source)
-                key = "an API key" if RemoteCredentials(data.keys / "remote").load(record.name) else "no API key"
-                what = f"remote '{upstream}' at {url}, {key}"
-            print(f"  {record.name}{default} ({what}) -> {choice.engine} on {choice.device}: {choice.reason}")
-            if choice.engine == "none":
-                problems.append(f"model '{record.name}' cannot run here: {choice.reason}")
-        if registry.find(settings.models.default) is None:
-            problems.append(f"the default model '{settings.models.default}' is not installed: "
-                            f"appliance models pull {settings.models.default}")
+        default_installed = registry.find(settings.models.default) is not None
+    if not records:
+        findings.append(_ok("models", NO_MODELS))
+    problems = []
+    for record in records:
+        choice = choose_engine(record.format, gpus, vllm=vllm.build, llamacpp_gpu=llama_gpu)
+        default = " (default)" if record.name == settings.models.default else ""
+        what = f"{record.format}, {record.size_bytes / 2**20:.0f} MiB"
+        if record.format == "remote":
+            url, upstream = parse_remote_source(record.source)
+            key = "an API key" if RemoteCredentials(data.keys / "remote").load(record.name) else "no API key"
+            what = f"remote '{upstream}' at {url}, {key}"
+        findings.append(_ok("models", f"{record.name}{default} ({what}) -> {choice.engine} on {choice.device}: "
+                                      f"{choice.reason}"))
+        if choice.engine == "none":
+            problems.append(_problem("models", f"model '{record.name}' cannot run here: {choice.reason}"))
+    if not default_installed:
+        problems.append(_problem("models", f"the default model '{settings.models.default}' is not installed",
+                                 f"appliance models pull {settings.models.default}"))
+    return findings + problems
+
+
+def diagnose(settings: Settings, vllm: VllmEngine | None = None) -> list[Finding]:
+    """Everything `appliance doctor` checks, in the order it prints: facts, then problems. Blocking (it asks the GPU
+    driver and the vLLM environment, and reads the database): call it from a thread in the server."""
+    data = DataDir(settings.data_path)
+    findings = _hardware(data)
+    gpus = probe_gpus()
+    findings.append(_ok("gpu", ", ".join(map(_describe_gpu, gpus)) or "none (NVIDIA driver not found)"))
+    llama_gpu = gpu_offload_supported()
+    vllm = vllm or VllmEngine(settings.vllm)
+    findings.append(_ok("engines", f"llama.cpp (GPU offload: {'yes' if llama_gpu else 'no'}); vLLM: "
+                                   f"{_describe_vllm(vllm)}; remote: any OpenAI-compatible upstream (appliance models "
+                                   "add-remote)"))
+    if data.master_key.exists():
+        findings.append(_ok("data", f"{data.root} (initialised)"))
+        findings += _check_modes(data)
+        findings += _models(settings, data, gpus, vllm, llama_gpu)
     else:
-        problems.append(f"{data.root} is not initialised: appliance init --data-dir {data.root}")
+        findings.append(_problem("data", f"{data.root} is not initialised", f"appliance init --data-dir {data.root}"))
+    return findings
+
+
+def print_findings(findings: list[Finding]) -> int:
+    """Print as `appliance doctor` does: the facts under their labels, then every problem; 1 if there is one."""
+    listing_models = False
+    for finding in findings:
+        if finding.level != "ok":
+            continue
+        if finding.topic == "models" and not listing_models:
+            listing_models = True
+            print("models:" + ("  " + NO_MODELS if finding.message == NO_MODELS else ""))
+            if finding.message == NO_MODELS:
+                continue
+        print(LABELS.get(finding.topic, f"{finding.topic}: ") + finding.message)
+    problems = [f for f in findings if f.level == "problem"]
     for problem in problems:
-        print(f"PROBLEM: {problem}")
+        print(f"PROBLEM: {problem.line}")
     print("no problems found" if not problems else f"{len(problems)} problem(s) found")
     return 1 if problems else 0
+
+
+def run_doctor(settings: Settings) -> int:
+    return print_findings(diagnose(settings))

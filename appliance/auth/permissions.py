@@ -26,6 +26,8 @@ PERMISSIONS: dict[str, str] = {
                      "(/api/privacy/purge, /api/privacy/erasures).",
     "metrics:read": "Read Prometheus metrics (/metrics) and the API schema.",
     "cache:admin": "See the response cache's size and partitions and clear it (/api/cache).",
+    "settings:read": "See the effective configuration with each value's source, and the doctor's findings "
+                     "(/api/settings).",
     "self:read": "Read one's own identity (/api/me) and end one's own session (/api/auth/logout).",
 }
 ALL = "*"

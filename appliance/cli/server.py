@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Any
 
@@ -26,12 +27,15 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     from appliance.app import create_app
     from appliance.supervisor import systemd
 
-    server = msgspec.structs.replace(loaded.settings.server, **{
-        k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    given = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    server = msgspec.structs.replace(loaded.settings.server, **given)
     settings = msgspec.structs.replace(loaded.settings, server=server)
+    # what the server runs with, each value's source included (GET /api/settings)
+    loaded = dataclasses.replace(loaded, settings=settings,
+                                 sources={**loaded.sources, **{f"server.{k}": "command line" for k in given}})
     os.umask(0o077)  # the database's WAL and anything else created at run time stays private
     logs.configure(settings.logging)
-    app = create_app(settings)
+    app = create_app(settings, loaded)
     config = uvicorn.Config(app, host=server.host, port=server.port, lifespan="on", access_log=False,
                             log_config=None, log_level="warning", timeout_graceful_shutdown=int(server.drain_seconds),
                             server_header=False)

@@ -73,7 +73,7 @@ def cmd_users_create(args: argparse.Namespace, loaded: LoadedSettings) -> int:
         return 0
     # As `keys create`: what was done on stderr, the secret alone on stdout, printed once and kept nowhere else.
     print(created, file=sys.stderr)
-    print("their password follows; store it now: it is shown only this once", file=sys.stderr, flush=True)
+    print("store the password now: it is shown only this once", file=sys.stderr, flush=True)
     print(password)
     return 0
 

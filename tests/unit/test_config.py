@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import ConfigError, LoadedSettings, Settings, iter_documented_fields, load_settings
+from appliance.config import (
+    ConfigError,
+    LoadedSettings,
+    Settings,
+    is_secret_name,
+    iter_documented_fields,
+    load_settings,
+    public_value,
+    source_kind,
+)
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -172,3 +181,34 @@ def test_scalar_section_in_file_with_environment_override_is_a_config_error(tmp_
     write_config(tmp_path / "appliance.toml", "server = 5\n")
     with pytest.raises(ConfigError):
         load_settings(env={"APPLIANCE_SERVER__PORT": "9000"}, data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["rag.api_key", "upstream.password", "x.hf_token", "x.client_secret", "x.passphrase",
+                                  "x.token_file", "x.dbpassword", "--api-key", "--hf-token"])
+def test_settings_named_like_secrets_are_never_shown(name: str) -> None:
+    assert is_secret_name(name)
+    assert public_value(name, "hunter2") == "(set)" and public_value(name, "") is None
+
+
+@pytest.mark.parametrize("name", ["crypto.key_source", "rag.chunk_tokens", "server.port", "vllm.extra_args",
+                                  "models.keep_alive", "--max-tokens"])
+def test_ordinary_settings_are_shown(name: str) -> None:
+    assert not is_secret_name(name)
+
+
+def test_secrets_inside_values_are_redacted() -> None:
+    assert public_value("vllm.extra_args", ["--api-key", "s3cret", "--port", "1", "--hf-token=abc"]) == [
+        "--api-key", "(set)", "--port", "1", "--hf-token=(set)"]
+    assert public_value("rag.chroma_url", "https://bob:pa55@chroma.lan:8000/x") == "https://bob:(set)@chroma.lan:8000/x"
+    assert public_value("rag.chroma_url", "https://chroma.lan:8000/x") == "https://chroma.lan:8000/x"
+    assert public_value("server.port", 8080) == 8080
+
+
+def test_every_setting_has_one_kind_of_source(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "appliance.toml", "[server]\nport = 9000\n")
+    loaded = load_settings(env={"APPLIANCE_CONFIG": str(config), "APPLIANCE_MODELS__KEEP_ALIVE": "5"},
+                           data_dir=tmp_path / "d")
+    kinds = {info.key: source_kind(info.source) for info in loaded.describe()}
+    assert kinds["server.port"] == "file" and kinds["models.keep_alive"] == "env"
+    assert kinds["data_dir"] == "cli" and kinds["server.host"] == "default"
+    assert set(kinds.values()) == {"default", "file", "env", "cli"}
