@@ -32,6 +32,7 @@ from appliance.admin.auth_routes import cookie_name
 from appliance.admin.cache_routes import ROUTES as CACHE_ROUTES
 from appliance.admin.dashboard_routes import ROUTES as DASHBOARD_ROUTES
 from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
+from appliance.admin.model_jobs_routes import ROUTES as MODEL_JOBS_ROUTES
 from appliance.admin.models_routes import ROUTES as MODELS_ROUTES
 from appliance.admin.policies_routes import ROUTES as POLICIES_ROUTES
 from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
@@ -76,8 +77,10 @@ from appliance.rag.retention import RagDocumentStore
 from appliance.rag.service import RagService
 from appliance.registry.catalog import load_catalog
 from appliance.registry.folder import unpacked_from_store
+from appliance.registry.pulls import ModelPulls
 from appliance.registry.rollout import RolloutService
 from appliance.registry.service import ModelRegistry, parse_remote_source
+from appliance.registry.sources import ImportPolicy
 from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.settings_report import SettingsReport
 from appliance.supervisor.placement import GgufMemoryEstimator, Placement
@@ -115,6 +118,8 @@ class Services:
         self.store = open_model_store(self.data, settings.crypto)
         self.store.migrate_plaintext()  # blobs stored in plaintext by an earlier version are encrypted now
         self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog), audit=self.audit)
+        self.pulls = ModelPulls(self.data.connect, self.store, self.registry.catalog,  # pulls from the admin API
+                                ImportPolicy.from_settings(settings.models), self.audit)
         self.llamacpp = LlamaCppEngine(settings.llamacpp)
         self.vllm = VllmEngine(settings.vllm)
         self.remote_keys = RemoteCredentials(self.data.keys / "remote")
@@ -344,7 +349,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
                         *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES, *SETTINGS_ROUTES,
-                        *USAGE_ROUTES, *POLICIES_ROUTES],
+                        *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),

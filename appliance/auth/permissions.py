@@ -7,7 +7,7 @@ from __future__ import annotations
 PERMISSIONS: dict[str, str] = {
     "chat:use": "Create chat and text completions (/v1/chat/completions, /v1/completions).",
     "embeddings:use": "Create embeddings (/v1/embeddings).",
-    "models:read": "List models and their details (/v1/models).",
+    "models:read": "List models and their details (/v1/models) and the catalog of models to pull (/api/catalog).",
     "models:manage": "Pull, import, remove, load and unload models; set aliases and stages.",
     "rag:read": "Query the collections the principal may read.",
     "rag:write": "Add and delete documents in the collections the principal may write.",

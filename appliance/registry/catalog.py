@@ -19,6 +19,7 @@ class CatalogEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     format: Literal["gguf", "hf"]
     licence: str
     description: str = ""
+    size_bytes: int | None = None  # the model file's size, when the catalog says it (shown before a pull)
 
 
 class Catalog(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -17,6 +17,7 @@ from appliance.registry.sources import (
     PICKLE_SUFFIXES,
     Download,
     ImportPolicy,
+    Progress,
     SourceSpec,
     fetch,
     refuse_pickle,
@@ -87,7 +88,7 @@ def pick_file(hub: Any, repo: str, policy: ImportPolicy) -> str:
 
 
 @contextlib.contextmanager
-def open_hf(spec: SourceSpec, policy: ImportPolicy) -> Iterator[Download]:
+def open_hf(spec: SourceSpec, policy: ImportPolicy, progress: Progress | None = None) -> Iterator[Download]:
     hub = _hub()
     repo = spec.location
     file = spec.member or pick_file(hub, repo, policy)
@@ -101,7 +102,7 @@ def open_hf(spec: SourceSpec, policy: ImportPolicy) -> Iterator[Download]:
     except hub.errors.HfHubHTTPError as exc:
         raise RegistryError(f"the hub refused {repo}/{file}: {exc}", code="source_not_found") from None
     digest = meta.etag if meta.etag and _SHA256.match(meta.etag) else None  # LFS files: the etag is the sha256
-    with fetch(url, policy, headers, file.rsplit("/", 1)[-1]) as download:
+    with fetch(url, policy, headers, file.rsplit("/", 1)[-1], progress) as download:
         if meta.size is not None and download.total is not None and meta.size != download.total:
             raise RegistryError(f"the hub announced {meta.size} bytes for {file} but the download has "
                                 f"{download.total}", code="source_not_found")

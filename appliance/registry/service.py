@@ -16,7 +16,7 @@ from appliance.errors import ModelNotFound, RegistryError
 from appliance.registry import gguf_check
 from appliance.registry.catalog import Catalog
 from appliance.registry.folder import check_folder, pack_folder
-from appliance.registry.sources import ImportPolicy, SourceSpec, open_source, parse_source
+from appliance.registry.sources import ImportPolicy, Progress, SourceSpec, open_source, parse_source
 from appliance.registry.store import ModelStore
 from appliance.registry.versions import ModelVersion, ModelVersions, quantisation_of, split_ref
 
@@ -71,8 +71,10 @@ class ModelRegistry:
         spec = parse_source(source_or_name, self.policy)
         return _Wanted(valid_model_name(name or spec.default_name), spec, source_or_name, None, "gguf", "")
 
-    def pull(self, source_or_name: str, name: str | None = None, *, actor: str = "system") -> ModelRecord:
-        """Fetch a catalog entry or a source into the store and record it under `name`."""
+    def pull(self, source_or_name: str, name: str | None = None, *, actor: str = "system",
+             progress: Progress | None = None) -> ModelRecord:
+        """Fetch a catalog entry or a source into the store and record it under `name`; the bytes' progress goes to
+        `progress`, else to a progress bar on stderr."""
         if source_or_name.startswith("file:") and (folder := Path(source_or_name[5:]).expanduser()).is_dir():
             return self.add_folder(name or folder.name, folder, source=source_or_name, actor=actor)
         with audited(self.audit, actor, "model.pull", name or source_or_name, source=source_or_name) as event:
@@ -83,15 +85,16 @@ class ModelRegistry:
                     and self.store.verify(want.expected)):
                 event.details.update(sha256=existing.sha256, size_bytes=existing.size_bytes, unchanged=True)
                 return existing
-            blob = self._fetch(want.spec, want.expected, want.format)
+            blob = self._fetch(want.spec, want.expected, want.format, progress)
             event.details["format"] = want.format
             return self._record(want.name, want.source, want.format, blob.sha256, blob.size_bytes, want.licence,
                                 event)
 
-    def _fetch(self, spec: SourceSpec, expected: str | None, fmt: str):  # type: ignore[no-untyped-def]
+    def _fetch(self, spec: SourceSpec, expected: str | None, fmt: str,  # type: ignore[no-untyped-def]
+               progress: Progress | None = None):
         if fmt != "gguf":
             raise RegistryError(f"the store holds GGUF files only, not {fmt!r}", code="unsupported_format")
-        with open_source(spec, self.policy) as download:
+        with open_source(spec, self.policy, progress) as download:
             # validated on the way in: a bad header or an out-of-file tensor fails the put, so nothing is stored
             chunks = gguf_check.validated(download, download.total)
             return self.store.put(chunks, expected_sha256=expected or download.sha256)
@@ -206,6 +209,15 @@ class ModelRegistry:
     def verify(self) -> builtins.list[ModelRecord]:
         """The models whose stored file is missing or does not match its digest."""
         return [r for r in self.list() if r.format != "remote" and not self.store.verify(r.sha256)]
+
+    def check(self) -> builtins.list[tuple[ModelVersion, str | None]]:
+        """Every stored version (a remote one stores nothing) with what is wrong with its file, None when it is
+        intact: each is decrypted and checked segment by segment, as `appliance models verify` does."""
+        return [(v, self.store.problem(v.sha256)) for v in self.versions.all() if v.format != "remote"]
+
+    def digests(self) -> set[str]:
+        """Every digest a model or one of its versions still refers to."""
+        return {r.sha256 for r in self.list()} | {v.sha256 for v in self.versions.all()}
 
 
 def _as_record(version: ModelVersion) -> ModelRecord:

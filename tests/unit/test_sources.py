@@ -177,3 +177,23 @@ def test_hf_folder_with_only_pickled_weights_is_refused() -> None:
     with pytest.raises(RegistryError, match="pickle-based"):
         check_hf_folder(["config.json", "pytorch_model.bin"], {}, ImportPolicy())
     check_hf_folder(["config.json", "pytorch_model.bin", "model.safetensors"], {}, ImportPolicy())
+
+
+def test_progress_goes_to_a_callback_instead_of_the_bar(standin: StandIn, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A pull from the API follows the bytes through `progress`; the CLI's bar on stderr stays for everyone else."""
+    seen: list[tuple[int, int | None]] = []
+    with open_source(parse_source(standin.file("/m.gguf", BODY), LAN), LAN, progress=lambda n, t: seen.append((n, t))
+                     ) as got:
+        assert b"".join(got) == BODY
+    assert seen[0] == (0, len(BODY)) and seen[-1] == (len(BODY), len(BODY)) and len(seen) >= 4
+    local = tmp_path / "m.gguf"
+    local.write_bytes(BODY[:1000])
+    seen.clear()
+    with open_source(parse_source(f"file:{local}"), progress=lambda n, t: seen.append((n, t))) as got:
+        b"".join(got)
+    assert seen[-1] == (1000, 1000)
+    assert "import m.gguf" not in capsys.readouterr().err
+    with open_source(parse_source(f"file:{local}")) as got:
+        b"".join(got)
+    assert "import m.gguf" in capsys.readouterr().err
