@@ -48,10 +48,11 @@ class Rbac:
         return hashlib.sha256(json.dumps(grants, sort_keys=True).encode()).hexdigest()
 
     def record_if_changed(self, audit: AuditLog, actor: str = "supervisor") -> bool:
-        """Audit `policy.change` when the roles differ from the last recorded ones (or none were recorded)."""
+        """Audit `policy.change` when the roles differ from the last recorded ones (or none were recorded): those
+        found at a start, or put in force through the API (`appliance.auth.roles_file`), not a refused change."""
         last = None
-        for record in audit.export(action="policy.change", actor=actor):  # the newest about the roles
-            if record["target"] == "rbac":
+        for record in audit.export(action="policy.change"):  # the newest about the roles
+            if record["target"] == "rbac" and record["outcome"] == "ok":
                 last = record
         if last is not None and isinstance(last["details"], dict) and last["details"].get("digest") == self.digest:
             return False

@@ -42,6 +42,7 @@ def test_a_new_policy_is_written_swapped_in_place_and_audited(roles_path: Path, 
     assert record["actor"] == "user:u1" and record["target"] == "rbac" and record["outcome"] == "ok"
     assert record["details"]["roles"]["reader"] == ["chat:use", "models:read"]
     assert record["details"]["digest"] == rbac.digest
+    assert not Rbac.load(roles_path).record_if_changed(audit)  # the next start finds it recorded already
 
 
 @pytest.mark.parametrize(("text", "role", "needle"), [
