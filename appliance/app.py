@@ -40,6 +40,8 @@ from appliance.admin.rag_routes import ROUTES as RAG_ROUTES
 from appliance.admin.settings_routes import ROUTES as SETTINGS_ROUTES
 from appliance.admin.usage_routes import ROUTES as USAGE_ROUTES
 from appliance.admin.users_routes import ROUTES as USERS_ROUTES
+from appliance.admin.webui_routes import ROUTES as WEBUI_ROUTES
+from appliance.admin.webui_routes import SECURITY_HEADERS, UI_PATHS, WebUiAssets, webui_dir
 from appliance.audit import AuditLog
 from appliance.auth.guards import PUBLIC, permission, permission_guard
 from appliance.auth.keys import ApiKeyService, derive_pepper
@@ -153,6 +155,7 @@ class Services:
         # the settings as loaded (with their sources), and the doctor's findings (GET /api/settings)
         self.settings_view = SettingsReport(loaded or LoadedSettings(settings, {}, None),
                                             functools.partial(diagnose, settings, self.vllm))
+        self.webui = WebUiAssets(webui_dir())
 
     def imported_folder(self, name: str) -> Path | None:
         """A Hugging Face folder model from the store, unpacked into private tmpfs for as long as the app runs
@@ -263,7 +266,8 @@ class RequestContextMiddleware(ASGIMiddleware):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()),
+                                      *SECURITY_HEADERS]
             await send(message)
 
         try:
@@ -349,7 +353,8 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
                         *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES, *SETTINGS_ROUTES,
-                        *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES],
+                        *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES,
+                        *WEBUI_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),
             "models": Provide(lambda: services.registry, sync_to_thread=False),
@@ -367,7 +372,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         lifespan=[lifespan],
         middleware=[
             RequestContextMiddleware(services.metrics, allowed_hosts(settings)),
-            lambda app: AuthMiddleware(app, exclude=[f"^{p}$" for p in PUBLIC_PATHS]),
+            lambda app: AuthMiddleware(app, exclude=[*(f"^{p}$" for p in PUBLIC_PATHS), *UI_PATHS]),
         ],
         exception_handlers={ApplianceError: lambda _, exc: error_response(exc),
                             HTTPException: http_error_response, Exception: unexpected_error_response},

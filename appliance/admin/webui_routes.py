@@ -14,6 +14,7 @@ from typing import Any
 
 from litestar import Request, Response, get
 from litestar.datastructures import State
+from litestar.params import FromPath
 from litestar.response import Redirect
 
 from appliance.auth.guards import PUBLIC, permission
@@ -95,10 +96,7 @@ async def root() -> Redirect:
     return Redirect("/ui/", status_code=302)
 
 
-@get(["/ui", "/ui/{path:path}"], opt=permission(PUBLIC), include_in_schema=False)
-async def ui_file(request: Request[Any, Any, State], state: State, path: str = "") -> Response[bytes]:
-    if request.url.path == "/ui":
-        return Response(b"", status_code=308, headers={"location": "/ui/"})
+def _serve(request: Request[Any, Any, State], state: State, path: str) -> Response[bytes]:
     asset = _assets(state).find(path)
     headers = {"etag": asset.etag, "cache-control": "no-cache", "vary": "accept-encoding"}
     if request.headers.get("if-none-match") == asset.etag:
@@ -110,5 +108,15 @@ async def ui_file(request: Request[Any, Any, State], state: State, path: str = "
     return Response(body, media_type=asset.media_type, headers=headers)
 
 
-ROUTES = [root, ui_file]
+@get("/ui", opt=permission(PUBLIC), include_in_schema=False)
+async def ui_shell(request: Request[Any, Any, State], state: State) -> Response[bytes]:
+    return _serve(request, state, "")
+
+
+@get("/ui/{path:path}", opt=permission(PUBLIC), include_in_schema=False)
+async def ui_file(request: Request[Any, Any, State], state: State, path: FromPath[str]) -> Response[bytes]:
+    return _serve(request, state, path)
+
+
+ROUTES = [root, ui_shell, ui_file]
 UI_PATHS = ("^/$", "^/ui(/.*)?$")  # public: the files hold no data (see the module docstring)

@@ -167,8 +167,8 @@ class CompletionService:
         return Streamed(grounding.add_to_stream(result.events, request.model), result.headers)
 
     async def _complete(self, request: ChatCompletionRequest | CompletionRequest, route: str,
-                  principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
-                  ) -> Completed | Streamed:
+                        principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
+                        ) -> Completed | Streamed:
         """One completion for `principal` (None: no quota applies), whole or as a stream of SSE events; `cache` is
         the client's cache directive (see appliance.cache.service)."""
         self.check_model(request.model, principal)

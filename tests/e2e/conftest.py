@@ -108,14 +108,16 @@ def base_url(server: UiServer) -> str:
 
 
 def login(page: Page, server: UiServer, who: Literal["admin", "user"] = "admin") -> None:
-    """Sign in through the sign-in form at /ui/ and wait until the app's navigation shows."""
+    """Sign in through the sign-in form at /ui/ and wait until the app shows its first page."""
     name, password = server.admin if who == "admin" else server.user
     page.goto(server.url + "/ui/")
     page.get_by_label("Username", exact=True).fill(name)
     page.get_by_label("Password", exact=True).fill(password)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("button", name="Sign in")).to_be_hidden()
-    expect(page.get_by_role("navigation").first).to_be_visible()
+    # the app is there: on a phone the navigation waits behind the Menu button, so look for Sign out
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+    expect(page.get_by_role("heading", level=1)).to_be_visible()
 
 
 def assert_accessible(page: Page, name: str) -> None:

@@ -53,7 +53,8 @@ def test_every_route_declares_a_registered_permission(routes: list[Route]) -> No
     for method, path, permission in routes:
         assert permission in PERMISSIONS or permission == PUBLIC, (method, path, permission)
     public = {path for _, path, permission in routes if permission == PUBLIC}
-    assert public == {"/healthz", "/readyz", "/api/auth/login"}
+    # the web UI's files hold no data: the page shell and its scripts load before anyone signs in
+    assert public == {"/healthz", "/readyz", "/api/auth/login", "/", "/ui", "/ui/x"}
 
 
 def test_every_permission_is_documented_and_every_shipped_role_is_valid() -> None:
@@ -70,6 +71,10 @@ def test_anonymous_callers_get_401_everywhere_but_the_probes(server: Running, ro
         response = httpx.request(method, server.url + path, json={})
         if path == "/api/auth/login":  # public, and a body without credentials is malformed
             assert response.status_code == 400, (method, path, response.status_code)
+        elif path == "/":
+            assert response.status_code == 302, (method, path)
+        elif path in ("/ui", "/ui/x"):  # the shell
+            assert response.status_code == 200 and "text/html" in response.headers["content-type"]
         elif permission == PUBLIC:
             assert response.status_code in (200, 503), (method, path)
         else:

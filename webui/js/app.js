@@ -109,10 +109,12 @@ let layout = null;
 export function navigate(url, replace = false) {
   if (replace) history.replaceState(null, "", url);
   else history.pushState(null, "", url);
-  route();
+  route(!replace);
 }
 
-async function route() {
+// `focus`: after a navigation the new page's heading takes the focus, so a screen reader announces it; on the first
+// load the focus stays at the top of the document, where the skip link is.
+async function route(focus = true) {
   const pages = allowed();
   if (!pages.length) {
     clear(layout.main, h("h1", {}, "Nothing to show"),
@@ -139,9 +141,9 @@ async function route() {
   current = { controller };
   document.title = `${page.title} · Appliance`;
   const heading = h("h1", { tabindex: "-1" }, page.title);
-  const body = h("div", { class: "page" });
+  const body = h("div", { class: "page" }, h("p", { class: "muted loading" }, "Loading…"));
   clear(layout.main, heading, body);
-  heading.focus();
+  if (focus) heading.focus();
   try {
     const module = await import(`./pages/${page.path}.js`);
     if (controller.signal.aborted) return;
@@ -167,7 +169,7 @@ async function start() {
     return;
   }
   layout = shell();
-  route();
+  route(false);
 }
 
 // The reason the sign-in page is shown, passed in the URL by a session that ended (no storage is used).

@@ -22,7 +22,6 @@ export function lineChart(series, { label, min = 1, points = 60, unit = "" } = {
     const y = (H - 12) * (1 - frac) + 6;
     svg.append(h("svg:line", { x1: 0, x2: W, y1: y, y2: y, class: "grid-line" }));
   }
-  svg.append(h("svg:text", { x: 2, y: 14 }, `${max}${unit}`));
   for (const s of series) {
     const values = s.values.slice(-points);
     if (values.length < 2) continue;
@@ -34,7 +33,9 @@ export function lineChart(series, { label, min = 1, points = 60, unit = "" } = {
       class: `area ${s.cls}` }));
     svg.append(h("svg:path", { d, class: `line ${s.cls}`, "vector-effect": "non-scaling-stroke" }));
   }
-  return svg;
+  // the scale as HTML: SVG text would be stretched with the chart
+  return h("div", {}, svg, h("div", { class: "chart-scale", "aria-hidden": "true" },
+    h("span", {}, `${points * 2} s ago`), h("span", {}, `top of scale: ${max}${unit}`)));
 }
 
 // bars: [{label, parts: [{value, cls}]}]
@@ -42,7 +43,7 @@ export function barChart(bars, { label, height = 160 } = {}) {
   const max = scaleMax(bars.map((b) => b.parts.reduce((a, p) => a + p.value, 0)), 1);
   const width = Math.max(W, bars.length * 24);
   const svg = h("svg:svg", { viewBox: `0 0 ${width} ${height}`, class: "chart bars", role: "img", "aria-label": label,
-    preserveAspectRatio: "none" });
+    preserveAspectRatio: "xMinYMid meet" });
   svg.setAttribute("height", String(height));
   const bw = width / Math.max(bars.length, 1);
   bars.forEach((bar, i) => {

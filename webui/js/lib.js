@@ -196,9 +196,11 @@ export function confirmDialog(title, message, confirmText = "Confirm", danger = 
 }
 
 // A table: columns [{label, value: row => node|string, num?: bool, class?}], rows; an empty message otherwise.
-export function table(columns, rows, { caption, empty = "Nothing here yet." } = {}) {
+export function table(columns, rows, { caption, empty = "Nothing here yet.", label } = {}) {
   if (!rows.length) return h("p", { class: "empty" }, empty);
-  return h("div", { class: "table-wrap" }, h("table", {},
+  // a region that may scroll sideways on a phone: focusable, so that the keyboard can scroll it too
+  return h("div", { class: "table-wrap", tabindex: "0", role: "region",
+    "aria-label": label || caption || columns.map((c) => c.label).slice(0, 3).join(", ") }, h("table", {},
     caption ? h("caption", {}, caption) : null,
     h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col", class: c.num ? "num" : c.class }, c.label)))),
     h("tbody", {}, rows.map((row) => h("tr", {}, columns.map((c) => {
@@ -260,4 +262,11 @@ export function every(seconds, fn, signal) {
   };
   signal.addEventListener("abort", () => clearTimeout(timer));
   tick();
+}
+
+// A JSON object as a one-line summary that opens to the whole, indented (audit details, job results).
+export function jsonDetails(value, max = 70) {
+  const text = JSON.stringify(value ?? {});
+  if (text.length <= max) return h("span", { class: "mono" }, text);
+  return h("details", { class: "json" }, h("summary", {}, `${text.slice(0, max)}…`), h("pre", {}, JSON.stringify(value, null, 2)));
 }

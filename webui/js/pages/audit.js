@@ -1,6 +1,6 @@
 // Audit: the hash-chained log, newest first, filtered by actor, action, outcome and time, paged by sequence number;
 // "Verify chain" checks every record's hash link; export as JSON lines with the same filters.
-import { act, api, badge, clear, field, h, num, panel, select, table, timeEl } from "../lib.js";
+import { act, api, badge, clear, field, h, jsonDetails, num, panel, select, table, timeEl } from "../lib.js";
 
 const PAGE = 50;
 
@@ -50,7 +50,7 @@ export async function render(container, { signal }) {
       { label: "Action", value: (r) => h("code", {}, r.action) },
       { label: "Target", class: "wrap", value: (r) => r.target },
       { label: "Outcome", value: (r) => badge(r.outcome, r.outcome === "ok" ? "ok" : r.outcome === "denied" ? "warn" : "bad") },
-      { label: "Details", class: "wrap", value: (r) => h("span", { class: "mono" }, JSON.stringify(r.details)) },
+      { label: "Details", class: "wrap", value: (r) => jsonDetails(r.details) },
     ], records, { empty: "No audit records match these filters." }));
     const seqs = records.map((r) => r.seq);
     state.top = seqs.length ? Math.max(...seqs) : null;

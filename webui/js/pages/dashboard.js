@@ -41,13 +41,13 @@ export async function render(container, { signal }) {
     const budget = mem.budget_bytes || mem.total_bytes;
     const hits = data.cache;
     clear(overview,
-      card("Memory", `${bytes(mem.models_bytes)} used by models`, meter(mem.models_bytes, budget, "Model memory against the budget"),
+      card("Memory used by models", bytes(mem.models_bytes), meter(mem.models_bytes, budget, "Model memory against the budget"),
         `budget ${bytes(budget)} · ${bytes(mem.available_bytes)} free of ${bytes(mem.total_bytes)}`),
-      card("Disk", `${bytes(data.disk.total_bytes - data.disk.free_bytes)} used`, meter(data.disk.total_bytes - data.disk.free_bytes, data.disk.total_bytes, "Disk used"),
+      card("Disk used", bytes(data.disk.total_bytes - data.disk.free_bytes), meter(data.disk.total_bytes - data.disk.free_bytes, data.disk.total_bytes, "Disk used"),
         `${bytes(data.disk.free_bytes)} free · data ${bytes(data.disk.data_bytes)}`),
-      card("Response cache", `${pct(hits.hit_ratio)} hits`, meter(hits.hits, hits.hits + hits.misses || 1, "Cache hit ratio"),
+      card("Response cache hit ratio", hits.hits + hits.misses ? pct(hits.hit_ratio) : "no lookups yet", meter(hits.hits, hits.hits + hits.misses || 1, "Cache hit ratio"),
         `${num(hits.hits)} hits · ${num(hits.misses)} misses`),
-      ...data.gpus.map((g) => card(g.name, `${bytes(g.memory_used_bytes)} VRAM used`,
+      ...data.gpus.map((g) => card(`${g.name} VRAM used`, bytes(g.memory_used_bytes),
         meter(g.memory_used_bytes, g.memory_total_bytes, `${g.name} memory`), `of ${bytes(g.memory_total_bytes)}`)));
     const active = data.models.filter((m) => m.state !== "unloaded" || m.requests);
     clear(models, active.length ? active.map((m) => modelCard(m, history.get(m.model)))

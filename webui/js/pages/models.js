@@ -1,8 +1,8 @@
 // Models: each model's versions (stage, digest, size, engine, encryption), promote, rollback, delete, verify; pull
 // from the catalog, a URL or hf: with live progress; aliases with canary splits and their live figures beside
 // production's; the rollout history from the audit log.
-import { act, api, badge, bytes, can, clear, confirmDialog, errorBox, field, h, ms, num, panel, panelWithActions,
-  pct, select, table, timeEl, toast } from "../lib.js";
+import { act, api, badge, bytes, can, clear, confirmDialog, errorBox, field, h, jsonDetails, ms, num, panel,
+  panelWithActions, pct, select, table, timeEl, toast } from "../lib.js";
 
 const ENGINE = { gguf: "llama.cpp", hf: "vLLM", remote: "remote upstream" };
 
@@ -42,14 +42,12 @@ export async function render(container, { signal }) {
     const versions = table([
       { label: "Version", value: (v) => `@${v.version}` },
       { label: "Stage", value: (v) => badge(v.stage, v.stage === "production" ? "ok" : v.stage === "staging" ? "info" : "") },
-      { label: "Digest", value: (v) => h("code", { title: v.sha256 }, v.sha256.slice(0, 12)) },
+      { label: "Digest and source", class: "wrap", value: (v) => h("div", {}, h("code", { title: v.sha256 }, v.sha256.slice(0, 16)),
+        h("div", { class: "muted mono" }, v.source)) },
       { label: "Size", num: true, value: (v) => bytes(v.size_bytes) },
-      { label: "Format", value: (v) => `${v.format}${v.quantisation ? ` ${v.quantisation}` : ""}` },
-      { label: "Engine", value: (v) => ENGINE[v.format] || v.format },
+      { label: "Format · engine", value: (v) => `${v.format}${v.quantisation ? ` ${v.quantisation}` : ""} · ${ENGINE[v.format] || v.format}${v.context_length ? ` · ${num(v.context_length)} ctx` : ""}` },
       { label: "At rest", value: (v) => (v.format === "remote" ? "no weights" : badge("encrypted", "ok")) },
-      { label: "Context", num: true, value: (v) => (v.context_length ? num(v.context_length) : "—") },
       { label: "Live (window)", value: (v) => stats(v.stats) },
-      { label: "Source", class: "wrap", value: (v) => h("span", { class: "mono" }, v.source) },
       { label: "Created", value: (v) => timeEl(v.created_at) },
       { label: "Actions", value: (v) => (manage ? h("div", { class: "row" },
         v.stage !== "production" ? h("button", { class: "small", "aria-label": `Promote ${m.name}@${v.version}`,
@@ -109,14 +107,16 @@ export async function render(container, { signal }) {
 
   async function loadHistory() {
     if (!can("audit:read")) { clear(historyArea, h("p", { class: "muted" }, "Your role cannot read the audit log.")); return; }
-    const records = (await api("/api/audit?action=model.*&order=desc&limit=20", { signal })).data;
+    // the rollout story: pulls, promotions, rollbacks, aliases, canaries, removals (not every load and unload)
+    const records = (await api("/api/audit?action=model.*&order=desc&limit=200", { signal })).data
+      .filter((r) => !/^model\.(load|unload|evict|crash|hung)/.test(r.action)).slice(0, 20);
     clear(historyArea, table([
       { label: "When", value: (r) => timeEl(r.at) },
       { label: "Action", value: (r) => r.action },
       { label: "Model", value: (r) => r.target },
       { label: "Outcome", value: (r) => badge(r.outcome, r.outcome === "ok" ? "ok" : "bad") },
       { label: "By", value: (r) => r.actor },
-      { label: "Details", class: "wrap", value: (r) => h("span", { class: "mono" }, JSON.stringify(r.details)) },
+      { label: "Details", class: "wrap", value: (r) => jsonDetails(r.details) },
     ], records, { empty: "No rollout events yet." }));
   }
 

@@ -6,8 +6,11 @@ export async function render(container, { signal }) {
   const parts = [];
   if (can("policies:manage")) {
     const rbac = await api("/api/policies/rbac", { signal });
-    parts.push(editor({ title: "Roles and permissions (RBAC)", text: rbac.policy, note: `File: ${rbac.path}`,
-      editable: true, save: (text) => api("/api/policies/rbac", { method: "PUT", body: { policy: text } }),
+    const note = rbac.editable === false
+      ? `File: ${rbac.path}. This is the roles file shipped with the appliance (an upgrade replaces it), so it is read only here: copy it, set auth.rbac_file to the copy and restart to edit roles in the browser.`
+      : `File: ${rbac.path}`;
+    parts.push(editor({ title: "Roles and permissions (RBAC)", text: rbac.policy, note,
+      editable: rbac.editable !== false, save: (text) => api("/api/policies/rbac", { method: "PUT", body: { policy: text } }),
       extra: table([
         { label: "Permission", value: (p) => h("code", {}, p[0]) },
         { label: "What it allows", class: "wrap", value: (p) => p[1] },
