@@ -1,7 +1,7 @@
 // Collections: create (with readers and writers), upload many files by drag and drop with progress per file, the
 // documents with their chunk counts, delete, and a query tester showing hybrid, vector and keyword side by side.
-import { act, api, bytes, can, clear, confirmDialog, errorBox, field, h, list, num, panel, panelWithActions, select,
-  session, table, timeEl, toast } from "../lib.js";
+import { act, api, bytes, can, clear, confirmDialog, errorBox, field, h, list, num, panel, panelWithActions, session,
+  table, timeEl, toast } from "../lib.js";
 
 export async function render(container, { signal, params, navigate }) {
   const state = { collections: [], chosen: params.get("collection") };
@@ -52,13 +52,28 @@ export async function render(container, { signal, params, navigate }) {
     }
   });
 
-  // ---- one collection ----
+  // ---- one collection: its documents (refreshed), the uploader and the query tester (kept, with their state) ----
+  let shownFor = null;
+  const docsArea = h("div");
   async function showDetail() {
-    if (!state.chosen) { clear(detail); return; }
+    if (!state.chosen) { clear(detail); shownFor = null; return; }
     const collection = state.chosen;
+    if (shownFor !== collection) {
+      shownFor = collection;
+      const deleteCollection = can("rag:write") ? h("button", { class: "danger small", onclick: async (e) => {
+        if (!await confirmDialog("Delete collection", `Delete ${collection} and every document in it?`, "Delete collection")) return;
+        if (await act(e.target, () => api(`/api/collections/${encodeURIComponent(collection)}`, { method: "DELETE" }),
+          `Deleted ${collection}`) !== undefined) { state.chosen = null; await loadCollections(); }
+      } }, "Delete collection") : null;
+      clear(docsArea);
+      clear(detail,
+        panelWithActions(`Documents in ${collection}`, [deleteCollection], docsArea,
+          can("rag:write") ? uploader(collection, loadCollections) : null),
+        queryTester(collection));
+    }
     const docs = (await api(`/api/collections/${encodeURIComponent(collection)}/documents`, { signal })).data;
     const highlight = params.get("document");
-    const docTable = table([
+    clear(docsArea, table([
       { label: "Document", class: "wrap", value: (d) => (d.id === highlight ? h("mark", {}, d.id) : d.id) },
       { label: "Chunks", num: true, value: (d) => num(d.chunks) },
       { label: "Size", num: true, value: (d) => bytes(d.bytes) },
@@ -69,18 +84,7 @@ export async function render(container, { signal, params, navigate }) {
           if (await act(e.target, () => api(`/api/collections/${encodeURIComponent(collection)}/documents/${encodeURIComponent(d.id)}`,
             { method: "DELETE" }), `Deleted ${d.id}`) !== undefined) await loadCollections();
         } }, "Delete") : "—") },
-    ], docs, { empty: "No documents yet: drop files below." });
-
-    const deleteCollection = can("rag:write") ? h("button", { class: "danger small", onclick: async (e) => {
-      if (!await confirmDialog("Delete collection", `Delete ${collection} and all ${docs.length} documents in it?`, "Delete collection")) return;
-      if (await act(e.target, () => api(`/api/collections/${encodeURIComponent(collection)}`, { method: "DELETE" }),
-        `Deleted ${collection}`) !== undefined) { state.chosen = null; await loadCollections(); }
-    } }, "Delete collection") : null;
-
-    clear(detail,
-      panelWithActions(`Documents in ${collection}`, [deleteCollection], docTable,
-        can("rag:write") ? uploader(collection, loadCollections) : null),
-      queryTester(collection));
+    ], docs, { empty: "No documents yet: drop files below." }));
   }
 
   clear(container,
