@@ -185,3 +185,27 @@ def test_the_audit_chain_verifies_as_intact(page: Page, server: UiServer) -> Non
     export = page.get_by_role("link", name="Export JSONL").get_attribute("href")
     assert export == "/api/audit?action=user.login&format=jsonl"
     shot(page, "flow-audit")
+
+
+def test_users_are_created_changed_and_disabled_and_a_hostile_name_stays_text(page: Page, server: UiServer) -> None:
+    login(page, server)
+    open_page(page, "Users")
+    page.get_by_label("User name").fill(HOSTILE)
+    page.get_by_label("Initial password").fill("a-long-enough-password-1")
+    page.get_by_role("button", name="Create user").click()
+    expect(page.get_by_role("alert")).to_contain_text("name")  # refused, and the refusal is shown as text
+    no_script_ran(page)
+
+    page.get_by_label("User name").fill("carol")
+    page.get_by_role("combobox", name="Role", exact=True).select_option("auditor")
+    page.get_by_role("button", name="Create user").click()
+    row = page.get_by_role("row", name=re.compile(r"^carol"))
+    expect(row).to_contain_text("active")
+    expect(row.get_by_role("combobox", name="Role of carol")).to_have_value("auditor")
+    row.get_by_role("combobox", name="Role of carol").select_option("user")
+    expect(page.get_by_role("status")).to_contain_text("carol is now user")
+    row.get_by_role("button", name="Disable carol").click()
+    page.get_by_role("dialog", name="Disable user").get_by_role("button", name="Disable").click()
+    expect(page.get_by_role("row", name=re.compile(r"^carol"))).to_contain_text("disabled")
+    assert_accessible(page, "users after changes")
+    shot(page, "flow-users")

@@ -25,8 +25,7 @@ def open_page(page: Page, title: str) -> None:
     expect(page).to_have_title(f"{title} · Appliance")
     # the current page is marked for screen readers (on a phone the menu has closed again, so read the DOM)
     expect(page.locator("nav a[aria-current='page']")).to_have_text(title)
-    expect(page.get_by_role("main").get_by_text("Loading…")).to_have_count(0, timeout=15_000)
-    page.wait_for_load_state("networkidle")
+    expect(page.get_by_role("main")).to_have_attribute("aria-busy", "false", timeout=15_000)
 
 
 @pytest.mark.parametrize("size", ["desktop", "phone"])

@@ -143,6 +143,7 @@ async function route(focus = true) {
   const heading = h("h1", { tabindex: "-1" }, page.title);
   const body = h("div", { class: "page" }, h("p", { class: "muted loading" }, "Loading…"));
   clear(layout.main, heading, body);
+  layout.main.setAttribute("aria-busy", "true"); // until the page has its data (assistive tech waits; so do tests)
   if (focus) heading.focus();
   try {
     const module = await import(`./pages/${page.path}.js`);
@@ -150,9 +151,11 @@ async function route(focus = true) {
     await module.render(body, { signal: controller.signal, params: new URLSearchParams(location.search), navigate });
   } catch (err) {
     if (err.name === "AbortError" || controller.signal.aborted) return;
+    body.querySelector(".loading")?.remove();
     append(body, h("div", { class: "alert bad", role: "alert" },
       err instanceof ApiError ? err.message : `This page failed to load: ${err.message}`));
   }
+  if (!controller.signal.aborted) layout.main.setAttribute("aria-busy", "false");
 }
 
 async function start() {

@@ -128,7 +128,8 @@ function uploader(collection, refresh) {
           await follow(reply.id, bar, state);
         } else {
           bar.value = 100;
-          state.textContent = `done · ${num(reply.chunks ?? reply.data?.[0]?.chunks ?? 0)} chunks`;
+          const chunks = reply.chunks ?? reply.data?.[0]?.chunks ?? 0;
+          state.textContent = `done · ${num(chunks)} chunk${chunks === 1 ? "" : "s"}`;
         }
         resolve();
       });
