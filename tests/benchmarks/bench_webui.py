@@ -72,12 +72,17 @@ def stdlib_documents(count: int) -> list[dict[str, Any]]:
         if not getattr(module, "__file__", "") or "site-packages" in str(module.__file__):
             continue
         for name, value in sorted(vars(module).items()):
-            doc = inspect.getdoc(value) if not name.startswith("_") else None
-            if doc and len(doc) > 200 and getattr(value, "__module__", None) == module.__name__:
-                docs.append({"id": f"{module.__name__}.{name}", "text": doc, "format": "text",
-                             "metadata": {"module": module.__name__}})
-                if len(docs) == count:
-                    return docs
+            if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+                continue
+            members = [(name, value)] + [(f"{name}.{n}", v) for n, v in sorted(vars(value).items())
+                                         if not n.startswith("_")] if inspect.isclass(value) else [(name, value)]
+            for qualified, member in members:
+                doc = inspect.getdoc(member)
+                if doc and len(doc) > 200:
+                    docs.append({"id": f"{module.__name__}.{qualified}", "text": doc, "format": "text",
+                                 "metadata": {"module": module.__name__}})
+                    if len(docs) == count:
+                        return docs
     return docs
 
 

@@ -140,10 +140,11 @@ export function ms(seconds) {
 export function pct(ratio) {
   return ratio === null || ratio === undefined ? "—" : `${(ratio * 100).toFixed(1)}%`;
 }
+const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "medium" }); // one, reused
 export function when(iso) {
   if (!iso) return "—";
   const d = new Date(typeof iso === "number" ? iso * 1000 : iso);
-  return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString();
+  return Number.isNaN(d.getTime()) ? String(iso) : dateFormat.format(d);
 }
 export function timeEl(iso) {
   return iso ? h("time", { datetime: typeof iso === "number" ? new Date(iso * 1000).toISOString() : iso }, when(iso))
@@ -269,4 +270,30 @@ export function jsonDetails(value, max = 70) {
   const text = JSON.stringify(value ?? {});
   if (text.length <= max) return h("span", { class: "mono" }, text);
   return h("details", { class: "json" }, h("summary", {}, `${text.slice(0, max)}…`), h("pre", {}, JSON.stringify(value, null, 2)));
+}
+
+// A long list as a table of its first `pageSize` rows, a filter over `text(row)` and "Show more": a thousand keys
+// or documents stay quick to draw and to read.
+export function longTable(columns, rows, { pageSize = 100, text, label, empty } = {}) {
+  if (rows.length <= pageSize) return table(columns, rows, { label, empty });
+  let shown = pageSize;
+  let matching = rows;
+  const area = h("div");
+  const count = h("p", { class: "muted", "aria-live": "polite" });
+  const more = h("button", { type: "button", class: "secondary small" }, `Show ${pageSize} more`);
+  const filter = h("input", { type: "search", placeholder: `Filter ${rows.length} rows` });
+  const draw = () => {
+    clear(area, table(columns, matching.slice(0, shown), { label, empty: "No row matches the filter." }));
+    count.textContent = `Showing ${Math.min(shown, matching.length)} of ${matching.length}`;
+    more.classList.toggle("hidden", shown >= matching.length);
+  };
+  filter.addEventListener("input", () => {
+    const q = filter.value.trim().toLowerCase();
+    matching = q ? rows.filter((r) => text(r).toLowerCase().includes(q)) : rows;
+    shown = pageSize;
+    draw();
+  });
+  more.addEventListener("click", () => { shown += pageSize; draw(); });
+  draw();
+  return h("div", { class: "stack" }, field("Filter", filter), area, h("div", { class: "row" }, count, more));
 }

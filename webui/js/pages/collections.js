@@ -1,7 +1,7 @@
 // Collections: create (with readers and writers), upload many files by drag and drop with progress per file, the
 // documents with their chunk counts, delete, and a query tester showing hybrid, vector and keyword side by side.
-import { act, api, bytes, can, clear, confirmDialog, errorBox, field, h, list, num, panel, panelWithActions, session,
-  table, timeEl, toast } from "../lib.js";
+import { act, api, bytes, can, clear, confirmDialog, errorBox, field, h, list, longTable, num, panel, panelWithActions,
+  session, table, timeEl, toast } from "../lib.js";
 
 export async function render(container, { signal, params, navigate }) {
   const state = { collections: [], chosen: params.get("collection") };
@@ -73,7 +73,7 @@ export async function render(container, { signal, params, navigate }) {
     }
     const docs = (await api(`/api/collections/${encodeURIComponent(collection)}/documents`, { signal })).data;
     const highlight = params.get("document");
-    clear(docsArea, table([
+    clear(docsArea, longTable([
       { label: "Document", class: "wrap", value: (d) => (d.id === highlight ? h("mark", {}, d.id) : d.id) },
       { label: "Chunks", num: true, value: (d) => num(d.chunks) },
       { label: "Size", num: true, value: (d) => bytes(d.bytes) },
@@ -84,7 +84,8 @@ export async function render(container, { signal, params, navigate }) {
           if (await act(e.target, () => api(`/api/collections/${encodeURIComponent(collection)}/documents/${encodeURIComponent(d.id)}`,
             { method: "DELETE" }), `Deleted ${d.id}`) !== undefined) await loadCollections();
         } }, "Delete") : "—") },
-    ], docs, { empty: "No documents yet: drop files below." }));
+    ], highlight ? [...docs.filter((d) => d.id === highlight), ...docs.filter((d) => d.id !== highlight)] : docs,
+    { empty: "No documents yet: drop files below.", text: (d) => d.id, label: "Documents" }));
   }
 
   clear(container,

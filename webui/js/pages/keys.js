@@ -1,7 +1,7 @@
 // API keys: an admin sees and manages every key (/api/keys), anyone else their own (/api/me/keys). A new key is
 // shown once with a copy button; scopes, models, collections, limits and expiry narrow it.
-import { act, api, badge, can, checkbox, clear, confirmDialog, copyText, errorBox, field, h, intOrNull, list, num,
-  panelWithActions, select, session, table, timeEl, uid } from "../lib.js";
+import { act, api, badge, can, checkbox, clear, confirmDialog, copyText, errorBox, field, h, intOrNull, list, longTable,
+  num, panelWithActions, select, session, timeEl, uid } from "../lib.js";
 
 export async function render(container, { signal }) {
   const admin = can("keys:manage");
@@ -19,7 +19,7 @@ export async function render(container, { signal }) {
   async function load() {
     const keys = (await api(base, { signal })).data;
     const now = Date.now();
-    clear(listArea, table([
+    clear(listArea, longTable([
       { label: "Name", class: "wrap", value: (k) => k.name },
       { label: "Key", value: (k) => h("code", {}, `${k.prefix || k.id}…`) },
       { label: "Role", value: (k) => k.role },
@@ -36,7 +36,8 @@ export async function render(container, { signal }) {
           if (!await confirmDialog("Revoke key", `Revoke "${k.name}"? Programs using it stop working at once.`, "Revoke")) return;
           if (await act(e.target, () => api(`${base}/${encodeURIComponent(k.id)}`, { method: "DELETE" }), `Revoked ${k.name}`) !== undefined) load();
         } }, "Revoke")) },
-    ], keys, { empty: "No API keys yet. Create one for a program that uses the OpenAI-compatible API." }));
+    ], keys, { empty: "No API keys yet. Create one for a program that uses the OpenAI-compatible API.",
+      text: (k) => `${k.name} ${k.id} ${k.role}`, label: "API keys" }));
   }
 
   create.addEventListener("click", () => openForm());
