@@ -90,7 +90,7 @@ export async function render(container, { signal, params, navigate }) {
 
   clear(container,
     h("p", { class: "muted" }, "Documents you upload are split into chunks, embedded on this box and searched by meaning and by keyword. The Playground's RAG switch answers from them with citations."),
-    panel("Collections", listArea),
+    panel("All collections", listArea),
     can("rag:write") ? panel("New collection", createForm) : null,
     detail);
   try { await loadCollections(); } catch (err) { if (err.name !== "AbortError") listArea.append(errorBox(err)); }

@@ -40,7 +40,7 @@ export async function render(container, { signal }) {
       if (t) { toast(`${m.name}: ${t.summary || "rolled back"}`, "ok"); load(); }
     } }, "Roll back") : null;
     const versions = table([
-      { label: "Version", value: (v) => `@${v.version}` },
+      { label: "Version", value: (v) => h("div", {}, h("strong", {}, `@${v.version}`), h("div", { class: "muted" }, timeEl(v.created_at))) },
       { label: "Stage", value: (v) => badge(v.stage, v.stage === "production" ? "ok" : v.stage === "staging" ? "info" : "") },
       { label: "Digest and source", class: "wrap", value: (v) => h("div", {}, h("code", { title: v.sha256 }, v.sha256.slice(0, 16)),
         h("div", { class: "muted mono" }, v.source)) },
@@ -48,7 +48,6 @@ export async function render(container, { signal }) {
       { label: "Format · engine", value: (v) => `${v.format}${v.quantisation ? ` ${v.quantisation}` : ""} · ${ENGINE[v.format] || v.format}${v.context_length ? ` · ${num(v.context_length)} ctx` : ""}` },
       { label: "At rest", value: (v) => (v.format === "remote" ? "no weights" : badge("encrypted", "ok")) },
       { label: "Live (window)", value: (v) => stats(v.stats) },
-      { label: "Created", value: (v) => timeEl(v.created_at) },
       { label: "Actions", value: (v) => (manage ? h("div", { class: "row" },
         v.stage !== "production" ? h("button", { class: "small", "aria-label": `Promote ${m.name}@${v.version}`,
           onclick: async (e) => {

@@ -90,6 +90,6 @@ export async function render(container, { signal }) {
     } catch (err) { clear(error, errorBox(err)); }
   });
 
-  clear(container, panel("Users", listArea), panel("New user", form));
+  clear(container, panel("All users", listArea), panel("New user", form));
   await load();
 }
