@@ -164,7 +164,7 @@ async function start() {
     session.csrf = session.me.csrf_token || session.csrf;
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) {
-      signInView(signedOutMessage());
+      signInView("");
       return;
     }
     clear(root, h("main", { class: "signin", id: "main" }, h("h1", {}, "Appliance"),
@@ -173,12 +173,6 @@ async function start() {
   }
   layout = shell();
   route(false);
-}
-
-// The reason the sign-in page is shown, passed in the URL by a session that ended (no storage is used).
-function signedOutMessage() {
-  const reason = new URLSearchParams(location.search).get("signed_out");
-  return reason === "expired" ? "Your session has ended. Sign in again to continue." : "";
 }
 
 document.addEventListener("session-ended", () => {
