@@ -266,8 +266,7 @@ class RequestContextMiddleware(ASGIMiddleware):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()),
-                                      *SECURITY_HEADERS]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
@@ -301,6 +300,13 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
         if connection.scope.get("method") in STATE_CHANGING_METHODS:
             check_csrf(session, connection.headers.get("x-csrf-token"))
         return AuthenticationResult(user=session, auth=session.session_id)
+
+
+async def add_security_headers(message: Message, scope: Scope) -> None:
+    """CSP, nosniff, referrer and frame policy on every response, errors included (an error raised by the auth
+    middleware is answered outside the middleware stack, so this runs where Litestar sends, not in a middleware)."""
+    if message["type"] == "http.response.start":
+        message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
 
 
 @get("/healthz", summary="Liveness", opt=permission(PUBLIC))
@@ -379,6 +385,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         openapi_config=OpenAPIConfig(title="Appliance", version=__version__, path="/schema", openapi_router=Router(
             path="/schema", route_handlers=[], opt=permission("metrics:read"))),
         guards=[permission_guard],
+        before_send=[add_security_headers],
         request_max_body_size=settings.server.max_body_bytes,
         logging_config=None,
         debug=False,

@@ -39,9 +39,12 @@ def _close_sdk_clients() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def start_server(template_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Running]]:
+def server_factory(template_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Callable[..., Running]]:
     """Start a fresh server with its own copy of the data dir; extra settings as APPLIANCE_* variables. `prepare`,
-    when given, is called with the data dir before the server starts (e.g. to create users with the CLI)."""
+    when given, is called with the data dir before the server starts (e.g. to create users with the CLI). Servers
+    started through this session-wide factory run until the session ends: only the shared `server` fixtures use it
+    directly; tests and module fixtures use `start_server`, whose servers stop with their module."""
     started: list[ServerProcess] = []
 
     def start(env: dict[str, str] | None = None, wait_ready: bool = True,
@@ -58,3 +61,20 @@ def start_server(template_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def start_server(server_factory: Callable[..., Running]) -> Iterator[Callable[..., Running]]:
+    """`server_factory` for one test module: the servers it starts are stopped when the module's tests are done, so
+    that a whole run holds a few servers (each with a loaded model, ~1 GiB) at a time instead of one per module."""
+    mine: list[Running] = []
+
+    def start(*args: object, **kwargs: object) -> Running:
+        running = server_factory(*args, **kwargs)
+        mine.append(running)
+        return running
+
+    yield start
+    for running in mine:
+        if running.process is not None:
+            running.process.stop()

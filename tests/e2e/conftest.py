@@ -87,7 +87,7 @@ class UiServer(Running):
 
 
 @pytest.fixture(scope="session")
-def server(start_server: Callable[..., Running]) -> UiServer:
+def server(server_factory: Callable[..., Running]) -> UiServer:
     """One server for the UI tests, its users created with the real CLI before it starts."""
     admin = ("ui-admin", secrets.token_urlsafe(18))
     user = ("ui-user", secrets.token_urlsafe(18))
@@ -97,7 +97,7 @@ def server(start_server: Callable[..., Running]) -> UiServer:
             appliance("users", "create", name, "--role", role, "--password-stdin", data_dir=data_dir,
                       input=password + "\n")
 
-    return UiServer(start_server(prepare=add_users), admin, user)
+    return UiServer(server_factory(prepare=add_users), admin, user)
 
 
 @pytest.fixture(scope="session")

@@ -38,11 +38,11 @@ def model_file(template_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
-def server(start_server: Callable[..., Running]) -> Running:
+def server(server_factory: Callable[..., Running]) -> Running:
     """The shared server for tests that do not change its state."""
     if url := os.environ.get("APPLIANCE_TEST_URL"):
         return Running(url.rstrip("/"), os.environ["APPLIANCE_TEST_KEY"])
-    return start_server()
+    return server_factory()
 
 
 @pytest.fixture

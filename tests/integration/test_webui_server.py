@@ -4,6 +4,7 @@ revalidated, every response carries the security headers, and a session learns i
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -13,16 +14,16 @@ from tests.server import appliance
 
 
 @pytest.fixture(scope="module")
-def signed_in(server: Running) -> tuple[httpx.Client, str]:
+def signed_in(server: Running) -> Iterator[tuple[httpx.Client, str]]:
     """A browser-like client with a session cookie, and its CSRF token from the login reply."""
     assert server.process is not None, "needs a local server (it creates a user)"
     name, password = "webui-" + secrets.token_hex(3), secrets.token_urlsafe(18)
     appliance("users", "create", name, "--role", "user", "--password-stdin", data_dir=server.process.data_dir,
               input=password + "\n")
-    client = httpx.Client(base_url=server.url)
-    reply = client.post("/api/auth/login", json={"username": name, "password": password})
-    assert reply.status_code == 200, reply.text
-    return client, reply.json()["csrf_token"]
+    with httpx.Client(base_url=server.url) as client:
+        reply = client.post("/api/auth/login", json={"username": name, "password": password})
+        assert reply.status_code == 200, reply.text
+        yield client, reply.json()["csrf_token"]
 
 
 def test_the_root_redirects_to_the_ui_and_page_paths_get_the_shell(server: Running) -> None:
@@ -60,7 +61,7 @@ def test_a_session_learns_its_csrf_token_from_me_and_needs_it_to_change_anything
         server: Running, signed_in: tuple[httpx.Client, str]) -> None:
     client, csrf = signed_in
     cookie = next(c for c in client.cookies.jar if c.name == "appliance_session")
-    assert cookie.has_nonstandard_attr("HttpOnly") and cookie.get_nonstandard_attr("SameSite") == "Strict"
+    assert cookie.has_nonstandard_attr("HttpOnly") and cookie.get_nonstandard_attr("SameSite", "").lower() == "strict"
     me = client.get("/api/me").json()
     assert me["via"] == "session" and me["csrf_token"] == csrf
     without = client.post("/api/me/keys", json={"name": "laptop"})
@@ -73,6 +74,6 @@ def test_a_session_learns_its_csrf_token_from_me_and_needs_it_to_change_anything
 
 def test_a_session_that_ended_gets_401_with_the_code_the_ui_reacts_to(server: Running,
                                                                        signed_in: tuple[httpx.Client, str]) -> None:
-    stale = httpx.Client(base_url=server.url, cookies={"appliance_session": "not-a-session"})
-    reply = stale.get("/api/me")
+    with httpx.Client(base_url=server.url, cookies={"appliance_session": "not-a-session"}) as stale:
+        reply = stale.get("/api/me")
     assert reply.status_code == 401 and reply.json()["error"]["code"] == "session_expired"
