@@ -27,6 +27,10 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 SERIOUS = ("critical", "serious")
+GENERATION = 60_000  # ms to wait for what a model writes: a reply on a busy 2-core box can take many seconds
+
+# UI changes that wait on the server (a page's data, a save) get 15 s instead of Playwright's 5 on a loaded box
+expect.set_options(timeout=15_000)
 
 
 def pytest_configure(config: pytest.Config) -> None:

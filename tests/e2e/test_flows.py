@@ -13,7 +13,7 @@ import openai
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.e2e.conftest import UiServer, assert_accessible, login, shot
+from tests.e2e.conftest import GENERATION, UiServer, assert_accessible, login, shot
 from tests.e2e.test_pages import open_page
 from tests.integration.conftest import model_file  # noqa: F401 (the fixture: the default GGUF in plaintext)
 from tests.integration.test_rollout import with_metadata
@@ -48,10 +48,10 @@ def test_chat_streams_and_can_be_stopped_and_regenerated(page: Page, server: UiS
     reply = log.get_by_role("article", name="Assistant").last
     # streamed: text shows while the reply is still being generated, then Stop ends it
     expect(reply).to_have_attribute("aria-busy", "true")
-    expect(reply.locator(".body")).to_have_text(re.compile(r"\w+ \w+"), timeout=30_000)
+    expect(reply.locator(".body")).to_have_text(re.compile(r"\w+ \w+"), timeout=GENERATION)
     page.get_by_role("button", name="Stop").click()
     expect(reply).not_to_have_attribute("aria-busy", "true")
-    expect(reply).to_contain_text("stopped")
+    expect(reply).to_contain_text("stopped", timeout=GENERATION)
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
 
     page.get_by_label("Max tokens").fill("16")
@@ -59,12 +59,12 @@ def test_chat_streams_and_can_be_stopped_and_regenerated(page: Page, server: UiS
     page.get_by_label("Message").fill("Say hello.")
     page.get_by_label("Message").press("Control+Enter")
     answer = log.get_by_role("article", name="Assistant").last
-    expect(answer).to_contain_text(re.compile(r"\d+ prompt \+ \d+ completion tokens"))
+    expect(answer).to_contain_text(re.compile(r"\d+ prompt \+ \d+ completion tokens"), timeout=GENERATION)
     first = answer.locator(".body").inner_text()
     assert first.strip()
     page.get_by_role("button", name="Regenerate").click()
     expect(log.get_by_role("article", name="Assistant")).to_have_count(2)  # replaced, not added
-    expect(log.get_by_role("article", name="Assistant").last).to_contain_text("completion tokens")
+    expect(log.get_by_role("article", name="Assistant").last).to_contain_text("completion tokens", timeout=GENERATION)
     assert_accessible(page, "the playground after a chat")
     shot(page, "flow-playground")
 
@@ -106,7 +106,7 @@ def test_a_document_uploaded_in_the_browser_answers_with_citations(page: Page, s
     page.get_by_label("Message").fill("How many days of paid vacation does an employee get per year?")
     page.get_by_role("button", name="Send").click()
     sources = page.get_by_role("log").get_by_role("list", name="Sources")
-    expect(sources.get_by_role("link", name="handbook / handbook.md").first).to_be_visible()
+    expect(sources.get_by_role("link", name="handbook / handbook.md").first).to_be_visible(timeout=GENERATION)
     no_script_ran(page)
     shot(page, "flow-rag-answer")
     sources.get_by_role("link", name="handbook / handbook.md").first.click()
