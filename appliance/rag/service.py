@@ -37,7 +37,6 @@ from appliance.rag.parsers import Block, Kind, parse
 
 log = get_logger(__name__)
 Mode = Literal["hybrid", "vector", "keyword"]
-RRF_K = 60
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SUBJECT = re.compile(r"^(\*|(user|key|role):[A-Za-z0-9._-]{1,64})$")
 
@@ -327,13 +326,20 @@ class RagService:
         started = time.perf_counter()
         depth = max(top_k * 5 * per_document, 50)
         ids = list(collections)
-        keyword: list[Hit] = []
-        vector: list[Hit] = []
-        if mode in ("keyword", "hybrid"):
-            keyword = await asyncio.to_thread(self.index.keyword_search, ids, query, depth)
-        if mode in ("vector", "hybrid"):
+
+        async def by_keyword() -> list[Hit]:
+            if mode == "vector":
+                return []
+            return await asyncio.to_thread(self.index.keyword_search, ids, query, depth)
+
+        async def by_vector() -> list[Hit]:
+            if mode == "keyword":
+                return []
             embedded = await self.embeddings.embed([query])
-            vector = await asyncio.to_thread(self.index.vector_search, ids, embedded.vectors[0], depth)
+            return await asyncio.to_thread(self.index.vector_search, ids, embedded.vectors[0], depth)
+
+        # side by side: SQLite, torch and Chroma release the GIL, so hybrid costs about the slower of the two
+        keyword, vector = await asyncio.gather(by_keyword(), by_vector())
         ranked = fuse([keyword, vector]) if mode == "hybrid" else (keyword or vector)
         picked = _per_document(ranked, top_k, per_document, await asyncio.to_thread(
             self.index.chunks, [h.chunk_key for h in ranked[: depth * 2]]))
@@ -357,11 +363,20 @@ def _apply_policy(privacy: Privacy, blocks: Sequence[Block], document_id: str) -
 
 
 def fuse(rankings: Sequence[Sequence[Hit]]) -> list[Hit]:
-    """Reciprocal rank fusion: each chunk scores the sum of 1 / (60 + rank) over the rankings that found it."""
+    """Score fusion over chunks: each retriever's scores become z-scores over its own candidates, shifted so that its
+    weakest candidate counts 0 (as a chunk it did not find), and a chunk scores the sum. Unlike reciprocal rank
+    fusion, a retriever that is sure (one passage far above the rest) outweighs one that is not; with RRF a weaker
+    retriever's ranks pulled hybrid below keyword alone on long documents (issue 15). A retriever whose candidates
+    all score the same gives each of them 1."""
     scores: dict[int, float] = {}
     for ranking in rankings:
-        for rank, hit in enumerate(ranking, start=1):
-            scores[hit.chunk_key] = scores.get(hit.chunk_key, 0.0) + 1.0 / (RRF_K + rank)
+        if not ranking:
+            continue
+        values = np.array([hit.score for hit in ranking], dtype=np.float64)
+        spread = float(values.std())
+        normal = (values - values.min()) / spread if spread > 0 else np.ones(len(values))
+        for hit, value in zip(ranking, normal, strict=True):
+            scores[hit.chunk_key] = scores.get(hit.chunk_key, 0.0) + float(value)
     return [Hit(key, score) for key, score in sorted(scores.items(), key=lambda kv: -kv[1])]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from appliance.rag.chunking import Chunk
-from appliance.rag.index import IndexLocked, RagIndex, keyword_query
+from appliance.rag.index import Hit, IndexLocked, RagIndex, keyword_query
 from appliance.rag.service import fuse
 
 DIM = 8
@@ -126,12 +126,30 @@ def test_fts_syntax_in_queries_is_inert(index: RagIndex) -> None:
     assert len(index.keyword_search([cid], "NEAR AND OR", 5)) == 1
 
 
-def test_reciprocal_rank_fusion_rewards_agreement() -> None:
-    from appliance.rag.index import Hit
-
+def test_fusion_rewards_agreement() -> None:
     fused = fuse([[Hit(1, 9), Hit(2, 8), Hit(3, 7)], [Hit(3, 0.9), Hit(1, 0.8), Hit(4, 0.7)]])
     assert [h.chunk_key for h in fused][:2] == [1, 3]
     assert {h.chunk_key for h in fused} == {1, 2, 3, 4}
+
+
+def test_fusion_lets_a_sure_retriever_outweigh_an_unsure_one() -> None:
+    """Keyword finds chunk 1 far above the rest; vector barely tells its candidates apart and puts 2 first.
+    Reciprocal rank fusion would pick 2 (ranks 1 and 2 beat ranks 1 and 3); score fusion picks 1."""
+    keyword = [Hit(1, 20.0), Hit(2, 5.0), Hit(3, 4.9), Hit(4, 4.8)]
+    vector = [Hit(2, 0.80), Hit(5, 0.79), Hit(1, 0.78), Hit(6, 0.77)]
+    assert [h.chunk_key for h in fuse([keyword, vector])][:2] == [1, 2]
+    assert [h.chunk_key for h in fuse([[], [Hit(7, 0.5)]])] == [7]  # one candidate, or all equal: each counts 1
+
+
+def test_a_word_in_8_percent_of_chunks_still_counts(index: RagIndex) -> None:
+    """Only words in more than 10% of the chunks are left out for speed: 'widget', in 8%, still ranks the chunk that
+    has both words above one as long that has only the rare word (pruned at 5%, the two tied)."""
+    cid = new_collection(index)
+    texts = [f"{'widget' if i % 100 < 8 else 'filler'} number {i}" for i in range(4000)]
+    texts += ["gizmo gadget", "widget gadget"]
+    index.put_document(cid, "a", chunks(texts), vectors(len(texts), 1), {}, "u", 1)
+    hits = index.keyword_search([cid], "widget gadget", 5)
+    assert index.chunks([hits[0].chunk_key])[hits[0].chunk_key].text == "widget gadget"
 
 
 def files_containing(root: Path, needle: bytes) -> list[str]:
