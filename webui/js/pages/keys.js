@@ -23,12 +23,9 @@ export async function render(container, { signal }) {
       { label: "Name", class: "wrap", value: (k) => k.name },
       { label: "Key", value: (k) => h("code", {}, `${k.prefix || k.id}…`) },
       { label: "Role", value: (k) => k.role },
-      { label: "Scopes", class: "wrap", value: (k) => (k.scopes ? k.scopes.join(", ") : "whole role") },
-      { label: "Models", class: "wrap", value: (k) => (k.models ? k.models.join(", ") : "all") },
-      { label: "Collections", class: "wrap", value: (k) => (k.collections ? k.collections.join(", ") : "all") },
-      { label: "Limits", value: (k) => limits(k) },
-      { label: "Expires", value: (k) => (k.expires_at ? timeEl(k.expires_at) : "never") },
-      { label: "Last used", value: (k) => (k.last_used_at ? timeEl(k.last_used_at) : "never") },
+      { label: "Narrowed to", class: "wrap", value: (k) => narrowed(k) },
+      { label: "Expires · last used", value: (k) => h("div", {}, k.expires_at ? timeEl(k.expires_at) : "never expires",
+        h("div", { class: "muted" }, k.last_used_at ? ["used ", timeEl(k.last_used_at)] : "never used")) },
       { label: "Status", value: (k) => (k.revoked_at ? badge("revoked", "bad")
         : k.expires_at && Date.parse(k.expires_at) < now ? badge("expired", "warn") : badge("active", "ok")) },
       { label: "Actions", value: (k) => (k.revoked_at ? "—" : h("button", { class: "danger small",
@@ -114,6 +111,17 @@ export async function render(container, { signal }) {
     : "Your own API keys. They carry your role; narrow them with scopes, models and limits."),
   created, panelWithActions(admin ? "All keys" : "Your keys", [create], listArea));
   await load();
+}
+
+// What narrows a key beyond its role: scopes, models, collections and limits; "whole role" when nothing does.
+function narrowed(k) {
+  const parts = [];
+  if (k.scopes) parts.push(`scopes: ${k.scopes.join(", ")}`);
+  if (k.models) parts.push(`models: ${k.models.join(", ")}`);
+  if (k.collections) parts.push(`collections: ${k.collections.join(", ")}`);
+  const limit = limits(k);
+  if (limit !== "none") parts.push(`limits: ${limit}`);
+  return parts.length ? parts.map((part) => h("div", {}, part)) : "whole role";
 }
 
 function limits(k) {
