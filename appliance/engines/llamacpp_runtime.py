@@ -13,6 +13,7 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
 from appliance.engines.chat_template import ChatTemplate
+from appliance.engines.llamacpp_logprobs import TokenLogprob
 
 MAX_DEFAULT_CTX = 8192  # per sequence, when the settings leave it to the model's trained length
 
@@ -30,10 +31,12 @@ class ContextLengthExceeded(Exception):
 
 @dataclass
 class Piece:
-    """A slice of generated text; `finish_reason` is set on the last one."""
+    """A slice of generated text; `finish_reason` is set on the last one. `logprobs`: the entries of the tokens
+    generated since the last piece, when the request asked for them."""
 
     text: str
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -145,6 +148,11 @@ class LlamaRuntime:
     def forget(self, seq_id: int, from_pos: int) -> bool:
         """Free the KV cells of `seq_id` from `from_pos` on (-1 frees them all); False if llama.cpp cannot."""
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, from_pos, -1))
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Make `dst` hold what `src` holds (n > 1 choices share their prompt's KV cache). With a KV buffer per
+        sequence (kv_unified=False) llama.cpp copies whole buffers, replacing all of `dst`, on the next decode."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
     def decode(self, n_tokens: int) -> int:
         self.batch.n_tokens = n_tokens

@@ -2,9 +2,10 @@
 
 Each sequence owns one chain (logit bias, penalties, grammar, then greedy or top-k/top-p/min-p/temperature/seeded
 draw), so concurrent requests never share sampling state. Plain greedy decoding (temperature 0, no penalties, no
-grammar) skips the chain: the arg-max of the biased logits row, read in place with numpy, picks the same token
-(the first of equal maxima, as llama.cpp's greedy sampler) without copying the vocabulary into a candidate array
-each token (~9 us instead of ~50 us with a 49k vocabulary)."""
+grammar) skips the chain: the arg-max of the biased logits row, read in place with numpy (copied only when a
+logit_bias applies: the raw row also serves logprobs and the other choices of an n > 1 request), picks the same
+token (the first of equal maxima, as llama.cpp's greedy sampler) without copying the vocabulary into a candidate
+array each token (~9 us instead of ~50 us with a 49k vocabulary)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from appliance.engines import llamacpp_logprobs
 
 PENALTY_LAST_N = 64  # tokens the repetition/frequency/presence penalties look back over (llama.cpp's default)
 
@@ -42,6 +45,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF with a `root` rule
+    logprobs: int | None = None  # alternatives per token with each token's logprob; None: no logprobs
 
     @property
     def penalised(self) -> bool:
@@ -52,6 +56,10 @@ def sampling_from(body: dict[str, Any]) -> SamplingParams:
     """OpenAI request fields to sampling parameters; absent or null fields take the defaults."""
     given = {k: v for k, v in body.items() if v is not None}
     stop = given.get("stop", [])
+    try:
+        logprobs = llamacpp_logprobs.requested(given)
+    except ValueError as exc:
+        raise InvalidSampling(*exc.args) from None
     return SamplingParams(
         max_tokens=given.get("max_completion_tokens") or given.get("max_tokens"),
         temperature=given.get("temperature", 1.0),
@@ -65,6 +73,7 @@ def sampling_from(body: dict[str, Any]) -> SamplingParams:
         stop=[stop] if isinstance(stop, str) else list(stop),
         logit_bias={int(k): float(v) for k, v in given.get("logit_bias", {}).items()},
         grammar=grammar_for(given.get("response_format")),
+        logprobs=logprobs,
     )
 
 
@@ -149,7 +158,8 @@ class SamplerChain:
         if not row:
             raise RuntimeError(f"llama.cpp has no logits for batch entry {index}")
         logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
-        if len(self.bias_tokens):  # in place: llama.cpp rewrites the row at the next decode
+        if len(self.bias_tokens):  # on a copy: the row stays raw for logprobs and for n > 1 choices sharing it
+            logits = logits.copy()
             logits[self.bias_tokens] += self.bias_values
         return int(logits.argmax())
 

@@ -10,7 +10,15 @@ of a burst of requests, so that their prompts are computed together in the first
 What a step produced for every request is handed over at once (`deliver`), so the worker's event loop wakes once
 per step, not once per token. With a stream interval, a request's text is handed over at most that often: the
 first text at once, then whatever accumulated (a few tokens when one sequence runs alone and fast), which saves
-the HTTP layers a write, a read and a wake-up per token that would otherwise take CPU from the decoding."""
+the HTTP layers a write, a read and a wake-up per token that would otherwise take CPU from the decoding.
+
+The n choices of one request (`n` > 1) are n jobs; the first leads. The others, when they get a slot at the same
+time, do not compute the prompt: once the leader's prompt is decoded, its KV cells are copied to their sequences
+(`LlamaRuntime.copy_sequence`) and they sample their first token from the leader's logits row. A choice that waits
+for a slot runs as a job of its own later (its slot's cached prefix still saves most of the prompt).
+
+A request asking for logprobs gets, with each piece of text, the entries of the tokens behind it
+(appliance.engines.llamacpp_logprobs); for the others the per-token path is unchanged."""
 
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.engines.llamacpp_logprobs import TokenLogprob, token_logprob
 from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece, StopMatcher, Usage
 from appliance.engines.llamacpp_sampling import SamplerChain, SamplingParams
 
@@ -48,6 +57,7 @@ class Job:
     emit: Emit
     limit: int  # most tokens it may generate
     usage: Usage = field(default_factory=Usage)
+    leader: Job | None = None  # another choice of the same request, whose prompt's KV cells this one may copy
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
 
@@ -71,6 +81,8 @@ class Slot:
     held: str = ""  # text not yet handed over (stream interval)
     handed: float = 0.0  # when text was last handed over; 0 = never for this job
     output_index: int = -1  # batch entry whose logits this slot samples from after the step
+    followers: list[Slot] = field(default_factory=list)  # slots waiting to copy this one's prompt (n > 1)
+    logprobs: list[TokenLogprob] | None = None  # entries not yet handed over; None: the job asked for none
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -94,6 +106,7 @@ class Scheduler:
         self.generated_tokens = 0
         self.cancelled = 0
         self.reused_prompt_tokens = 0
+        self.copied_prompt_tokens = 0
         self.steps = 0
         self._buffer = ctypes.create_string_buffer(64)
         self.thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
@@ -107,9 +120,10 @@ class Scheduler:
             self.wake.notify()
         self.thread.join()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs; the choices of one request are submitted together, so that they are admitted together."""
         with self.wake:
-            self.queue.append(job)
+            self.queue.extend(jobs)
             self.wake.notify()
 
     def cancel(self, job: Job) -> None:
@@ -125,7 +139,8 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         return {"parallel": len(self.slots), "active_sequences": self.active, "queued": len(self.queue),
                 "generated_tokens": self.generated_tokens, "cancelled": self.cancelled,
-                "reused_prompt_tokens": self.reused_prompt_tokens, "steps": self.steps}
+                "reused_prompt_tokens": self.reused_prompt_tokens,
+                "copied_prompt_tokens": self.copied_prompt_tokens, "steps": self.steps}
 
     # ------------------------------------------------------------------ the loop (scheduler thread only)
 
@@ -198,13 +213,20 @@ class Scheduler:
                 self._emit(job, exc)
 
     def _assign(self, slot: Slot, job: Job) -> None:
-        keep = min(common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # decode >= 1 token for logits
-        if not self.runtime.forget(slot.seq_id, keep):
+        leader = next((s for s in self.slots if job.leader is not None and s.job is job.leader), None)
+        attached = leader is not None and bool(leader.pending)
+        if attached:  # copies the leader's prompt once it is decoded
             keep = 0
             self.runtime.forget(slot.seq_id, -1)
+        else:
+            keep = min(common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # decode >= 1 token for logits
+            if not self.runtime.forget(slot.seq_id, keep):
+                keep = 0
+                self.runtime.forget(slot.seq_id, -1)
         slot.cached = job.tokens[:keep]
-        slot.pending = job.tokens[keep:]
+        slot.pending = [] if attached else job.tokens[keep:]
         slot.next_token = None
+        slot.logprobs = [] if job.params.logprobs is not None else None
         seed = job.params.seed if job.params.seed is not None else secrets.randbits(32)
         slot.sampler = SamplerChain(job.params, self.runtime.vocab, self.runtime.n_vocab, seed)
         slot.sampler.accept_prompt(job.tokens)
@@ -216,6 +238,8 @@ class Scheduler:
         job.usage.cached_tokens = keep
         self.reused_prompt_tokens += keep
         slot.job = job
+        if leader is not None and attached:
+            leader.followers.append(slot)
 
     def _drop_cancelled(self) -> None:
         for slot in self.slots:
@@ -260,8 +284,22 @@ class Scheduler:
         for slot in self.slots:
             if slot.job is not None and slot.output_index >= 0:
                 slot.last_used = now
+                if slot.followers:  # its prompt is decoded now: the other choices start from a copy
+                    self._start_followers(slot, now)
                 assert slot.sampler is not None
-                self._take(slot, slot.sampler.sample(self.runtime.ctx, slot.output_index), now)
+                self._take(slot, slot.sampler.sample(self.runtime.ctx, slot.output_index), now, slot.output_index)
+
+    def _start_followers(self, leader: Slot, now: float) -> None:
+        """Copy the leader's prompt cells to each follower, which samples its first token from the leader's row
+        (samplers only read the row)."""
+        followers, leader.followers = leader.followers, []
+        for slot in followers:
+            assert slot.sampler is not None
+            self.runtime.copy_sequence(leader.seq_id, slot.seq_id)
+            slot.cached = list(leader.cached)
+            slot.last_used = now
+            self.copied_prompt_tokens += len(leader.cached)
+            self._take(slot, slot.sampler.sample(self.runtime.ctx, leader.output_index), now, leader.output_index)
 
     @staticmethod
     def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
@@ -271,8 +309,9 @@ class Scheduler:
         batch.seq_id[i][0] = seq_id
         batch.logits[i] = logits
 
-    def _take(self, slot: Slot, token: int, now: float) -> None:
-        """Handle a sampled token: end of generation, text through the stop matcher, or the length limit."""
+    def _take(self, slot: Slot, token: int, now: float, index: int) -> None:
+        """Handle a token sampled from batch entry `index`: end of generation, text through the stop matcher, or
+        the length limit."""
         job = slot.job
         assert job is not None
         if self.runtime.is_end_of_generation(token):
@@ -280,11 +319,15 @@ class Scheduler:
             return
         job.usage.completion_tokens += 1
         self.generated_tokens += 1
+        if slot.logprobs is not None:
+            slot.logprobs.append(token_logprob(self.runtime.ctx, index, self.runtime.n_vocab, token,
+                                               job.params.logprobs or 0, self._piece))
         out, stopped = slot.stops.feed(slot.text.decode(self.runtime.piece(token, self._buffer)))
         if out:
             slot.held += out
             if now - slot.handed >= self.stream_interval or not slot.handed:
-                self._emit(job, Piece(slot.held))
+                self._emit(job, Piece(slot.held) if slot.logprobs is None else
+                           Piece(slot.held, logprobs=self._handed_logprobs(slot)))
                 slot.held = ""
                 slot.handed = now
         if stopped:
@@ -294,6 +337,17 @@ class Scheduler:
         else:
             slot.next_token = token
 
+    def _piece(self, token: int) -> bytes:
+        return self.runtime.piece(token, self._buffer)
+
+    @staticmethod
+    def _handed_logprobs(slot: Slot) -> list[TokenLogprob] | None:
+        """The logprob entries to hand over with the slot's held text (None when its job asked for none)."""
+        if slot.logprobs is None:
+            return None
+        out, slot.logprobs = slot.logprobs, []
+        return out
+
     def _finish(self, slot: Slot, reason: str) -> None:
         slot.held += slot.stops.flush() + slot.text.decode(b"", final=True)
         self._release(slot, Piece("", reason))
@@ -302,6 +356,14 @@ class Scheduler:
         """End the slot's job; the slot's cache keeps what was decoded, for the next prompt that shares it."""
         job, slot.job = slot.job, None
         held, slot.held = slot.held, ""
+        logprobs, slot.logprobs = self._handed_logprobs(slot), None
+        for other in self.slots:  # a follower leaves its leader; a leader's followers compute the prompt themselves
+            if slot in other.followers:
+                other.followers.remove(slot)
+        for follower in slot.followers:
+            if follower.job is not None:
+                follower.pending = list(follower.job.tokens)
+        slot.followers = []
         if slot.sampler is not None:
             slot.sampler.close()
             slot.sampler = None
@@ -314,5 +376,5 @@ class Scheduler:
         if job is None:
             return
         if isinstance(last, Piece) and last.finish_reason != "cancelled":
-            last = Piece(held + last.text, last.finish_reason)  # the held text travels with the finish reason
+            last = Piece(held + last.text, last.finish_reason, logprobs)  # held text goes with the finish reason
         self._emit(job, last)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import os
 import signal
 import sys
@@ -20,8 +21,9 @@ from typing import Any
 import msgspec
 
 from appliance.engines.chat_template import ChatTemplateError
+from appliance.engines.llamacpp_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRuntime, Piece, Usage
-from appliance.engines.llamacpp_sampling import InvalidSampling, sampling_from
+from appliance.engines.llamacpp_sampling import InvalidSampling, SamplingParams, sampling_from
 from appliance.engines.llamacpp_scheduler import Job, Outbox, Scheduler
 
 Scope = MutableMapping[str, Any]
@@ -29,7 +31,9 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 PR_SET_PDEATHSIG = 1
+MAX_N = 128  # choices per request, as OpenAI; beyond the worker's free sequences they queue
 _encoder = msgspec.json.Encoder()
+Indexed = tuple[int, Piece | BaseException]  # a choice's index and its next item
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -56,7 +60,9 @@ class CompletionFormat:
         self.object = "chat.completion" if chat else "text_completion"
 
     def chunk(self, piece: Piece | None, *, first: bool = False, usage: Usage | None = None,
-              with_usage_field: bool = False) -> bytes:
+              with_usage_field: bool = False, index: int = 0, offset: int = 0) -> bytes:
+        """One SSE event: `piece` of choice `index` (`offset`: characters of that choice already sent, for the
+        legacy logprobs' text_offset), or the usage alone."""
         obj: dict[str, Any] = {"id": self.id, "object": self.object + (".chunk" if self.chat else ""),
                                "created": self.created, "model": self.model, "system_fingerprint": None}
         if piece is None:
@@ -65,9 +71,10 @@ class CompletionFormat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if piece.text:
                 delta["content"] = piece.text
-            obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": piece.finish_reason}]
+            obj["choices"] = [{"index": index, "delta": delta, "logprobs": self.logprobs(piece.logprobs, offset),
+                               "finish_reason": piece.finish_reason}]
         else:
-            obj["choices"] = [{"index": 0, "text": piece.text, "logprobs": None,
+            obj["choices"] = [{"index": index, "text": piece.text, "logprobs": self.logprobs(piece.logprobs, offset),
                                "finish_reason": piece.finish_reason}]
         if usage is not None:
             obj["usage"] = _usage(usage)
@@ -75,14 +82,28 @@ class CompletionFormat:
             obj["usage"] = None
         return b"data: " + _encoder.encode(obj) + b"\n\n"
 
-    def whole(self, text: str, finish_reason: str, usage: Usage) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def logprobs(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        return chat_logprobs(entries) if self.chat else completion_logprobs(entries, offset)
+
+    def whole(self, text: str, finish_reason: str, usage: Usage, *,
+              logprobs: list[TokenLogprob] | None = None) -> bytes:
+        return self.body([self.choice(text, finish_reason, logprobs=logprobs)], usage)
+
+    def body(self, choices: list[dict[str, Any]], usage: Usage) -> bytes:
+        """The whole response with these choices (from `choice`, n of them for an n > 1 request)."""
+        return _encoder.encode({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                                "system_fingerprint": None, "choices": choices, "usage": _usage(usage)})
+
+    def choice(self, text: str, finish_reason: str, *, index: int = 0,
+               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        return _encoder.encode({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                                "system_fingerprint": None, "choices": [choice], "usage": _usage(usage)})
+        return choice
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -141,6 +162,7 @@ class WorkerApp:
             prompt = self.runtime.chat_prompt(body["messages"]) if chat else body["prompt"]
             tokens = self.runtime.tokenize(prompt, is_chat=chat)
             params = sampling_from(body)
+            n = choices_of(body)
             limit = self.runtime.check_context(len(tokens), params.max_tokens, what)
         except ContextLengthExceeded as exc:
             await _respond(send, 400, error_body(str(exc), "invalid_request_error", "context_length_exceeded", what))
@@ -152,55 +174,96 @@ class WorkerApp:
             await _respond(send, 400, error_body(str(exc), "invalid_request_error", "invalid_value", exc.param))
             return
         self.loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
-        job = Job(tokens, params, queue.put_nowait, limit)  # called on this loop by _dispatch
+        queue: asyncio.Queue[Indexed] = asyncio.Queue()
+        jobs = choice_jobs(tokens, params, limit, n, queue)  # their emits are called on this loop by _dispatch
 
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            self.scheduler.cancel(job)
+            for job in jobs:
+                self.scheduler.cancel(job)
 
         watcher = asyncio.create_task(watch_disconnect())
         self.busy += 1
-        self.scheduler.submit(job)
+        self.scheduler.submit(*jobs)
         try:
             first = await queue.get()  # before any header: a request refused by the scheduler gets its own status
-            if isinstance(first, InvalidSampling):
-                await _respond(send, 400, error_body(str(first), "invalid_request_error", "invalid_value",
-                                                     first.param))
+            if isinstance(first[1], InvalidSampling):
+                await _respond(send, 400, error_body(str(first[1]), "invalid_request_error", "invalid_value",
+                                                     first[1].param))
                 return
             fmt = CompletionFormat(chat, body.get("model") or self.model_name)
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                await self._stream(send, fmt, first, queue, job.usage, include_usage)
+                await self._stream(send, fmt, first, queue, jobs, include_usage)
             else:
-                text, finish = await _collect(first, queue)
-                if finish != "cancelled":
-                    await _respond(send, 200, fmt.whole(text, finish, job.usage))
+                choices = await _collect(first, queue, n)
+                if all(finish != "cancelled" for _, finish, _ in choices):
+                    await _respond(send, 200, fmt.body([fmt.choice(text, finish, index=i, logprobs=logprobs)
+                                                        for i, (text, finish, logprobs) in enumerate(choices)],
+                                                       total_usage(jobs)))
         finally:
-            self.scheduler.cancel(job)
+            for job in jobs:
+                self.scheduler.cancel(job)
             watcher.cancel()
             self.busy -= 1
 
-    async def _stream(self, send: Send, fmt: CompletionFormat, item: Piece | BaseException,
-                      queue: asyncio.Queue[Piece | BaseException], usage: Usage, include_usage: bool) -> None:
+    async def _stream(self, send: Send, fmt: CompletionFormat, item: Indexed, queue: asyncio.Queue[Indexed],
+                      jobs: list[Job], include_usage: bool) -> None:
+        """The choices' pieces as they come, each chunk naming its choice; the usage and [DONE] after the last
+        choice finished."""
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-        first = True
+        started = [False] * len(jobs)
+        offsets = [0] * len(jobs)  # characters sent per choice (the legacy logprobs' text_offset)
+        running = len(jobs)
         while True:
-            if isinstance(item, BaseException):
-                raise item
-            if item.finish_reason == "cancelled":
+            index, piece = item
+            if isinstance(piece, BaseException):
+                raise piece
+            if piece.finish_reason == "cancelled":
                 break
-            await _send_chunk(send, fmt.chunk(item, first=first, with_usage_field=include_usage))
-            first = False
-            if item.finish_reason is not None:
-                if include_usage:
-                    await _send_chunk(send, fmt.chunk(None, usage=usage))
-                await _send_chunk(send, b"data: [DONE]\n\n")
-                break
+            await _send_chunk(send, fmt.chunk(piece, first=not started[index], with_usage_field=include_usage,
+                                              index=index, offset=offsets[index]))
+            started[index] = True
+            offsets[index] += len(piece.text)
+            if piece.finish_reason is not None:
+                running -= 1
+                if not running:
+                    if include_usage:
+                        await _send_chunk(send, fmt.chunk(None, usage=total_usage(jobs)))
+                    await _send_chunk(send, b"data: [DONE]\n\n")
+                    break
             item = await queue.get()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def choices_of(body: dict[str, Any]) -> int:
+    """The request's `n`: how many choices to generate for its prompt."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise InvalidSampling(f"n must be an integer from 1 to {MAX_N}", "n")
+    return n
+
+
+def choice_jobs(tokens: list[int], params: SamplingParams, limit: int, n: int, queue: asyncio.Queue[Indexed]
+                ) -> list[Job]:
+    """One job per choice; the first leads (the others copy its prompt's KV cache). With a seed, choice i samples
+    with seed + i: the choices differ, and the same request gives the same choices again."""
+    def emit_to(index: int) -> Callable[[Piece | BaseException], None]:
+        return lambda item: queue.put_nowait((index, item))
+
+    leader = Job(tokens, params, emit_to(0), limit)
+    return [leader, *(Job(tokens, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
+                          emit_to(i), limit, leader=leader) for i in range(1, n))]
+
+
+def total_usage(jobs: list[Job]) -> Usage:
+    """The request's usage: the prompt once, the completion tokens of every choice (as OpenAI counts n > 1)."""
+    return Usage(jobs[0].usage.prompt_tokens, sum(job.usage.completion_tokens for job in jobs),
+                 jobs[0].usage.cached_tokens)
 
 
 def _dispatch(items: Outbox) -> None:
@@ -208,14 +271,26 @@ def _dispatch(items: Outbox) -> None:
         job.emit(item)
 
 
-async def _collect(item: Piece | BaseException, queue: asyncio.Queue[Piece | BaseException]) -> tuple[str, str]:
-    parts: list[str] = []
+async def _collect(item: Indexed, queue: asyncio.Queue[Indexed], n: int
+                   ) -> list[tuple[str, str, list[TokenLogprob] | None]]:
+    """Each choice's text, finish reason and logprob entries (None when not asked for); a cancelled choice ends the
+    collection (the client is gone)."""
+    parts: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[TokenLogprob] | None] = [None] * n
+    finish: list[str] = [""] * n
+    running = n
     while True:
-        if isinstance(item, BaseException):
-            raise item
-        parts.append(item.text)
-        if item.finish_reason:
-            return "".join(parts), item.finish_reason
+        index, piece = item
+        if isinstance(piece, BaseException):
+            raise piece
+        parts[index].append(piece.text)
+        if piece.logprobs is not None:
+            logprobs[index] = (logprobs[index] or []) + piece.logprobs
+        if piece.finish_reason:
+            finish[index] = piece.finish_reason
+            running -= 1
+            if not running or piece.finish_reason == "cancelled":
+                return [("".join(p), f or "cancelled", lp) for p, f, lp in zip(parts, finish, logprobs, strict=True)]
         item = await queue.get()
 
 
