@@ -3,7 +3,9 @@
 What is cached: deterministic requests (temperature 0, or a fixed seed) unless the client says `no-store` (body
 `"cache": "no-store"`, header `x-cache: no-store` or `Cache-Control: no-store`); a non-deterministic one only when
 the client opts in (`"cache": "store"` or `x-cache: store`). An answer is stored only when it completed and the
-privacy policy's cache surface allows the request's texts (`appliance.cache.policy.may_cache`).
+privacy policy's cache surface allows the request's texts (`appliance.cache.policy.may_cache`). Never cached,
+whatever the client says: n > 1 (an entry holds one choice, and n samples are asked for to differ) and logprobs
+(an entry holds no logprobs, and a replay must not drop them).
 
 Quotas: a hit is a request like any other (it counts against requests per minute) but is charged no tokens, since
 no model ran; its usage still reports the original token counts, with the whole prompt as
@@ -171,6 +173,10 @@ class ResponseCacheService:
 
     @staticmethod
     def _skip_reason(body: Mapping[str, Any], directive: keys.Directive | None) -> str | None:
+        if (body.get("n") or 1) > 1:
+            return "n"
+        if body.get("logprobs") not in (None, False):  # the legacy completions' logprobs=0 asks for them too
+            return "logprobs"
         if directive == "no-store":
             return "no-store"
         if directive != "store" and not keys.is_deterministic(body):

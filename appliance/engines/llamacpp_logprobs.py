@@ -38,7 +38,7 @@ def log_softmax_top(logits: np.ndarray[Any, Any], token: int, top: int) -> tuple
     if top <= 0:
         return chosen, []
     best = np.argpartition(logits, -top)[-top:]
-    best = best[np.argsort(-logits[best], kind="stable")]
+    best = best[np.lexsort((best, -logits[best]))]  # best first; equal logits: the lower id first, as greedy
     return chosen, [(int(i), float(logits[i]) - log_sum) for i in best]
 
 

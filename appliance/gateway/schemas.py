@@ -14,6 +14,7 @@ TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
+Choices = Annotated[int, msgspec.Meta(ge=1, le=128)]  # n, as OpenAI bounds it; beyond a worker's parallel they queue
 KeepAlive = Annotated[str, msgspec.Meta(pattern=r"^-?([0-9.]+(ns|us|µs|ms|s|m|h)?)+$", max_length=32)]
 
 
@@ -40,7 +41,7 @@ class SamplingFields(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: PositiveInt = 1
+    n: Choices = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
@@ -74,10 +75,13 @@ class ChatCompletionRequest(SamplingFields, frozen=True, omit_defaults=True, kw_
     max_completion_tokens: PositiveInt | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(SamplingFields, frozen=True, omit_defaults=True, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None  # the legacy form: alternatives per token
 
 
 R = TypeVar("R", bound=SamplingFields)
@@ -113,15 +117,14 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # the last two: gramm
 
 
 def _check_semantics(request: R) -> R:
-    if request.n != 1:
-        raise InvalidRequest("only n=1 is supported: send several requests for several completions",
-                             param="n", code="unsupported_value")
     if request.logit_bias:
         for key in request.logit_bias:
             if not key.isdigit():
                 raise InvalidRequest(f"logit_bias keys are token ids; {key!r} is not", param="logit_bias",
                                      code="invalid_value")
     if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         if request.tools:
             raise InvalidRequest("tool calling is not supported by this server yet; remove 'tools'",
                                  param="tools", code="unsupported_parameter")

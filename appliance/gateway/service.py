@@ -9,7 +9,8 @@ model gets (404 model_not_found), so that it learns nothing about what is instal
 
 Quotas (step 5): the request's tokens are estimated (`appliance.auth.quotas.estimate_tokens`) and reserved before
 it queues, on every subject the principal spends (a user's own key: the key and its owner; all or none); afterwards
-each reservation is settled with the worker's usage. Which usage, by outcome:
+each reservation is settled with the worker's usage. A request for n choices is n completions of one prompt: it
+reserves the prompt once and n x max_tokens, and its usage counts every choice's tokens. Which usage, by outcome:
 * completed (whole or streamed): the worker's `usage` (prompt_tokens + completion_tokens);
 * refused before generating (a worker 4xx such as context_length_exceeded, a full queue, a model that cannot load,
   a worker that died before answering): released, the request and its tokens are given back;
@@ -227,7 +228,7 @@ class CompletionService:
             prompt = estimate_prompt_tokens([m["content"] for m in body["messages"]], len(body["messages"]))
         else:
             prompt = estimate_prompt_tokens([body["prompt"]], 0)
-        tokens = estimate_tokens(prompt, body.get("max_tokens"))
+        tokens = prompt + int(body.get("n") or 1) * estimate_tokens(0, body.get("max_tokens"))  # n completions
         return Metered(self.quotas.reserve_all(principal.quotas, tokens), prompt)
 
     def _settle(self, metered: Metered) -> None:

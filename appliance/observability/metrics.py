@@ -41,8 +41,8 @@ class Metrics:
         self.cache_misses = Counter("appliance_cache_misses", "Cacheable requests the response cache did not hold.",
                                     ["cache"], registry=r)
         self.cache_skipped = Counter("appliance_cache_skipped", "Requests not looked up or answers not stored, by "
-                                     "reason (no-store, nondeterministic, privacy, incomplete).", ["reason"],
-                                     registry=r)
+                                     "reason (no-store, nondeterministic, n, logprobs, privacy, incomplete).",
+                                     ["reason"], registry=r)
         self.cache_evictions = Counter("appliance_cache_evictions", "Entries pushed out by the size limit or TTL.",
                                        ["cache"], registry=r)
         self.cache_bytes = Gauge("appliance_cache_bytes", "Size of the response cache.", ["cache"], registry=r)

@@ -1,7 +1,11 @@
 """The privacy policy on the completion path: the `prompt` surface on what goes to the model (block -> 422;
 redact, mask, pseudonymize rewrite the messages) and the `output` surface on what comes back, whole or streamed
 (SSE events are rewritten in place; text that might still be part of an entity is held back briefly, see
-appliance/privacy/streaming.py). Called from appliance/gateway/service.py."""
+appliance/privacy/streaming.py). Called from appliance/gateway/service.py.
+
+Every choice of an n > 1 response is screened on its own. Logprobs spell out the text token by token, so they follow
+their text: a stream's logprobs are held back while their choice's text is, and a choice whose text the policy
+rewrote loses its logprobs (whole: that choice's; streamed: from the rewrite on), rather than show what was hidden."""
 
 from __future__ import annotations
 
@@ -43,10 +47,12 @@ class GatewayPrivacy:
         marks = Placeholders()
         for choice in document.get("choices") or []:
             message = choice.get("message")
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                message["content"] = self.privacy.enforce("output", message["content"], marks, _OUTPUT)
-            elif isinstance(choice.get("text"), str):
-                choice["text"] = self.privacy.enforce("output", choice["text"], marks, _OUTPUT)
+            holder, key = (message, "content") if isinstance(message, dict) else (choice, "text")
+            text = holder.get(key)
+            if isinstance(text, str):
+                holder[key] = self.privacy.enforce("output", text, marks, _OUTPUT)
+                if holder[key] != text:
+                    choice["logprobs"] = None  # they would spell out what was rewritten
         return _encoder.encode(document)
 
     def screen_stream(self, events: AsyncIterator[bytes], error_event: Any) -> AsyncIterator[bytes]:
@@ -57,6 +63,42 @@ class GatewayPrivacy:
         return SseRedactor(self.privacy).run(events, error_event)
 
 
+class ChoiceLogprobs:
+    """A streamed choice's logprobs, released only with text that was released as the model wrote it."""
+
+    def __init__(self) -> None:
+        self.unreleased = ""  # text fed to the redactor and not yet released
+        self.held: list[dict[str, Any]] = []
+        self.rewritten = False
+
+    def follow(self, fed: str, released: str, logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The logprobs to send with `released`, the text released for `fed` (and `logprobs`, its chunk's)."""
+        if self.rewritten:
+            return None
+        self.unreleased += fed
+        if not self.unreleased.startswith(released):
+            self.rewritten, self.held = True, []
+            return None
+        self.unreleased = self.unreleased[len(released):]
+        if logprobs is not None:
+            self.held.append(logprobs)
+        if self.unreleased or not self.held:
+            return None
+        out = self.held[0] if len(self.held) == 1 else merge_logprobs(self.held)  # the same object: no re-encoding
+        self.held = []
+        return out
+
+
+def merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several chunks' logprobs as one: chat's `content` lists, or the legacy completions' parallel lists, joined."""
+    merged = dict(parts[0])
+    for part in parts[1:]:
+        for key, value in part.items():
+            if isinstance(value, list) and isinstance(merged.get(key), list):
+                merged[key] = [*merged[key], *value]
+    return merged
+
+
 class SseRedactor:
     """Rewrites OpenAI SSE chunks: each choice's text goes through its own StreamRedactor; held text is released
     with the choice's finish chunk, or in a chunk of its own before `[DONE]`."""
@@ -64,6 +106,7 @@ class SseRedactor:
     def __init__(self, privacy: Privacy) -> None:
         self.privacy = privacy
         self.redactors: dict[int, StreamRedactor] = {}
+        self.logprobs: dict[int, ChoiceLogprobs] = {}
         self.template: dict[str, Any] | None = None
         self.chat = True
 
@@ -72,6 +115,7 @@ class SseRedactor:
             redactor = self.privacy.stream("output", _OUTPUT)
             assert redactor is not None
             self.redactors[index] = redactor
+            self.logprobs[index] = ChoiceLogprobs()
         return self.redactors[index]
 
     async def run(self, events: AsyncIterator[bytes], error_event: Any) -> AsyncIterator[bytes]:
@@ -96,7 +140,8 @@ class SseRedactor:
         self.template = chunk
         changed = False
         for choice in choices:
-            redactor = self._redactor(int(choice.get("index", 0)))
+            index = int(choice.get("index", 0))
+            redactor = self._redactor(index)
             delta = choice.get("delta")
             self.chat = isinstance(delta, dict)
             holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
@@ -107,6 +152,12 @@ class SseRedactor:
             if (isinstance(text, str) or released) and released != text:
                 holder[key] = released
                 changed = True
+            logprobs = choice.get("logprobs")
+            if logprobs is not None or self.logprobs[index].held:
+                shown = self.logprobs[index].follow(text if isinstance(text, str) else "", released, logprobs)
+                if shown is not logprobs:
+                    choice["logprobs"] = shown
+                    changed = True
         if not changed:  # passed through as it came (most tokens): no re-encoding
             return event + b"\n\n"
         return b"data: " + _encoder.encode(chunk) + b"\n\n"
@@ -118,7 +169,8 @@ class SseRedactor:
             text = redactor.flush()
             if text and self.template is not None:
                 piece = {"index": index, "delta": {"content": text}} if self.chat else {"index": index, "text": text}
-                chunk = {**self.template, "choices": [{**piece, "logprobs": None, "finish_reason": None}]}
+                logprobs = self.logprobs[index].follow("", text, None)
+                chunk = {**self.template, "choices": [{**piece, "logprobs": logprobs, "finish_reason": None}]}
                 chunk.pop("usage", None)
                 out.append(b"data: " + _encoder.encode(chunk) + b"\n\n")
         return b"".join(out)

@@ -94,6 +94,9 @@ def test_another_partition_never_sees_the_answer(service: ResponseCacheService) 
 @pytest.mark.parametrize(("fields", "directive", "reason"), [
     ({}, None, "nondeterministic"), ({"temperature": 0.7}, None, "nondeterministic"),
     ({"temperature": 0}, "no-store", "no-store"),
+    ({"temperature": 0, "n": 2}, "store", "n"), ({"seed": 3, "n": 3}, None, "n"),
+    ({"temperature": 0, "logprobs": True}, "store", "logprobs"),
+    ({"temperature": 0, "logprobs": True, "top_logprobs": 0}, None, "logprobs"),
 ])
 def test_skipped_requests_are_neither_looked_up_nor_stored(service: ResponseCacheService, metrics: Metrics,
                                                            fields: dict[str, Any], directive: Any,
@@ -103,6 +106,13 @@ def test_skipped_requests_are_neither_looked_up_nor_stored(service: ResponseCach
     lookup.store_whole(worker_answer())
     assert len(service.cache) == 0
     assert count(metrics, "appliance_cache_skipped_total", reason=reason) == 1
+
+
+def test_a_cached_single_choice_never_answers_n_choices(service: ResponseCacheService) -> None:
+    look(service, body_of(temperature=0)).store_whole(worker_answer())
+    assert look(service, body_of(temperature=0, n=1)).entry is not None  # n=1 said or not: the same request
+    assert look(service, body_of(temperature=0, n=2)).entry is None
+    assert look(service, body_of(temperature=0, logprobs=True)).entry is None
 
 
 def test_opt_in_caches_a_non_deterministic_request(service: ResponseCacheService) -> None:

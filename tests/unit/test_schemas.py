@@ -66,6 +66,13 @@ def test_valid_completion_body_decodes() -> None:
     (chat(messages=[USER, {"role": "user", "content": 5}]), "messages[1].content"),
     (chat(messages=[{"role": "user", "content": [{"type": "audio", "data": "x"}]}]),
      "messages[0].content[0].type"),
+    (chat(n=0), "n"),
+    (chat(n=129), "n"),
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (chat(logprobs=True, top_logprobs=-1), "top_logprobs"),
+    (chat(logprobs=3), "logprobs"),
+    (completion(logprobs=6), "logprobs"),
+    (completion(logprobs=True), "logprobs"),
     (completion(prompt=["one", "two"]), "prompt"),
     (completion(prompt=[]), "prompt"),
 ])
@@ -81,7 +88,8 @@ def test_invalid_values_name_their_parameter(body: bytes, param: str) -> None:
 
 
 @pytest.mark.parametrize(("body", "param", "says"), [
-    (chat(n=2), "n", "n=1"),
+    (chat(top_logprobs=2), "top_logprobs", "logprobs: true"),
+    (chat(logprobs=False, top_logprobs=2), "top_logprobs", "logprobs: true"),
     (chat(logit_bias={"hello": 1}), "logit_bias", "token ids"),
     (chat(logit_bias={"-3": 1}), "logit_bias", "token ids"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "tool calling"),
@@ -159,3 +167,13 @@ def test_upstream_body_maps_max_completion_tokens() -> None:
 def test_upstream_body_omits_unset_fields_and_unwraps_prompt_list() -> None:
     body = upstream_body(decode_request(completion(prompt=["only one"], temperature=0), CompletionRequest))
     assert body == {"model": "m", "prompt": "only one", "temperature": 0}
+
+
+def test_logprobs_and_n_reach_the_worker() -> None:
+    request = decode_request(chat(n=3, logprobs=True, top_logprobs=20), ChatCompletionRequest)
+    assert {k: upstream_body(request)[k] for k in ("n", "logprobs", "top_logprobs")} == {
+        "n": 3, "logprobs": True, "top_logprobs": 20}
+    legacy = decode_request(completion(logprobs=0, n=2), CompletionRequest)
+    assert (upstream_body(legacy)["logprobs"], upstream_body(legacy)["n"]) == (0, 2)
+    plain = upstream_body(decode_request(chat(), ChatCompletionRequest))
+    assert not {"n", "logprobs", "top_logprobs"} & plain.keys()  # absent stays absent: cache keys are unchanged
