@@ -51,12 +51,14 @@ def scheduler(gguf: Path) -> Iterator[Scheduler]:
 class Request:
     """A submitted job and the pieces it has received."""
 
-    def __init__(self, scheduler: Scheduler, prompt: str, **params: object) -> None:
+    def __init__(self, scheduler: Scheduler, prompt: str, leader: Job | None = None, submit: bool = True,
+                 **params: object) -> None:
         self.items: queue.Queue[Piece | BaseException] = queue.Queue()
         tokens = scheduler.runtime.tokenize(prompt, is_chat=False)
         sampling = SamplingParams(**params)  # type: ignore[arg-type]
-        self.job = Job(tokens, sampling, self.items.put, sampling.max_tokens or 64)
-        scheduler.submit(self.job)
+        self.job = Job(tokens, sampling, self.items.put, sampling.max_tokens or 64, leader=leader)
+        if submit:
+            scheduler.submit(self.job)
 
     def next(self) -> Piece:
         item = self.items.get(timeout=300)
@@ -182,7 +184,7 @@ def test_greedy_fast_path_picks_the_chains_token(gguf: Path) -> None:
             chain = SamplerChain(params, runtime.vocab, runtime.n_vocab, 0, fast=False)
             fast = SamplerChain(params, runtime.vocab, runtime.n_vocab, 0)
             assert fast.greedy and not chain.greedy
-            try:  # the chain first: the fast path biases the row in place
+            try:
                 return [(chain.sample(runtime.ctx, i), fast.sample(runtime.ctx, i)) for i in range(len(tokens))]
             finally:
                 chain.close()
@@ -192,6 +194,7 @@ def test_greedy_fast_path_picks_the_chains_token(gguf: Path) -> None:
         assert all(a == b for a, b in plain) and len({a for a, _ in plain}) > 3
         banned = both({plain[-1][0]: -100.0, **NO_EOS})
         assert all(a == b for a, b in banned) and banned[-1][0] != plain[-1][0]
+        assert both({}) == plain  # the bias went on copies: the rows stay raw for logprobs and other choices
     finally:
         runtime.close()
 
@@ -225,3 +228,47 @@ def test_a_burst_from_idle_shares_the_first_step(scheduler: Scheduler) -> None:
     assert all(r.result()[1] == "length" for r in burst)
     assert sum(len(r.job.tokens) for r in burst) <= scheduler.runtime.n_batch
     assert scheduler.stats()["steps"] - before == 2
+
+
+def choices(scheduler: Scheduler, prompt: str, n: int, **params: object) -> list[Request]:
+    """The n choices of one request, submitted together with the first leading, as the worker does."""
+    first = Request(scheduler, prompt, submit=False, **params)
+    requests = [first, *(Request(scheduler, prompt, leader=first.job, submit=False, **params) for _ in range(n - 1))]
+    scheduler.submit(*(r.job for r in requests))
+    return requests
+
+
+PROMPT = "A long shared instruction that every choice of the request starts from, repeated to be long. " * 3
+
+
+def test_choices_copy_the_leaders_prompt_and_decode_the_same_as_alone(scheduler: Scheduler) -> None:
+    solo = Request(scheduler, PROMPT, temperature=0, max_tokens=12, logit_bias=NO_EOS).result()
+    before = scheduler.stats()["copied_prompt_tokens"]
+    three = choices(scheduler, PROMPT, 3, temperature=0, max_tokens=12, logit_bias=NO_EOS, logprobs=2)
+    assert [r.result() for r in three] == [solo] * 3
+    assert scheduler.stats()["copied_prompt_tokens"] - before == 2 * len(three[0].job.tokens)
+    assert [r.job.usage.completion_tokens for r in three] == [12] * 3
+
+
+def test_choices_of_a_leader_cancelled_before_its_prompt_compute_the_prompt_themselves(scheduler: Scheduler) -> None:
+    solo = Request(scheduler, PROMPT + "Again.", temperature=0, max_tokens=6, logit_bias=NO_EOS).result()
+    first = Request(scheduler, PROMPT + "Again.", submit=False, temperature=0, max_tokens=6, logit_bias=NO_EOS)
+    first.job.cancel()  # gone before the scheduler sees it: the others must not wait for its prompt
+    rest = [Request(scheduler, PROMPT + "Again.", leader=first.job, submit=False, temperature=0, max_tokens=6,
+                    logit_bias=NO_EOS) for _ in range(2)]
+    scheduler.submit(first.job, *(r.job for r in rest))
+    assert first.result()[1] == "cancelled"
+    assert [r.result() for r in rest] == [solo] * 2
+
+
+def test_logprob_entries_come_with_the_text_one_per_token(scheduler: Scheduler) -> None:
+    request = Request(scheduler, "The capital of France is", temperature=0, max_tokens=10, logprobs=4)
+    pieces = []  # no logit_bias: greedy must take the arg-max of the very distribution shown
+    while not pieces or not pieces[-1].finish_reason:
+        pieces.append(request.next())
+    entries = [e for p in pieces for e in p.logprobs or []]
+    assert len(entries) == request.job.usage.completion_tokens > 0
+    assert b"".join(e.token for e in entries).decode() == "".join(p.text for p in pieces)
+    assert all(len(e.top) == 4 and e.top[0] == (e.token, e.logprob) for e in entries)
+    plain = Request(scheduler, "The capital of France is", temperature=0, max_tokens=2)
+    assert plain.next().logprobs is None
