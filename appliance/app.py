@@ -67,6 +67,9 @@ from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.vllm import VllmEngine, VllmWorker
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
 from appliance.gateway.embeddings import EmbeddingsEndpoint
+from appliance.gateway.responses.routes import ResponsesController
+from appliance.gateway.responses.service import ResponsesService
+from appliance.gateway.responses.store import ConversationStore, ResponseStore
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
 from appliance.logs import get_logger, install_scrubber
@@ -144,6 +147,9 @@ class Services:
         self.completions.rag_chat = RagChat(self.rag, self.pool, self.rbac)
         self.completions.privacy = self.privacy.gateway
         self.usage = self.completions.usage = UsageLog(self.conn)  # the usage history (GET /api/usage)
+        # the Responses API over the chat path; stored responses are the `conversations` data class
+        self.responses = ResponsesService(self.completions, ResponseStore(self.conn), self.privacy.privacy, self.rbac)
+        self.privacy.retention.register(ConversationStore(self.conn))
         # versions: a worker per version (`name@N`), aliases and canaries resolved per request, canaries watched
         self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit)
         self.pool.key = self.registry.versions.worker_key
@@ -356,8 +362,8 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         services.conn.close()
 
     return Litestar(
-        route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
-                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
+        route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *KEYS_ROUTES,
+                        *USERS_ROUTES, *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES, *SETTINGS_ROUTES,
                         *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES,
                         *WEBUI_ROUTES],
