@@ -21,8 +21,9 @@ import msgspec
 
 from appliance.engines.chat_template import ChatTemplateError
 from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRuntime, Piece, Usage
-from appliance.engines.llamacpp_sampling import InvalidSampling, sampling_from
+from appliance.engines.llamacpp_sampling import InvalidSampling, response_schema, sampling_from
 from appliance.engines.llamacpp_scheduler import Job, Outbox, Scheduler
+from appliance.engines.tool_calls import CallDelta, ToolCallParser, ToolRequestError, ToolSet, tool_style
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -48,9 +49,10 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
 class CompletionFormat:
     """OpenAI response shapes for /v1/chat/completions and /v1/completions."""
 
-    def __init__(self, chat: bool, model: str) -> None:
+    def __init__(self, chat: bool, model: str, tools: bool = False) -> None:
         self.chat = chat
         self.model = model
+        self.calls = ToolCallParser() if tools else None
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -65,7 +67,14 @@ class CompletionFormat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if piece.text:
                 delta["content"] = piece.text
-            obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": piece.finish_reason}]
+            if piece.tool_text and self.calls is not None:
+                deltas = [_call_delta(d) for d in self.calls.feed(piece.tool_text)]
+                if deltas:
+                    delta["tool_calls"] = deltas
+                elif not delta and piece.finish_reason is None:
+                    return b""  # the calls' syntax between their names and arguments: nothing to send
+            obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
+                               "finish_reason": self.finish_reason(piece.finish_reason)}]
         else:
             obj["choices"] = [{"index": 0, "text": piece.text, "logprobs": None,
                                "finish_reason": piece.finish_reason}]
@@ -75,14 +84,32 @@ class CompletionFormat:
             obj["usage"] = None
         return b"data: " + _encoder.encode(obj) + b"\n\n"
 
-    def whole(self, text: str, finish_reason: str, usage: Usage) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def finish_reason(self, reason: str | None) -> str | None:
+        """OpenAI's "tool_calls" when the model stopped after writing calls."""
+        if reason == "stop" and self.calls is not None and self.calls.calls:
+            return "tool_calls"
+        return reason
+
+    def whole(self, text: str, finish_reason: str, usage: Usage, tool_text: str = "") -> bytes:
+        if self.calls is not None and tool_text:
+            self.calls.feed(tool_text)
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": self.finish_reason(finish_reason)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if self.calls is not None and self.calls.calls:
+                choice["message"] = {"role": "assistant", "content": text or None, "tool_calls": self.calls.result()}
         else:
             choice["text"] = text
         return _encoder.encode({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                                 "system_fingerprint": None, "choices": [choice], "usage": _usage(usage)})
+
+
+def _call_delta(delta: CallDelta) -> dict[str, Any]:
+    """A streamed tool-call delta in OpenAI's shape: the id and name first, then argument fragments."""
+    if delta.id is not None:
+        return {"index": delta.index, "id": delta.id, "type": "function",
+                "function": {"name": delta.name, "arguments": delta.arguments}}
+    return {"index": delta.index, "function": {"arguments": delta.arguments}}
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -123,7 +150,8 @@ class WorkerApp:
         """vLLM's /tokenize: the tokens of a prompt (or of chat messages in the template) and the context per
         sequence; the gateway fits RAG passages with it."""
         if "messages" in body:
-            tokens = self.runtime.tokenize(self.runtime.chat_prompt(body["messages"]), is_chat=True)
+            prompt = self.runtime.chat_prompt(body["messages"], ToolSet.from_body(body))
+            tokens = self.runtime.tokenize(prompt, is_chat=True)
         else:
             text = str(body.get("prompt", "")).encode("utf-8")
             tokens = self.runtime.model.tokenize(text, add_bos=bool(body.get("add_special_tokens", True)),
@@ -138,9 +166,13 @@ class WorkerApp:
         body = msgspec.json.decode(await _read_body(receive))
         what = "messages" if chat else "prompt"
         try:
-            prompt = self.runtime.chat_prompt(body["messages"]) if chat else body["prompt"]
+            tools = ToolSet.from_body(body) if chat else None
+            prompt = self.runtime.chat_prompt(body["messages"], tools) if chat else body["prompt"]
             tokens = self.runtime.tokenize(prompt, is_chat=chat)
             params = sampling_from(body)
+            plan = tools.plan(tool_style(self.runtime.template), response_schema(body)) if tools else None
+            if plan is not None and plan.upfront is not None:
+                params.grammar = plan.upfront
             limit = self.runtime.check_context(len(tokens), params.max_tokens, what)
         except ContextLengthExceeded as exc:
             await _respond(send, 400, error_body(str(exc), "invalid_request_error", "context_length_exceeded", what))
@@ -148,12 +180,12 @@ class WorkerApp:
         except ChatTemplateError as exc:
             await _respond(send, 422, error_body(str(exc), "invalid_request_error", "chat_template_error"))
             return
-        except InvalidSampling as exc:
+        except (InvalidSampling, ToolRequestError) as exc:
             await _respond(send, 400, error_body(str(exc), "invalid_request_error", "invalid_value", exc.param))
             return
         self.loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
-        job = Job(tokens, params, queue.put_nowait, limit)  # called on this loop by _dispatch
+        job = Job(tokens, params, queue.put_nowait, limit, plan)  # emit is called on this loop by _dispatch
 
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -169,14 +201,14 @@ class WorkerApp:
                 await _respond(send, 400, error_body(str(first), "invalid_request_error", "invalid_value",
                                                      first.param))
                 return
-            fmt = CompletionFormat(chat, body.get("model") or self.model_name)
+            fmt = CompletionFormat(chat, body.get("model") or self.model_name, plan is not None)
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 await self._stream(send, fmt, first, queue, job.usage, include_usage)
             else:
-                text, finish = await _collect(first, queue)
+                text, finish, tool_text = await _collect(first, queue)
                 if finish != "cancelled":
-                    await _respond(send, 200, fmt.whole(text, finish, job.usage))
+                    await _respond(send, 200, fmt.whole(text, finish, job.usage, tool_text))
         finally:
             self.scheduler.cancel(job)
             watcher.cancel()
@@ -192,8 +224,10 @@ class WorkerApp:
                 raise item
             if item.finish_reason == "cancelled":
                 break
-            await _send_chunk(send, fmt.chunk(item, first=first, with_usage_field=include_usage))
-            first = False
+            chunk = fmt.chunk(item, first=first, with_usage_field=include_usage)
+            if chunk:
+                await _send_chunk(send, chunk)
+                first = False
             if item.finish_reason is not None:
                 if include_usage:
                     await _send_chunk(send, fmt.chunk(None, usage=usage))
@@ -208,14 +242,18 @@ def _dispatch(items: Outbox) -> None:
         job.emit(item)
 
 
-async def _collect(item: Piece | BaseException, queue: asyncio.Queue[Piece | BaseException]) -> tuple[str, str]:
+async def _collect(item: Piece | BaseException, queue: asyncio.Queue[Piece | BaseException]
+                   ) -> tuple[str, str, str]:
+    """(content, finish reason, tool-call text) of a whole request."""
     parts: list[str] = []
+    tool_parts: list[str] = []
     while True:
         if isinstance(item, BaseException):
             raise item
         parts.append(item.text)
+        tool_parts.append(item.tool_text)
         if item.finish_reason:
-            return "".join(parts), item.finish_reason
+            return "".join(parts), item.finish_reason, "".join(tool_parts)
         item = await queue.get()
 
 
