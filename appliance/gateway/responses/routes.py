@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
-from litestar.params import Parameter
+from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 
 from appliance.auth.guards import permission
@@ -43,17 +43,19 @@ class ResponsesController(Controller):
         return Stream(result.events, media_type="text/event-stream", headers={**SSE_HEADERS, **result.headers})
 
     @get("/{response_id:str}", summary="Get a stored response", description=STORED, opt=permission("chat:use"))
-    async def retrieve(self, request: Request[Any, Any, State], response_id: str) -> dict[str, Any]:
+    async def retrieve(self, request: Request[Any, Any, State], response_id: FromPath[str]) -> dict[str, Any]:
         return _service(request.app.state).get(response_id, request.user)
 
     @delete("/{response_id:str}", summary="Delete a stored response", description=STORED, status_code=200,
             opt=permission("chat:use"))
-    async def remove(self, request: Request[Any, Any, State], response_id: str) -> dict[str, Any]:
+    async def remove(self, request: Request[Any, Any, State], response_id: FromPath[str]) -> dict[str, Any]:
         return _service(request.app.state).delete(response_id, request.user)
 
     @get("/{response_id:str}/input_items", summary="List a stored response's input items", description=STORED,
          opt=permission("chat:use"))
-    async def input_items(self, request: Request[Any, Any, State], response_id: str,
-                          limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
-                          order: Literal["asc", "desc"] = "desc", after: str | None = None) -> dict[str, Any]:
+    async def input_items(self, request: Request[Any, Any, State], response_id: FromPath[str],
+                          limit: Annotated[int, QueryParameter(ge=1, le=100, description="1 to 100")] = 20,
+                          order: Annotated[Literal["asc", "desc"], QueryParameter(description="asc or desc")] = "desc",
+                          after: Annotated[str | None, QueryParameter(description="list after this item id")] = None,
+                          ) -> dict[str, Any]:
         return _service(request.app.state).input_items(response_id, request.user, limit, order, after)
