@@ -80,7 +80,7 @@ from appliance.rag.chat import RagChat
 from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.retention import RagDocumentStore
 from appliance.rag.service import RagService
-from appliance.registry.catalog import load_catalog
+from appliance.registry.catalog import load_catalog, tool_call_parser
 from appliance.registry.folder import unpacked_from_store
 from appliance.registry.pulls import ModelPulls
 from appliance.registry.rollout import RolloutService
@@ -196,7 +196,9 @@ class Services:
                     "request_timeout": s.gateway.request_timeout}
         if choice.engine == "vllm":  # the folder unpacked into private tmpfs, removed when the stack closes
             folder = await asyncio.to_thread(resources.enter_context, unpacked_from_store(self.store, record.sha256))
-            return VllmWorker(name, self.vllm.launch(folder, record.name, socket_path), socket_path, **timeouts)
+            parser = tool_call_parser(self.registry.catalog, record.name, record.source)
+            return VllmWorker(name, self.vllm.launch(folder, record.name, socket_path, parser), socket_path,
+                              **timeouts)
         # decrypted into a sealed memfd only, wiped when the stack closes
         weights = self.store.open_for_load(record.sha256, "memfd")
         loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)

@@ -64,8 +64,8 @@ class GatewayPrivacy:
             document = json.loads(arguments)
         except ValueError:
             return self.privacy.enforce(surface, arguments, marks, where)
-        return json.dumps(_strings(document, lambda t: self.privacy.enforce(surface, t, marks, where)),
-                          ensure_ascii=False)
+        screened = _strings(document, lambda t: self.privacy.enforce(surface, t, marks, where))
+        return arguments if screened == document else json.dumps(screened, ensure_ascii=False)
 
     def screen_stream(self, events: AsyncIterator[bytes], error_event: Any) -> AsyncIterator[bytes]:
         """The relayed SSE bytes (whole events, `\\n\\n`-terminated) with the output surface applied; a blocked
