@@ -148,13 +148,13 @@ def _rendered(kind: str, seed: int) -> list[tuple[str, str, str]]:
     return [(str(n), str(f), str(p)) for n, f, p in json.loads(cached.read_text())]
 
 
-def long_corpus(n: int, seed: int, third_party: bool = True) -> list[Pair]:
+def long_corpus(n: int, seed: int, third_party: bool = True, largest: int = LARGEST_PAGE_WORDS) -> list[Pair]:
     """Every standard-library page, then third-party pages picked at random up to n pages in all; only pages with a
     summary of at least four words that no other page shares (a query two pages answer cannot be scored), and whose
     text no other page repeats (vendored or re-exported copies)."""
     stdlib = _rendered("stdlib", seed)
     others = _rendered("thirdparty", seed) if third_party else []
-    pages = [p for p in stdlib + others if len(p[1].split()) >= 4 and len(p[2].split()) <= LARGEST_PAGE_WORDS]
+    pages = [p for p in stdlib + others if len(p[1].split()) >= 4 and len(p[2].split()) <= largest]
     summaries = collections.Counter(_normal(first) for _, first, _ in pages)
     bodies = collections.Counter(_normal(page.partition("\n")[2]) for _, _, page in pages)
     unique = {p[0] for p in pages if summaries[_normal(p[1])] == 1 and bodies[_normal(p[2].partition("\n")[2])] == 1}
@@ -456,9 +456,9 @@ def evaluation_sets(names: Sequence[str], args: argparse.Namespace) -> dict[str,
         if name == "docstrings":
             sets[name] = corpus(args.docs, args.seed)
         elif name == "stdlib-pages":
-            sets[name] = long_corpus(args.pages, args.seed, third_party=False)
+            sets[name] = long_corpus(args.pages, args.seed, third_party=False, largest=args.largest_page)
         else:
-            pages = long_corpus(args.pages, args.seed)
+            pages = long_corpus(args.pages, args.seed, largest=args.largest_page)
             sets[name] = without_summary(pages) if name == "long-stripped" else pages
     return sets
 
@@ -592,6 +592,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", type=lambda s: s.split(","), default=["long", "long-stripped", "docstrings"],
                         help="evaluation sets, comma-separated: " + "; ".join(f"{k}: {v}" for k, v in SETS.items()))
     parser.add_argument("--pages", type=int, default=500, help="most pydoc pages in the long set")
+    parser.add_argument("--largest-page", type=int, default=LARGEST_PAGE_WORDS,
+                        help="leave out pages of more words than this (embedding time grows with the words)")
     parser.add_argument("--docs", type=int, default=2000, help="documents in the docstring set")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--chunk-tokens", type=int, default=RagSettings().chunk_tokens, help="rag.chunk_tokens")
