@@ -5,6 +5,7 @@ responses, the conversations surface on what is stored, erasure, refusals in Ope
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -268,6 +269,74 @@ def test_the_routes_are_in_the_openapi_document(box: Running) -> None:
     assert {"post"} <= set(paths["/v1/responses"])
     assert {"get", "delete"} <= set(paths["/v1/responses/{response_id}"])
     assert "get" in paths["/v1/responses/{response_id}/input_items"]
+
+
+WEATHER: Any = {"type": "function", "name": "get_weather", "description": "The weather in a city now",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                               "additionalProperties": False}}
+CLOCK: Any = {"type": "function", "name": "get_time", "description": "The time in a time zone",
+              "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+                             "required": ["zone"]}}
+ASK_WEATHER = "What is the weather in Paris?"
+
+
+def calls_of(response: Any) -> list[Any]:
+    return [item for item in response.output if item.type == "function_call"]
+
+
+def test_a_required_tool_call_is_a_function_call_item_and_its_output_gets_an_answer(forbidding: Running) -> None:
+    client = forbidding.client()
+    first = client.responses.create(model=DEFAULT_MODEL, input=ASK_WEATHER, tools=[WEATHER, CLOCK],
+                                    tool_choice="required", max_output_tokens=40, temperature=0)
+    [call, *_] = calls_of(first)
+    assert call.name in ("get_weather", "get_time") and call.call_id and call.id.startswith("fc_")
+    arguments = json.loads(call.arguments)
+    assert set(arguments) == ({"city"} if call.name == "get_weather" else {"zone"})
+    assert first.status == "completed" and [t.name for t in first.tools] == ["get_weather", "get_time"]
+    named = client.responses.create(model=DEFAULT_MODEL, input=ASK_WEATHER, tools=[WEATHER, CLOCK],
+                                    tool_choice={"type": "function", "name": "get_time"}, max_output_tokens=40,
+                                    temperature=0)
+    [timed] = calls_of(named)
+    assert timed.name == "get_time" and json.loads(timed.arguments)["zone"] in ("UTC", "CET")
+    answer = client.responses.create(
+        model=DEFAULT_MODEL, tools=[WEATHER], max_output_tokens=20, temperature=0, tool_choice="none",
+        input=[{"role": "user", "content": ASK_WEATHER},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 C"}])
+    assert answer.output[0].type == "message" and answer.output_text.strip() and not calls_of(answer)
+
+
+def test_a_streamed_tool_call_is_argument_deltas_then_done(forbidding: Running) -> None:
+    events = list(forbidding.client().responses.create(
+        model=DEFAULT_MODEL, input=ASK_WEATHER, tools=[WEATHER], tool_choice="required", max_output_tokens=40,
+        temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done",
+                          "response.completed"]
+    assert set(kinds[3:-3]) == {"response.function_call_arguments.delta"}
+    added = events[2].item  # type: ignore[union-attr]
+    assert added.type == "function_call" and added.name == "get_weather" and added.status == "in_progress"
+    streamed = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert events[-3].arguments == streamed and set(json.loads(streamed)) == {"city"}  # type: ignore[union-attr]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    [call] = calls_of(events[-1].response)  # type: ignore[union-attr]
+    assert call.arguments == streamed and call.call_id == added.call_id and call.status == "completed"
+
+
+def test_a_stored_tool_call_continues_with_previous_response_id(storing: Running) -> None:
+    client = storing.client()
+    first = client.responses.create(model=DEFAULT_MODEL, input=ASK_WEATHER, tools=[WEATHER],
+                                    tool_choice="required", max_output_tokens=40, temperature=0)
+    [call] = calls_of(first)
+    answer = client.responses.create(model=DEFAULT_MODEL, previous_response_id=first.id, tools=[WEATHER],
+                                     tool_choice="none", max_output_tokens=20, temperature=0,
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "Sunny, 24 C"}])
+    assert answer.output_text.strip()
+    items = client.responses.input_items.list(answer.id, order="asc").data
+    assert [i.type for i in items] == ["message", "function_call", "function_call_output"]
+    assert items[1].call_id == call.call_id == items[2].call_id  # type: ignore[union-attr]
 
 
 def test_a_worker_dying_mid_stream_is_an_error_event_then_response_failed(forbidding: Running) -> None:

@@ -85,7 +85,7 @@ def test_function_tools_tool_choice_and_text_format_translate_to_chat_shapes() -
                    tool_choice={"type": "function", "name": "weather"}, parallel_tool_calls=False,
                    text={"format": {"type": "json_schema", "name": "out", "schema": params, "strict": True}})
     assert body["tools"] == [{"type": "function", "function": {"name": "weather", "description": "Weather now",
-                                                               "parameters": params}}]
+                                                               "strict": True, "parameters": params}}]
     assert body["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
     assert body["parallel_tool_calls"] is False
     assert body["response_format"] == {"type": "json_schema",
@@ -98,6 +98,7 @@ def test_function_tools_tool_choice_and_text_format_translate_to_chat_shapes() -
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "name": "no spaces"}]}, "tools[0].name"),
     ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
      "tool_choice.name"),
     ({"tool_choice": "required"}, "tool_choice"),

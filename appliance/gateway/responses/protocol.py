@@ -6,6 +6,7 @@ file_search, ...), background responses, reasoning, stored prompts and conversat
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ Item = dict[str, Any]
 ROLES = ("user", "assistant", "system", "developer")
 TOOL_CHOICES = ("none", "auto", "required")
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # as chat's tools take them
 _MEDIA = {"input_image": "images", "input_file": "files", "input_audio": "audio"}
 
 
@@ -230,11 +232,13 @@ def chat_tools(tools: list[Item]) -> list[Item]:
                               "this server; define a function tool ({\"type\": \"function\", \"name\": ..., "
                               "\"parameters\": {...}}) and run it yourself")
         name = tool.get("name")
-        if not isinstance(name, str) or not name:
-            raise invalid(f"tools[{i}].name", "a function tool needs a 'name'")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise invalid(f"tools[{i}].name", "a function tool needs a 'name' of 1 to 64 letters, digits, _ or -")
         function: Item = {"name": name}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
         parameters = tool.get("parameters")
         if parameters is not None:
             if not isinstance(parameters, dict):
