@@ -264,3 +264,20 @@ def test_request_struct_ignores_fields_it_does_not_use() -> None:
                   prompt_cache_key="k", store=False)
     assert req.store is False
     assert msgspec.to_builtins(req)["input"] == "x"
+
+
+def test_the_privacy_report_shows_stored_conversations_even_when_no_new_ones_are_stored(
+        conn: sqlite3.Connection) -> None:
+    from appliance.audit import AuditLog
+    from appliance.privacy.policy import load_policy
+    from appliance.privacy.retention import Retention
+
+    retention = Retention(load_policy, AuditLog(conn), resolve=Subject, pseudonym=lambda kind, value: value)
+    retention.register(ConversationStore(conn))
+
+    def conversations() -> list[tuple[int, str, str]]:
+        return [(c.count, c.retention, c.note) for c in retention.report().classes if c.data_class == "conversations"]
+
+    assert conversations() == [(0, "not stored", "conversations.store = false")]  # the shipped policy
+    ResponseStore(conn).save({"id": "resp_a", "output": []}, [], "key:k1", None)
+    assert conversations() == [(1, "30d", "no new ones stored (conversations.store = false)")]
