@@ -148,7 +148,8 @@ class Services:
         self.completions.privacy = self.privacy.gateway
         self.usage = self.completions.usage = UsageLog(self.conn)  # the usage history (GET /api/usage)
         # the Responses API over the chat path; stored responses are the `conversations` data class
-        self.responses = ResponsesService(self.completions, ResponseStore(self.conn), self.privacy.privacy, self.rbac)
+        self.responses = ResponsesService(self.completions, ResponseStore(self.conn), self.privacy.privacy, self.rbac,
+                                          self.audit)
         self.privacy.retention.register(ConversationStore(self.conn))
         # versions: a worker per version (`name@N`), aliases and canaries resolved per request, canaries watched
         self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit)
@@ -284,7 +285,9 @@ class RequestContextMiddleware(ASGIMiddleware):
             raise
         finally:
             elapsed = time.perf_counter() - started
-            route = scope["path"] if scope.get("route_handler") else "unmatched"
+            # the route's template (`/v1/responses/{response_id}`), not the path: ids in paths would make a label
+            # value per id
+            route = (scope.get("path_template") or scope["path"]) if scope.get("route_handler") else "unmatched"
             model = scope["state"].get("model", "")
             self.metrics.requests.labels(route, model, str(status)).inc()
             self.metrics.request_seconds.labels(route, model).observe(elapsed)

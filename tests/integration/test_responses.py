@@ -188,6 +188,9 @@ def test_stored_responses_chain_and_belong_to_their_owner(storing: Running, keys
             call()
     assert admin.responses.retrieve(first.id).id == first.id  # an admin holds privacy:admin
     alice.responses.delete(first.id)
+    records = httpx.get(storing.url + "/api/audit", headers=storing.headers,
+                        params={"action": "response.*", "limit": 1000}).json()["data"]
+    assert sorted(r["action"] for r in records if r["target"] == first.id) == ["response.delete", "response.read"]
     with pytest.raises(openai.NotFoundError):
         alice.responses.retrieve(first.id)
     assert alice.responses.retrieve(second.id).id == second.id  # its own copy of the conversation stays
@@ -264,11 +267,14 @@ def test_an_unknown_model_is_a_404_before_any_event(box: Running) -> None:
         box.client().responses.create(model="no-such-model", input="Hi", stream=True)
 
 
-def test_the_routes_are_in_the_openapi_document(box: Running) -> None:
+def test_the_routes_are_in_the_openapi_document_and_the_metrics_label_them_by_template(box: Running) -> None:
     paths = httpx.get(box.url + "/schema/openapi.json", headers=box.headers).json()["paths"]
     assert {"post"} <= set(paths["/v1/responses"])
     assert {"get", "delete"} <= set(paths["/v1/responses/{response_id}"])
     assert "get" in paths["/v1/responses/{response_id}/input_items"]
+    assert httpx.get(box.url + "/v1/responses/resp_label_probe", headers=box.headers).status_code == 404
+    metrics = httpx.get(box.url + "/metrics", headers=box.headers).text
+    assert 'route="/v1/responses/{response_id}"' in metrics and "resp_label_probe" not in metrics
 
 
 WEATHER: Any = {"type": "function", "name": "get_weather", "description": "The weather in a city now",

@@ -7,7 +7,7 @@ is stored unless the request says `store: false`, as the `conversations` surface
 surface blocks something in it); without it, `store: true` and `previous_response_id` are refused with a 400 that
 says why, and a request that leaves `store` out is simply not stored. Stored responses are visible to their owner
 (the key or user that made them, and that user's other keys and sessions) and to holders of `privacy:admin`; to
-anyone else they do not exist (404)."""
+anyone else they do not exist (404). Deletions, and an admin's reads of someone else's, are audited."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from appliance.audit import AuditLog
 from appliance.auth.guards import effective_permissions
 from appliance.auth.keys import Principal
 from appliance.auth.rbac import Rbac
@@ -42,11 +43,13 @@ STORAGE_FORBIDDEN = ("the privacy policy in force does not allow storing convers
 
 
 class ResponsesService:
-    def __init__(self, completions: CompletionService, store: ResponseStore, privacy: Privacy, rbac: Rbac) -> None:
+    def __init__(self, completions: CompletionService, store: ResponseStore, privacy: Privacy, rbac: Rbac,
+                 audit: AuditLog | None = None) -> None:
         self.completions = completions
         self.store = store
         self.privacy = privacy
         self.rbac = rbac
+        self.audit = audit  # deletions, and reads of someone else's responses by privacy:admin
 
     async def create(self, request: ResponsesRequest, principal: AnyPrincipal, cache: Directive | None = None
                      ) -> Completed | Streamed:
@@ -142,8 +145,11 @@ class ResponsesService:
     def _visible(self, response_id: str, principal: AnyPrincipal, param: str | None = None) -> StoredResponse:
         stored = self.store.get(response_id)
         user = _user_of(principal)
-        if stored is not None and (stored.owner == principal.subject or (user and stored.user_id == user)
-                                   or ADMIN_PERMISSION in effective_permissions(principal, self.rbac)):
+        if stored is not None and (stored.owner == principal.subject or (user and stored.user_id == user)):
+            return stored
+        if stored is not None and ADMIN_PERMISSION in effective_permissions(principal, self.rbac):
+            if self.audit is not None:  # someone else's conversation, read by an admin: on the record
+                self.audit.record(principal.subject, "response.read", response_id, owner=stored.owner)
             return stored
         if param == "previous_response_id":
             raise NotFound(f"previous response with id {response_id!r} not found (stored responses are kept for "
@@ -155,8 +161,10 @@ class ResponsesService:
         return self._visible(response_id, principal).response
 
     def delete(self, response_id: str, principal: AnyPrincipal) -> Item:
-        self._visible(response_id, principal)
+        stored = self._visible(response_id, principal)
         self.store.delete(response_id)
+        if self.audit is not None:
+            self.audit.record(principal.subject, "response.delete", response_id, owner=stored.owner)
         return {"id": response_id, "object": "response", "deleted": True}
 
     def input_items(self, response_id: str, principal: AnyPrincipal, limit: int = 20,
