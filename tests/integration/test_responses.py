@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from appliance.privacy.policy import SHIPPED_PRIVACY
 from tests.integration.conftest import Running, new_key
@@ -275,6 +276,26 @@ def test_the_routes_are_in_the_openapi_document_and_the_metrics_label_them_by_te
     assert httpx.get(box.url + "/v1/responses/resp_label_probe", headers=box.headers).status_code == 404
     metrics = httpx.get(box.url + "/metrics", headers=box.headers).text
     assert 'route="/v1/responses/{response_id}"' in metrics and "resp_label_probe" not in metrics
+
+
+class City(BaseModel):
+    name: str
+    country: str
+
+
+def test_text_format_json_schema_constrains_the_answer_and_the_sdk_parses_it(forbidding: Running) -> None:
+    client = forbidding.client()
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "country": {"type": "string", "maxLength": 20}},
+              "required": ["name", "country"], "additionalProperties": False}
+    response = client.responses.create(model=DEFAULT_MODEL, input=QUESTION, max_output_tokens=60, temperature=0,
+                                       text={"format": {"type": "json_schema", "name": "city", "schema": schema,
+                                                        "strict": True}})
+    assert set(json.loads(response.output_text)) == {"name", "country"}
+    assert response.text.format.type == "json_schema"  # type: ignore[union-attr]
+    parsed = client.responses.parse(model=DEFAULT_MODEL, input=QUESTION, max_output_tokens=100, temperature=0,
+                                    text_format=City)
+    assert isinstance(parsed.output_parsed, City)
 
 
 WEATHER: Any = {"type": "function", "name": "get_weather", "description": "The weather in a city now",
