@@ -548,6 +548,8 @@ async def main(args: argparse.Namespace) -> None:
         words = [len(t.split()) for _, _, t in pairs]
         print(f"\n== {name} ({SETS[name]}): {len(pairs)} documents, {sum(words) / len(words):.0f} words on "
               f"average, largest {max(words)}, Python {sys.version.split()[0]}")
+        if args.api_only:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             rag, embeddings = open_service(Path(tmp), settings)
             took, chunks = await ingest(rag, pairs, name)
@@ -567,12 +569,16 @@ async def main(args: argparse.Namespace) -> None:
                     print(f"  {variant:<58} {s['mrr']:>6.3f} {s['recall@1']:>6.3f} {s['recall@10']:>6.3f}")
             rag.close()
             embeddings.close()
-    if args.via_api:
+    if args.via_api or args.api_only:
         started = time.perf_counter()
         with served(None if args.cold_server else BENCH / "embeddings") as client:
             print(f"\nappliance serve up in {time.perf_counter() - started:.0f} s "
                   f"({'cold' if args.cold_server else 'warm'} embedding cache)")
             for name, pairs in sets.items():
+                if name not in results:  # --api-only: the baseline of this run, then the server
+                    embeddings = EmbeddingService(settings, BENCH / "embeddings", Metrics())
+                    results[name] = {"baseline": baseline_ranks(embeddings, pairs)}
+                    embeddings.close()
                 took, chunks = api_ingest(client, pairs, name)
                 print(f"\n{name} via the API: ingested {chunks} chunks in {took:.0f} s")
                 ranks, times = api_ranks(client, name, pairs)
@@ -603,6 +609,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--suspects", action="store_true", help="also measure issue 15's suspects offline")
     parser.add_argument("--via-api", action="store_true",
                         help="also ingest into a real `appliance serve` and query it through the HTTP API")
+    parser.add_argument("--api-only", action="store_true",
+                        help="with --via-api: only the server and the baseline, not the in-process figures")
     parser.add_argument("--cold-server", action="store_true",
                         help="with --via-api: the server embeds everything itself (else its cache starts warm)")
     parser.add_argument("--render-stdlib", type=Path, help=argparse.SUPPRESS)
