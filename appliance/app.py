@@ -67,6 +67,9 @@ from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.vllm import VllmEngine, VllmWorker
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
 from appliance.gateway.embeddings import EmbeddingsEndpoint
+from appliance.gateway.responses.routes import ResponsesController
+from appliance.gateway.responses.service import ResponsesService
+from appliance.gateway.responses.store import ConversationStore, ResponseStore
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
 from appliance.logs import get_logger, install_scrubber
@@ -77,7 +80,7 @@ from appliance.rag.chat import RagChat
 from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.retention import RagDocumentStore
 from appliance.rag.service import RagService
-from appliance.registry.catalog import load_catalog
+from appliance.registry.catalog import load_catalog, tool_call_parser
 from appliance.registry.folder import unpacked_from_store
 from appliance.registry.pulls import ModelPulls
 from appliance.registry.rollout import RolloutService
@@ -144,6 +147,10 @@ class Services:
         self.completions.rag_chat = RagChat(self.rag, self.pool, self.rbac)
         self.completions.privacy = self.privacy.gateway
         self.usage = self.completions.usage = UsageLog(self.conn)  # the usage history (GET /api/usage)
+        # the Responses API over the chat path; stored responses are the `conversations` data class
+        self.responses = ResponsesService(self.completions, ResponseStore(self.conn), self.privacy.privacy, self.rbac,
+                                          self.audit)
+        self.privacy.retention.register(ConversationStore(self.conn))
         # versions: a worker per version (`name@N`), aliases and canaries resolved per request, canaries watched
         self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit)
         self.pool.key = self.registry.versions.worker_key
@@ -190,7 +197,9 @@ class Services:
                     "request_timeout": s.gateway.request_timeout}
         if choice.engine == "vllm":  # the folder unpacked into private tmpfs, removed when the stack closes
             folder = await asyncio.to_thread(resources.enter_context, unpacked_from_store(self.store, record.sha256))
-            return VllmWorker(name, self.vllm.launch(folder, record.name, socket_path), socket_path, **timeouts)
+            parser = tool_call_parser(self.registry.catalog, record.name, record.source)
+            return VllmWorker(name, self.vllm.launch(folder, record.name, socket_path, parser), socket_path,
+                              **timeouts)
         # decrypted into a sealed memfd only, wiped when the stack closes
         weights = self.store.open_for_load(record.sha256, "memfd")
         loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
@@ -276,7 +285,9 @@ class RequestContextMiddleware(ASGIMiddleware):
             raise
         finally:
             elapsed = time.perf_counter() - started
-            route = scope["path"] if scope.get("route_handler") else "unmatched"
+            # the route's template (`/v1/responses/{response_id}`), not the path: ids in paths would make a label
+            # value per id
+            route = (scope.get("path_template") or scope["path"]) if scope.get("route_handler") else "unmatched"
             model = scope["state"].get("model", "")
             self.metrics.requests.labels(route, model, str(status)).inc()
             self.metrics.request_seconds.labels(route, model).observe(elapsed)
@@ -356,8 +367,8 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         services.conn.close()
 
     return Litestar(
-        route_handlers=[healthz, readyz, metrics, OpenAIController, *AUTH_ROUTES, *KEYS_ROUTES, *USERS_ROUTES,
-                        *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
+        route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *KEYS_ROUTES,
+                        *USERS_ROUTES, *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES, *SETTINGS_ROUTES,
                         *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES,
                         *WEBUI_ROUTES],

@@ -190,6 +190,23 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (hour, user_id, key_id, model)
     ) WITHOUT ROWID;
     """,
+    # 11: responses stored by the Responses API (appliance/gateway/responses/store.py), only where the privacy
+    # policy allows storing conversations: the response object and every input item the model saw, as JSON, with
+    # the principal that made it (`key:<id>` or `user:<id>`) and its user ('' for none). Retention purges them with
+    # the conversations class; erasure removes a subject's.
+    """
+    CREATE TABLE responses (
+        id          TEXT PRIMARY KEY,
+        owner       TEXT NOT NULL,
+        user_id     TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        input       TEXT NOT NULL,
+        response    TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX responses_owner ON responses(owner);
+    CREATE INDEX responses_user ON responses(user_id);
+    CREATE INDEX responses_created ON responses(created_at);
+    """,
 )
 
 

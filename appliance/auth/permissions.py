@@ -5,7 +5,8 @@ A route names exactly one of these (see `appliance.auth.guards.requires`); roles
 from __future__ import annotations
 
 PERMISSIONS: dict[str, str] = {
-    "chat:use": "Create chat and text completions (/v1/chat/completions, /v1/completions).",
+    "chat:use": "Create chat and text completions and responses (/v1/chat/completions, /v1/completions, "
+                "/v1/responses), and read and delete one's own stored responses.",
     "embeddings:use": "Create embeddings (/v1/embeddings).",
     "models:read": "List models and their details (/v1/models) and the catalog of models to pull (/api/catalog).",
     "models:manage": "Pull, import, remove, load and unload models; set aliases and stages.",
@@ -23,7 +24,8 @@ PERMISSIONS: dict[str, str] = {
                     "policy in force (/api/privacy/report, GET /api/privacy/policy), and try its detectors on a "
                     "sample text (/api/privacy/detect).",
     "privacy:admin": "Change the privacy policy (PUT /api/privacy/policy), run a purge and erase a subject's data "
-                     "(/api/privacy/purge, /api/privacy/erasures).",
+                     "(/api/privacy/purge, /api/privacy/erasures), and read and delete anyone's stored responses "
+                     "(/v1/responses/{id}).",
     "metrics:read": "Read Prometheus metrics (/metrics) and the API schema.",
     "cache:admin": "See the response cache's size and partitions and clear it (/api/cache).",
     "settings:read": "See the effective configuration with each value's source, and the doctor's findings "

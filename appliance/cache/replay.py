@@ -40,6 +40,8 @@ def whole_body(entry: Entry, model: str) -> bytes:
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": entry.finish_reason}
     if entry.chat:
         choice["message"] = {"role": "assistant", "content": entry.text}
+        if entry.tool_calls:
+            choice["message"] = {"role": "assistant", "content": entry.text or None, "tool_calls": entry.tool_calls}
     else:
         choice["text"] = entry.text
     return _encoder.encode({**_head(entry, model, False), "choices": [choice], "usage": _usage(entry)})
@@ -66,6 +68,16 @@ def stream_events(entry: Entry, model: str, include_usage: bool) -> Iterator[byt
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         out.append(b"data: " + _encoder.encode({**head, "choices": [choice], "usage": None}) + b"\n\n")
+        if text is None and entry.tool_calls:  # the calls before the finish: each its name, then its arguments
+            for n, call in enumerate(entry.tool_calls):
+                start = {"index": n, "id": call["id"], "type": "function",
+                         "function": {"name": call["function"]["name"], "arguments": ""}}
+                rest = {"index": n, "function": {"arguments": call["function"]["arguments"]}}
+                for part in (start, rest):
+                    delta_choice = {"index": 0, "delta": {"tool_calls": [part]}, "logprobs": None,
+                                    "finish_reason": None}
+                    out.insert(len(out) - 1, b"data: " + _encoder.encode(
+                        {**head, "choices": [delta_choice], "usage": None}) + b"\n\n")
     if include_usage:
         out.append(b"data: " + _encoder.encode({**head, "choices": [], "usage": _usage(entry)}) + b"\n\n")
     out.append(b"data: [DONE]\n\n")
@@ -78,9 +90,10 @@ def entry_from_whole(body: bytes, *, chat: bool, partition: str, model_sha256: s
         response = _decoder.decode(body)
         choice = response["choices"][0]
         text = choice["message"]["content"] if chat else choice["text"]
+        calls = choice["message"].get("tool_calls") if chat else None
         usage = response["usage"]
         return Entry(chat, str(text or ""), str(choice.get("finish_reason") or "stop"), int(usage["prompt_tokens"]),
-                     int(usage["completion_tokens"]), time.time(), partition, model_sha256)
+                     int(usage["completion_tokens"]), time.time(), partition, model_sha256, tool_calls=calls or None)
     except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError):
         return None
 
@@ -89,6 +102,7 @@ def entry_from_stream(events: bytes, *, chat: bool, partition: str, model_sha256
     """The entry for a worker's streamed response (its SSE bytes, with the usage chunk), or None when the stream
     did not finish (an error event, a disconnect) or carried no usage."""
     parts: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
     finish: str | None = None
     usage: dict[str, Any] | None = None
     for event in events.split(b"\n\n"):
@@ -103,8 +117,20 @@ def entry_from_stream(events: bytes, *, chat: bool, partition: str, model_sha256
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices") or ():
             parts.append((choice.get("delta") or {}).get("content") or "" if chat else choice.get("text") or "")
+            for call in (choice.get("delta") or {}).get("tool_calls") or () if chat else ():
+                _add_call_delta(calls, call)
             finish = choice.get("finish_reason") or finish
     if finish is None or usage is None or not events.rstrip().endswith(b"data: [DONE]"):
         return None
     return Entry(chat, "".join(parts), finish, int(usage["prompt_tokens"]), int(usage["completion_tokens"]),
-                 time.time(), partition, model_sha256)
+                 time.time(), partition, model_sha256, tool_calls=[calls[i] for i in sorted(calls)] or None)
+
+
+def _add_call_delta(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Fold one streamed tool-call delta into the calls seen so far (by index)."""
+    index = int(delta.get("index", 0))
+    function = delta.get("function") or {}
+    call = calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call["id"] = delta.get("id") or call["id"]
+    call["function"]["name"] += function.get("name") or ""
+    call["function"]["arguments"] += function.get("arguments") or ""

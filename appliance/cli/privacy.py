@@ -15,12 +15,14 @@ from appliance.datadir import DataDir
 
 def _controls(loaded: LoadedSettings) -> Any:
     from appliance.audit import AuditLog
+    from appliance.gateway.responses.store import ConversationStore
     from appliance.privacy.controls import PrivacyControls
 
     data = DataDir(loaded.settings.data_path)
     data.require_initialised()
     conn = data.connect()
     controls = PrivacyControls.build(conn, AuditLog(conn), data.read_master_key(), loaded.settings.privacy.policy_file)
+    controls.retention.register(ConversationStore(conn))  # responses stored by /v1/responses
     controls.retention.register(cache_entries(loaded.settings.cache, data.cache))
     if (documents := _rag_documents(loaded, data)) is not None:
         controls.retention.register(documents)

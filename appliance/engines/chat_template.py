@@ -46,10 +46,13 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt; `tools` (OpenAI's chat shape) only for templates that render tools themselves."""
+        extra = {"tools": list(tools)} if tools else {}
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+                                         bos_token=self.bos_token, eos_token=self.eos_token, **extra)
         except SecurityError as exc:
             raise ChatTemplateError(
                 "the model's chat template tried an operation the sandbox forbids and was stopped; "

@@ -14,6 +14,7 @@ from llama_cpp._logger import set_verbose
 
 from appliance.engines.chat_template import ChatTemplate
 from appliance.engines.llamacpp_logprobs import TokenLogprob
+from appliance.engines.tool_calls import ToolSet, render_chat
 
 MAX_DEFAULT_CTX = 8192  # per sequence, when the settings leave it to the model's trained length
 
@@ -37,6 +38,7 @@ class Piece:
     text: str
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_text: str = ""  # the tool calls' text that followed `text` (appliance.engines.tool_calls)
 
 
 @dataclass
@@ -52,15 +54,17 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.after = ""  # after a match: the text that followed the stop string
 
     def feed(self, text: str) -> tuple[str, bool]:
         self.pending += text
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            out = self.pending[: min(hits)]
+            at, length = min(hits)
+            out, self.after = self.pending[:at], self.pending[at + length:]
             self.pending = ""
             return out, True
         keep = 0
@@ -120,8 +124,8 @@ class LlamaRuntime:
             return ""
         return self.model.token_to_piece(token, special=True).rstrip(b"\0").decode("utf-8", errors="replace")
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        return self.template.render(messages)
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: ToolSet | None = None) -> str:
+        return render_chat(self.template, messages, tools)
 
     def tokenize(self, text: str, *, is_chat: bool) -> list[int]:
         # A rendered chat template carries its own BOS text; plain completions get the model's BOS.

@@ -1,8 +1,8 @@
 """Per-request sampling for the llama.cpp worker: OpenAI fields to a llama.cpp sampler chain, and JSON grammars.
 
-Each sequence owns one chain (logit bias, penalties, grammar, then greedy or top-k/top-p/min-p/temperature/seeded
-draw), so concurrent requests never share sampling state. Plain greedy decoding (temperature 0, no penalties, no
-grammar) skips the chain: the arg-max of the biased logits row, read in place with numpy (copied only when a
+Each sequence owns one chain (logit bias, penalties, then greedy or top-k/top-p/min-p/temperature/seeded draw) and
+a grammar beside it, so concurrent requests never share sampling state. Plain greedy decoding (temperature 0, no
+penalties) skips the chain: the arg-max of the biased logits row, read in place with numpy (copied only when a
 logit_bias applies: the raw row also serves logprobs and the other choices of an n > 1 request), picks the same
 token (the first of equal maxima, as llama.cpp's greedy sampler) without copying the vocabulary into a candidate
 array each token (~9 us instead of ~50 us with a 49k vocabulary)."""
@@ -10,16 +10,17 @@ array each token (~9 us instead of ~50 us with a 49k vocabulary)."""
 from __future__ import annotations
 
 import ctypes
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 
 from appliance.engines import llamacpp_logprobs
+from appliance.engines.json_grammar import SchemaNotSupported, schema_to_gbnf
 
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 PENALTY_LAST_N = 64  # tokens the repetition/frequency/presence penalties look back over (llama.cpp's default)
 
 
@@ -77,6 +78,19 @@ def sampling_from(body: dict[str, Any]) -> SamplingParams:
     )
 
 
+def response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a reply must follow by its response_format (json_object: any object), or None."""
+    response_format = body.get("response_format") or {}
+    kind = response_format.get("type", "text")
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return schema if isinstance(schema, dict) else None
+    return None
+
+
 def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     """The GBNF grammar that constrains output to `response_format`, or None for plain text."""
     kind = (response_format or {}).get("type", "text")
@@ -91,27 +105,35 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
             raise InvalidSampling("response_format.json_schema.schema must be a JSON schema object",
                                   "response_format")
         try:
-            grammar: str = json_schema_to_gbnf(json.dumps(schema))
-        except Exception as exc:  # the converter raises bare Exceptions/ValueErrors for what it cannot express
-            raise InvalidSampling(f"the JSON schema cannot be turned into a grammar: {exc}; simplify the schema",
-                                  "response_format") from exc
-        return grammar
+            return schema_to_gbnf(schema)
+        except SchemaNotSupported as exc:
+            raise InvalidSampling(str(exc), "response_format") from exc
     raise InvalidSampling(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
                           "'json_schema'", "response_format")
 
 
 class SamplerChain:
-    """A llama.cpp sampler chain owned by one sequence; `close` frees it (and every sampler in it)."""
+    """A llama.cpp sampler chain owned by one sequence; `close` frees it (and every sampler in it).
+
+    A grammar is kept beside the chain rather than in it: the token the chain picks is checked against the grammar
+    alone, and only when the grammar refuses it is the whole vocabulary filtered and the pick redone (llama.cpp's
+    common sampler does the same), so a constrained token costs about what a free one does."""
 
     def __init__(self, params: SamplingParams, vocab: Any, n_vocab: int, seed: int, *, fast: bool = True) -> None:
         self.n_vocab = n_vocab
+        self.vocab = vocab
         self.penalties: Any = None
         self.chain: Any = None
+        self.grammar: Any = None
+        self._candidates: Any = None
+        self._ids: Any = None
         bias = sorted((t, b) for t, b in params.logit_bias.items() if 0 <= t < n_vocab)
-        self.greedy = fast and params.temperature <= 0 and not params.penalised and params.grammar is None
+        self.greedy = fast and params.temperature <= 0 and not params.penalised
+        self.bias_tokens = np.array([t for t, _ in bias], dtype=np.intp)
+        self.bias_values = np.array([b for _, b in bias], dtype=np.float32)
+        if params.grammar is not None:
+            self.enable_grammar(params.grammar)
         if self.greedy:
-            self.bias_tokens = np.array([t for t, _ in bias], dtype=np.intp)
-            self.bias_values = np.array([b for _, b in bias], dtype=np.float32)
             return
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
@@ -123,12 +145,6 @@ class SamplerChain:
             self.penalties = llama_cpp.llama_sampler_init_penalties(
                 n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
             self._add(self.penalties)
-        if params.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                self.close()
-                raise InvalidSampling("llama.cpp refused the grammar for response_format", "response_format")
-            self._add(grammar)
         if params.temperature <= 0:
             self._add(llama_cpp.llama_sampler_init_greedy())
             return
@@ -141,6 +157,22 @@ class SamplerChain:
         self._add(llama_cpp.llama_sampler_init_temp(params.temperature))
         self._add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
+    def enable_grammar(self, grammar: str, already: list[int] | None = None) -> list[int]:
+        """Constrain the following tokens by `grammar` (GBNF, rule `root`); `already` are tokens generated before
+        that the grammar must start from (a lazy grammar's trigger text). Returns those of them it accepted: the
+        first one it refuses ends the list."""
+        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            self.close()
+            raise InvalidSampling("llama.cpp refused the grammar built for this request", "response_format")
+        self.grammar = sampler
+        accepted = []
+        for token in already or []:
+            if not self._allowed(token):
+                break
+            llama_cpp.llama_sampler_accept(self.grammar, token)
+            accepted.append(token)
+        return accepted
     def _add(self, sampler: Any) -> None:
         llama_cpp.llama_sampler_chain_add(self.chain, sampler)
 
@@ -152,18 +184,60 @@ class SamplerChain:
 
     def sample(self, ctx: Any, index: int) -> int:
         """Sample from the logits of batch entry `index` and accept the token into every sampler."""
-        if not self.greedy:
+        if self.grammar is None and not self.greedy:
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+        logits = self._row(ctx, index)
+        if self.grammar is None:
+            return int(logits.argmax())
+        token = int(logits.argmax()) if self.greedy else self._pick(logits, constrained=False)
+        if not self._allowed(token, float(logits[token])):
+            token = self._pick(logits, constrained=True)
+        if self.chain:
+            llama_cpp.llama_sampler_accept(self.chain, token)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _row(self, ctx: Any, index: int) -> Any:
         row = llama_cpp.llama_get_logits_ith(ctx, index)
         if not row:
             raise RuntimeError(f"llama.cpp has no logits for batch entry {index}")
         logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
-        if len(self.bias_tokens):  # on a copy: the row stays raw for logprobs and for n > 1 choices sharing it
-            logits = logits.copy()
+        if len(self.bias_tokens) and self.chain is None:  # on a copy: the row stays raw for logprobs and for n > 1
+            logits = logits.copy()  # choices sharing it
             logits[self.bias_tokens] += self.bias_values
-        return int(logits.argmax())
+        return logits
+
+    def _pick(self, logits: Any, *, constrained: bool) -> int:
+        """The chain's (or the arg-max's) token over the whole vocabulary, filtered by the grammar first if asked."""
+        if self._candidates is None:
+            self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        candidates = self._candidates
+        candidates["id"] = self._ids  # the previous pick may have sorted them
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            candidates.ctypes.data_as(llama_cpp.llama_token_data_p), self.n_vocab, -1, False)
+        if constrained:
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        if self.chain is None:
+            return int(candidates["id"][int(candidates["logit"][: array.size].argmax())])
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
+        if array.selected < 0:
+            raise RuntimeError("the sampler chain selected no token")
+        return int(candidates["id"][array.selected])
+
+    def _allowed(self, token: int, logit: float = 0.0) -> bool:
+        """Whether the grammar, in its current state, lets `token` come next."""
+        single = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, logit, 0.0))
+        array = llama_cpp.llama_token_data_array(single, 1, -1, False)
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        return bool(np.isfinite(single[0].logit))
 
     def close(self) -> None:
         if self.chain:
             llama_cpp.llama_sampler_free(self.chain)
             self.chain = ctypes.c_void_p(None).value
+        if self.grammar:
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = ctypes.c_void_p(None).value

@@ -35,6 +35,7 @@ from typing import Any
 from appliance.engines.llamacpp_logprobs import TokenLogprob, token_logprob
 from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece, StopMatcher, Usage
 from appliance.engines.llamacpp_sampling import SamplerChain, SamplingParams
+from appliance.engines.tool_calls import TRIGGER, ToolPlan
 
 GATHER_QUIET = 0.003  # seconds without a new request that end the gathering of a burst (see Scheduler._gather)
 GATHER_MAX = 0.015
@@ -56,6 +57,7 @@ class Job:
     params: SamplingParams
     emit: Emit
     limit: int  # most tokens it may generate
+    tools: ToolPlan | None = None  # a chat offering tools: the text from TRIGGER on is its calls
     usage: Usage = field(default_factory=Usage)
     leader: Job | None = None  # another choice of the same request, whose prompt's KV cells this one may copy
     cancelled: bool = False
@@ -79,6 +81,9 @@ class Slot:
     stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
     text: Any = None  # incremental UTF-8 decoder
     held: str = ""  # text not yet handed over (stream interval)
+    held_tool: str = ""  # tool-call text not yet handed over
+    trigger: StopMatcher | None = None  # watches for TRIGGER while the job's output is content
+    in_tools: bool = False  # TRIGGER was written: the rest of the output is tool calls
     handed: float = 0.0  # when text was last handed over; 0 = never for this job
     output_index: int = -1  # batch entry whose logits this slot samples from after the step
     followers: list[Slot] = field(default_factory=list)  # slots waiting to copy this one's prompt (n > 1)
@@ -232,7 +237,9 @@ class Scheduler:
         slot.sampler.accept_prompt(job.tokens)
         slot.stops = StopMatcher(job.params.stop)
         slot.text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        slot.held = ""
+        slot.held = slot.held_tool = ""
+        slot.trigger = StopMatcher([TRIGGER]) if job.tools is not None else None
+        slot.in_tools = False
         slot.handed = 0.0
         job.usage.prompt_tokens = len(job.tokens)
         job.usage.cached_tokens = keep
@@ -322,13 +329,15 @@ class Scheduler:
         if slot.logprobs is not None:
             slot.logprobs.append(token_logprob(self.runtime.ctx, index, self.runtime.n_vocab, token,
                                                job.params.logprobs or 0, self._piece))
-        out, stopped = slot.stops.feed(slot.text.decode(self.runtime.piece(token, self._buffer)))
-        if out:
+        content, tool = self._route(slot, slot.text.decode(self.runtime.piece(token, self._buffer)))
+        out, stopped = slot.stops.feed(content) if content else ("", False)
+        if out or tool:
             slot.held += out
+            slot.held_tool += tool
             if now - slot.handed >= self.stream_interval or not slot.handed:
-                self._emit(job, Piece(slot.held) if slot.logprobs is None else
-                           Piece(slot.held, logprobs=self._handed_logprobs(slot)))
-                slot.held = ""
+                self._emit(job, Piece(slot.held, tool_text=slot.held_tool, logprobs=None if slot.logprobs is None
+                                      else self._handed_logprobs(slot)))
+                slot.held = slot.held_tool = ""
                 slot.handed = now
         if stopped:
             self._release(slot, Piece("", "stop"))
@@ -347,9 +356,33 @@ class Scheduler:
             return None
         out, slot.logprobs = slot.logprobs, []
         return out
+    def _route(self, slot: Slot, text: str) -> tuple[str, str]:
+        """Split decoded text into (content, tool-call text); the first TRIGGER starts the calls, and a lazy
+        grammar with them, which must also accept the text that came after TRIGGER in the same token."""
+        if slot.in_tools:
+            return "", text
+        if slot.trigger is None or not text:
+            return text, ""
+        content, found = slot.trigger.feed(text)
+        if not found:
+            return content, ""
+        slot.in_tools = True
+        after = slot.trigger.after
+        plan, sampler = slot.job.tools if slot.job else None, slot.sampler
+        if plan is not None and plan.lazy is not None and sampler is not None:
+            tokens = self.runtime.model.tokenize(after.encode("utf-8"), add_bos=False, special=False) if after else []
+            accepted = sampler.enable_grammar(plan.lazy, tokens)
+            if len(accepted) < len(tokens):  # what the grammar refused is left out of the calls
+                after = b"".join(self.runtime.piece(t, self._buffer) for t in accepted).decode("utf-8", "replace")
+        return content, after
 
     def _finish(self, slot: Slot, reason: str) -> None:
-        slot.held += slot.stops.flush() + slot.text.decode(b"", final=True)
+        content, tool = self._route(slot, slot.text.decode(b"", final=True))
+        if slot.trigger is not None and not slot.in_tools:
+            content += slot.trigger.flush()
+        held, _ = slot.stops.feed(content) if content else ("", False)
+        slot.held += held + slot.stops.flush()
+        slot.held_tool += tool
         self._release(slot, Piece("", reason))
 
     def _release(self, slot: Slot, last: Piece | BaseException) -> None:
@@ -364,6 +397,7 @@ class Scheduler:
             if follower.job is not None:
                 follower.pending = list(follower.job.tokens)
         slot.followers = []
+        held_tool, slot.held_tool = slot.held_tool, ""
         if slot.sampler is not None:
             slot.sampler.close()
             slot.sampler = None
@@ -376,5 +410,6 @@ class Scheduler:
         if job is None:
             return
         if isinstance(last, Piece) and last.finish_reason != "cancelled":
-            last = Piece(held + last.text, last.finish_reason, logprobs)  # held text goes with the finish reason
+            last = Piece(held + last.text, last.finish_reason, tool_text=held_tool,  # held text goes with the reason
+                         logprobs=logprobs)
         self._emit(job, last)

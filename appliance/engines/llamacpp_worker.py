@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import ctypes
 import dataclasses
 import os
@@ -23,8 +24,9 @@ import msgspec
 from appliance.engines.chat_template import ChatTemplateError
 from appliance.engines.llamacpp_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRuntime, Piece, Usage
-from appliance.engines.llamacpp_sampling import InvalidSampling, SamplingParams, sampling_from
+from appliance.engines.llamacpp_sampling import InvalidSampling, SamplingParams, response_schema, sampling_from
 from appliance.engines.llamacpp_scheduler import Job, Outbox, Scheduler
+from appliance.engines.tool_calls import CallDelta, ToolCallParser, ToolPlan, ToolRequestError, ToolSet, tool_style
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -52,9 +54,10 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
 class CompletionFormat:
     """OpenAI response shapes for /v1/chat/completions and /v1/completions."""
 
-    def __init__(self, chat: bool, model: str) -> None:
+    def __init__(self, chat: bool, model: str, tools: bool = False) -> None:
         self.chat = chat
         self.model = model
+        self.calls = ToolCallParser() if tools else None
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -71,8 +74,14 @@ class CompletionFormat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if piece.text:
                 delta["content"] = piece.text
+            if piece.tool_text and self.calls is not None:
+                deltas = [_call_delta(d) for d in self.calls.feed(piece.tool_text)]
+                if deltas:
+                    delta["tool_calls"] = deltas
+                elif not delta and piece.finish_reason is None and not piece.logprobs:
+                    return b""  # the calls' syntax between their names and arguments: nothing to send
             obj["choices"] = [{"index": index, "delta": delta, "logprobs": self.logprobs(piece.logprobs, offset),
-                               "finish_reason": piece.finish_reason}]
+                               "finish_reason": self.finish_reason(piece.finish_reason)}]
         else:
             obj["choices"] = [{"index": index, "text": piece.text, "logprobs": self.logprobs(piece.logprobs, offset),
                                "finish_reason": piece.finish_reason}]
@@ -87,23 +96,48 @@ class CompletionFormat:
             return None
         return chat_logprobs(entries) if self.chat else completion_logprobs(entries, offset)
 
-    def whole(self, text: str, finish_reason: str, usage: Usage, *,
+    def finish_reason(self, reason: str | None) -> str | None:
+        """OpenAI's "tool_calls" when the model stopped after writing calls."""
+        if reason == "stop" and self.calls is not None and self.calls.calls:
+            return "tool_calls"
+        return reason
+
+    def for_choice(self) -> CompletionFormat:
+        """The same response (id, created) for another choice of an n > 1 request: its own tool-call parser."""
+        other = copy.copy(self)
+        other.calls = ToolCallParser() if self.calls is not None else None
+        return other
+
+    def whole(self, text: str, finish_reason: str, usage: Usage, tool_text: str = "", *,
               logprobs: list[TokenLogprob] | None = None) -> bytes:
-        return self.body([self.choice(text, finish_reason, logprobs=logprobs)], usage)
+        return self.body([self.choice(text, finish_reason, tool_text, logprobs=logprobs)], usage)
 
     def body(self, choices: list[dict[str, Any]], usage: Usage) -> bytes:
         """The whole response with these choices (from `choice`, n of them for an n > 1 request)."""
         return _encoder.encode({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                                 "system_fingerprint": None, "choices": choices, "usage": _usage(usage)})
 
-    def choice(self, text: str, finish_reason: str, *, index: int = 0,
+    def choice(self, text: str, finish_reason: str, tool_text: str = "", *, index: int = 0,
                logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+        if self.calls is not None and tool_text:
+            self.calls.feed(tool_text)
+        choice: dict[str, Any] = {"index": index, "logprobs": self.logprobs(logprobs),
+                                  "finish_reason": self.finish_reason(finish_reason)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if self.calls is not None and self.calls.calls:
+                choice["message"] = {"role": "assistant", "content": text or None, "tool_calls": self.calls.result()}
         else:
             choice["text"] = text
         return choice
+
+
+def _call_delta(delta: CallDelta) -> dict[str, Any]:
+    """A streamed tool-call delta in OpenAI's shape: the id and name first, then argument fragments."""
+    if delta.id is not None:
+        return {"index": delta.index, "id": delta.id, "type": "function",
+                "function": {"name": delta.name, "arguments": delta.arguments}}
+    return {"index": delta.index, "function": {"arguments": delta.arguments}}
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -144,7 +178,8 @@ class WorkerApp:
         """vLLM's /tokenize: the tokens of a prompt (or of chat messages in the template) and the context per
         sequence; the gateway fits RAG passages with it."""
         if "messages" in body:
-            tokens = self.runtime.tokenize(self.runtime.chat_prompt(body["messages"]), is_chat=True)
+            prompt = self.runtime.chat_prompt(body["messages"], ToolSet.from_body(body))
+            tokens = self.runtime.tokenize(prompt, is_chat=True)
         else:
             text = str(body.get("prompt", "")).encode("utf-8")
             tokens = self.runtime.model.tokenize(text, add_bos=bool(body.get("add_special_tokens", True)),
@@ -159,10 +194,14 @@ class WorkerApp:
         body = msgspec.json.decode(await _read_body(receive))
         what = "messages" if chat else "prompt"
         try:
-            prompt = self.runtime.chat_prompt(body["messages"]) if chat else body["prompt"]
+            tools = ToolSet.from_body(body) if chat else None
+            prompt = self.runtime.chat_prompt(body["messages"], tools) if chat else body["prompt"]
             tokens = self.runtime.tokenize(prompt, is_chat=chat)
             params = sampling_from(body)
             n = choices_of(body)
+            plan = tools.plan(tool_style(self.runtime.template), response_schema(body)) if tools else None
+            if plan is not None and plan.upfront is not None:
+                params.grammar = plan.upfront
             limit = self.runtime.check_context(len(tokens), params.max_tokens, what)
         except ContextLengthExceeded as exc:
             await _respond(send, 400, error_body(str(exc), "invalid_request_error", "context_length_exceeded", what))
@@ -170,12 +209,12 @@ class WorkerApp:
         except ChatTemplateError as exc:
             await _respond(send, 422, error_body(str(exc), "invalid_request_error", "chat_template_error"))
             return
-        except InvalidSampling as exc:
+        except (InvalidSampling, ToolRequestError) as exc:
             await _respond(send, 400, error_body(str(exc), "invalid_request_error", "invalid_value", exc.param))
             return
         self.loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Indexed] = asyncio.Queue()
-        jobs = choice_jobs(tokens, params, limit, n, queue)  # their emits are called on this loop by _dispatch
+        jobs = choice_jobs(tokens, params, limit, n, queue, plan)  # their emits are called on this loop by _dispatch
 
         async def watch_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -192,16 +231,16 @@ class WorkerApp:
                 await _respond(send, 400, error_body(str(first[1]), "invalid_request_error", "invalid_value",
                                                      first[1].param))
                 return
-            fmt = CompletionFormat(chat, body.get("model") or self.model_name)
+            fmt = CompletionFormat(chat, body.get("model") or self.model_name, plan is not None)
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 await self._stream(send, fmt, first, queue, jobs, include_usage)
             else:
                 choices = await _collect(first, queue, n)
-                if all(finish != "cancelled" for _, finish, _ in choices):
-                    await _respond(send, 200, fmt.body([fmt.choice(text, finish, index=i, logprobs=logprobs)
-                                                        for i, (text, finish, logprobs) in enumerate(choices)],
-                                                       total_usage(jobs)))
+                if all(finish != "cancelled" for _, finish, _, _ in choices):
+                    await _respond(send, 200, fmt.body([
+                        (fmt if i == 0 else fmt.for_choice()).choice(text, finish, tool_text, index=i, logprobs=lp)
+                        for i, (text, finish, tool_text, lp) in enumerate(choices)], total_usage(jobs)))
         finally:
             for job in jobs:
                 self.scheduler.cancel(job)
@@ -214,6 +253,7 @@ class WorkerApp:
         choice finished."""
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        formats = [fmt, *(fmt.for_choice() for _ in jobs[1:])]  # a tool-call parser per choice
         started = [False] * len(jobs)
         offsets = [0] * len(jobs)  # characters sent per choice (the legacy logprobs' text_offset)
         running = len(jobs)
@@ -223,9 +263,11 @@ class WorkerApp:
                 raise piece
             if piece.finish_reason == "cancelled":
                 break
-            await _send_chunk(send, fmt.chunk(piece, first=not started[index], with_usage_field=include_usage,
-                                              index=index, offset=offsets[index]))
-            started[index] = True
+            chunk = formats[index].chunk(piece, first=not started[index], with_usage_field=include_usage,
+                                         index=index, offset=offsets[index])
+            if chunk:
+                await _send_chunk(send, chunk)
+                started[index] = True
             offsets[index] += len(piece.text)
             if piece.finish_reason is not None:
                 running -= 1
@@ -248,16 +290,16 @@ def choices_of(body: dict[str, Any]) -> int:
     return n
 
 
-def choice_jobs(tokens: list[int], params: SamplingParams, limit: int, n: int, queue: asyncio.Queue[Indexed]
-                ) -> list[Job]:
+def choice_jobs(tokens: list[int], params: SamplingParams, limit: int, n: int, queue: asyncio.Queue[Indexed],
+                tools: ToolPlan | None = None) -> list[Job]:
     """One job per choice; the first leads (the others copy its prompt's KV cache). With a seed, choice i samples
     with seed + i: the choices differ, and the same request gives the same choices again."""
     def emit_to(index: int) -> Callable[[Piece | BaseException], None]:
         return lambda item: queue.put_nowait((index, item))
 
-    leader = Job(tokens, params, emit_to(0), limit)
+    leader = Job(tokens, params, emit_to(0), limit, tools)
     return [leader, *(Job(tokens, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
-                          emit_to(i), limit, leader=leader) for i in range(1, n))]
+                          emit_to(i), limit, tools, leader=leader) for i in range(1, n))]
 
 
 def total_usage(jobs: list[Job]) -> Usage:
@@ -272,10 +314,11 @@ def _dispatch(items: Outbox) -> None:
 
 
 async def _collect(item: Indexed, queue: asyncio.Queue[Indexed], n: int
-                   ) -> list[tuple[str, str, list[TokenLogprob] | None]]:
-    """Each choice's text, finish reason and logprob entries (None when not asked for); a cancelled choice ends the
-    collection (the client is gone)."""
+                   ) -> list[tuple[str, str, str, list[TokenLogprob] | None]]:
+    """Each choice's content, finish reason, tool-call text and logprob entries (None when not asked for); a
+    cancelled choice ends the collection (the client is gone)."""
     parts: list[list[str]] = [[] for _ in range(n)]
+    tool_parts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[TokenLogprob] | None] = [None] * n
     finish: list[str] = [""] * n
     running = n
@@ -284,13 +327,15 @@ async def _collect(item: Indexed, queue: asyncio.Queue[Indexed], n: int
         if isinstance(piece, BaseException):
             raise piece
         parts[index].append(piece.text)
+        tool_parts[index].append(piece.tool_text)
         if piece.logprobs is not None:
             logprobs[index] = (logprobs[index] or []) + piece.logprobs
         if piece.finish_reason:
             finish[index] = piece.finish_reason
             running -= 1
             if not running or piece.finish_reason == "cancelled":
-                return [("".join(p), f or "cancelled", lp) for p, f, lp in zip(parts, finish, logprobs, strict=True)]
+                return [("".join(p), f or "cancelled", "".join(tp), lp)
+                        for p, f, tp, lp in zip(parts, finish, tool_parts, logprobs, strict=True)]
         item = await queue.get()
 
 

@@ -67,7 +67,9 @@ class VllmEngine:
     def available(self) -> bool:
         return self.build is not None
 
-    def launch(self, model_dir: Path, model_name: str, socket_path: Path) -> LaunchSpec:
+    def launch(self, model_dir: Path, model_name: str, socket_path: Path, tool_call_parser: str = "") -> LaunchSpec:
+        """The vLLM server's command line; with a `tool_call_parser` (the catalog's, per model) it takes `tools`
+        and `tool_choice: auto`, its own parser reading the calls out of the model's text."""
         s, cpu = self.settings, self.build == "cpu"
         argv = [self.python, "-m", SERVER_MODULE, "--model", str(model_dir), "--served-model-name", model_name,
                 "--uds", str(socket_path), "--tensor-parallel-size", str(s.tensor_parallel_size),
@@ -76,6 +78,8 @@ class VllmEngine:
             argv += ["--max-model-len", str(s.max_model_len)]
         if not cpu:
             argv += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+        if tool_call_parser:
+            argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser]
         if cpu or s.enforce_eager:  # the CPU build runs eagerly; on a GPU it trades speed for a quicker start
             argv.append("--enforce-eager")
         env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

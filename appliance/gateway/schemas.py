@@ -30,10 +30,47 @@ class ImagePart(msgspec.Struct, tag_field="type", tag="image_url", frozen=True):
     image_url: Any
 
 
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionCall(msgspec.Struct, frozen=True):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(msgspec.Struct, frozen=True):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class Message(msgspec.Struct, frozen=True, omit_defaults=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, frozen=True):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class FunctionName(msgspec.Struct, frozen=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, frozen=True):
+    function: FunctionName
+    type: Literal["function"] = "function"
 
 
 class SamplingFields(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
@@ -73,7 +110,9 @@ class ChatCompletionRequest(SamplingFields, frozen=True, omit_defaults=True, kw_
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     rag: RagRequest | None = None
     max_completion_tokens: PositiveInt | None = None
-    tools: list[Any] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
@@ -125,9 +164,7 @@ def _check_semantics(request: R) -> R:
     if isinstance(request, ChatCompletionRequest):
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        if request.tools:
-            raise InvalidRequest("tool calling is not supported by this server yet; remove 'tools'",
-                                 param="tools", code="unsupported_parameter")
+        _check_tools(request)
         if request.response_format and request.response_format.get("type") not in (None, *RESPONSE_FORMATS):
             raise InvalidRequest("response_format type must be one of " + ", ".join(RESPONSE_FORMATS),
                                  param="response_format", code="unsupported_value")
@@ -136,6 +173,39 @@ def _check_semantics(request: R) -> R:
                 raise InvalidRequest("this model does not accept images", param=f"messages[{i}].content",
                                      code="unsupported_value")
     return request
+
+
+def _check_tools(request: ChatCompletionRequest) -> None:
+    """OpenAI's rules for tools, tool_choice and the messages that carry calls and their results."""
+    names = [t.function.name for t in request.tools or []]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("two tools have the same name; each function needs its own name", param="tools",
+                             code="invalid_value")
+    for i, tool in enumerate(request.tools or []):
+        schema = tool.function.parameters
+        if schema is not None and schema.get("type", "object") != "object":
+            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON schema of type 'object'",
+                                 param=f"tools[{i}].function.parameters", code="invalid_value")
+    if request.tool_choice is not None and not names:
+        raise InvalidRequest("'tool_choice' is only allowed when 'tools' are given", param="tool_choice",
+                             code="invalid_value")
+    if isinstance(request.tool_choice, NamedToolChoice) and request.tool_choice.function.name not in names:
+        raise InvalidRequest(f"tool_choice names the function {request.tool_choice.function.name!r}, which is not "
+                             "among the tools", param="tool_choice", code="invalid_value")
+    called: set[str] = set()
+    for i, message in enumerate(request.messages):
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequest("only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls",
+                                 code="invalid_value")
+        called.update(c.id for c in message.tool_calls or [])
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise InvalidRequest("a message with role 'tool' needs the tool_call_id of the call it answers",
+                                     param=f"messages[{i}].tool_call_id", code="missing_required_parameter")
+            if message.tool_call_id not in called:
+                raise InvalidRequest(f"messages[{i}] answers the tool call {message.tool_call_id!r}, but no earlier "
+                                     "assistant message made that call", param=f"messages[{i}].tool_call_id",
+                                     code="invalid_value")
 
 
 def upstream_body(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:

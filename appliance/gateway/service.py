@@ -59,7 +59,7 @@ _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 READY = b""
 # An OpenAI chunk with generated text, and the one with a usage object (JSON as vLLM and our worker write it).
-_TEXT = re.compile(rb'"(?:content|text)":\s*"(?!")')
+_TEXT = re.compile(rb'"(?:content|text|arguments)":\s*"(?!")')
 _USAGE = re.compile(rb'"usage":\s*\{')
 
 
@@ -104,6 +104,7 @@ class Metered:
     usage: dict[str, int] | None = None  # the worker's usage object, when it sent one
     model: str = ""
     principal: Principal | SessionPrincipal | None = None
+    tools: list[str] = field(default_factory=list)  # the functions the model called (names only, for the audit)
 
     @property
     def charged(self) -> bool:
@@ -225,7 +226,11 @@ class CompletionService:
         if self.quotas is None or principal is None or all(limits.unlimited for _, limits in principal.quotas):
             return Metered()
         if isinstance(request, ChatCompletionRequest):
-            prompt = estimate_prompt_tokens([m["content"] for m in body["messages"]], len(body["messages"]))
+            texts = [m["content"] for m in body["messages"]]
+            texts += [c["function"]["arguments"] for m in body["messages"] for c in m.get("tool_calls") or ()]
+            if body.get("tools"):
+                texts.append(_encoder.encode(body["tools"]).decode())
+            prompt = estimate_prompt_tokens(texts, len(body["messages"]))
         else:
             prompt = estimate_prompt_tokens([body["prompt"]], 0)
         tokens = prompt + int(body.get("n") or 1) * estimate_tokens(0, body.get("max_tokens"))  # n completions
@@ -236,6 +241,12 @@ class CompletionService:
         when it showed nothing."""
         if self.usage is not None and metered.charged:
             self.usage.record(metered.principal, metered.model, *metered.token_counts())
+        if metered.tools and self.audit is not None:  # which functions a model called, never their arguments
+            try:
+                self.audit.record(str(getattr(metered.principal, "subject", "") or "anonymous"), "chat.tool_calls",
+                                  metered.model, "ok", tools=sorted(set(metered.tools))[:32], calls=len(metered.tools))
+            except (sqlite3.Error, ValueError) as exc:
+                log.warning("audit.record_failed", action="chat.tool_calls", error=str(exc))
         if self.quotas is None:
             return
         for reservation in metered.reservations:
@@ -255,6 +266,9 @@ class CompletionService:
             raise
         metered.usage = usage
         metered.usage_tokens = _total(usage) if usage is not None else metered.reserved_tokens  # none: the estimate
+        if b'"tool_calls"' in completed.body:
+            metered.tools = [c["function"]["name"] for choice in _decoder.decode(completed.body).get("choices") or ()
+                             for c in (choice.get("message") or {}).get("tool_calls") or ()]
         self._settle(metered)
         if metered.reservations:
             completed.headers = metered.headers()
@@ -320,6 +334,8 @@ class CompletionService:
                     metered.usage, metered.usage_tokens = chunk["usage"], _total(chunk["usage"])
                     if not chunk.get("choices") and not include_usage:
                         continue
+                if b'"tool_calls"' in event:
+                    metered.tools += _called(event)
                 if _TEXT.search(event):
                     metered.text_chunks += 1
                     now = time.perf_counter()
@@ -335,6 +351,17 @@ class CompletionService:
     def _count_tokens(self, model: str, usage: dict[str, int]) -> None:
         self.metrics.prompt_tokens.labels(model).inc(usage.get("prompt_tokens", 0))
         self.metrics.completion_tokens.labels(model).inc(usage.get("completion_tokens", 0))
+
+
+def _called(event: bytes) -> list[str]:
+    """The function names that start tool calls in one streamed chunk."""
+    try:
+        chunk = _decoder.decode(event[6:])
+    except msgspec.DecodeError:
+        return []
+    return [call["function"]["name"] for choice in chunk.get("choices") or ()
+            for call in (choice.get("delta") or {}).get("tool_calls") or ()
+            if (call.get("function") or {}).get("name")]
 
 
 def _total(usage: dict[str, int]) -> int:

@@ -9,8 +9,9 @@ rewrote loses its logprobs (whole: that choice's; streamed: from the rewrite on)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
 
 import msgspec
 
@@ -36,6 +37,10 @@ class GatewayPrivacy:
             for message in body["messages"]:
                 if message.get("content"):
                     message["content"] = self.privacy.enforce("prompt", message["content"], marks)
+                for call in message.get("tool_calls") or []:  # arguments the model wrote earlier
+                    call["function"]["arguments"] = self._arguments("prompt", call["function"]["arguments"], marks)
+            for tool in body.get("tools") or []:  # definitions are prompt text too: descriptions, enums, examples
+                tool["function"] = _strings(tool["function"], lambda t: self.privacy.enforce("prompt", t, marks))
         elif isinstance(body.get("prompt"), str):
             body["prompt"] = self.privacy.enforce("prompt", body["prompt"], marks)
 
@@ -47,13 +52,31 @@ class GatewayPrivacy:
         marks = Placeholders()
         for choice in document.get("choices") or []:
             message = choice.get("message")
-            holder, key = (message, "content") if isinstance(message, dict) else (choice, "text")
-            text = holder.get(key)
-            if isinstance(text, str):
-                holder[key] = self.privacy.enforce("output", text, marks, _OUTPUT)
-                if holder[key] != text:
-                    choice["logprobs"] = None  # they would spell out what was rewritten
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                message["content"] = self._output(choice, message["content"], marks)
+            if isinstance(message, dict):
+                for call in message.get("tool_calls") or []:
+                    call["function"]["arguments"] = self._arguments("output", call["function"]["arguments"], marks)
+            if isinstance(choice.get("text"), str):
+                choice["text"] = self._output(choice, choice["text"], marks)
         return _encoder.encode(document)
+
+    def _output(self, choice: dict[str, Any], text: str, marks: Placeholders) -> str:
+        """A choice's text with the output surface applied; its logprobs go when they would spell out a rewrite."""
+        screened = self.privacy.enforce("output", text, marks, _OUTPUT)
+        if screened != text:
+            choice["logprobs"] = None
+        return screened
+
+    def _arguments(self, surface: Literal["prompt", "output"], arguments: str, marks: Placeholders) -> str:
+        """Tool-call arguments (JSON text) with the surface applied to each string in them, so they stay JSON."""
+        where = _OUTPUT if surface == "output" else "the request"
+        try:
+            document = json.loads(arguments)
+        except ValueError:
+            return self.privacy.enforce(surface, arguments, marks, where)
+        screened = _strings(document, lambda t: self.privacy.enforce(surface, t, marks, where))
+        return arguments if screened == document else json.dumps(screened, ensure_ascii=False)
 
     def screen_stream(self, events: AsyncIterator[bytes], error_event: Any) -> AsyncIterator[bytes]:
         """The relayed SSE bytes (whole events, `\\n\\n`-terminated) with the output surface applied; a blocked
@@ -97,6 +120,15 @@ def merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
             if isinstance(value, list) and isinstance(merged.get(key), list):
                 merged[key] = [*merged[key], *value]
     return merged
+def _strings(value: Any, apply: Callable[[str], str]) -> Any:
+    """`value` (JSON-like) with `apply` run on every string in it, keys aside."""
+    if isinstance(value, str):
+        return apply(value)
+    if isinstance(value, dict):
+        return {k: _strings(v, apply) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strings(v, apply) for v in value]
+    return value
 
 
 class SseRedactor:
@@ -107,6 +139,7 @@ class SseRedactor:
         self.privacy = privacy
         self.redactors: dict[int, StreamRedactor] = {}
         self.logprobs: dict[int, ChoiceLogprobs] = {}
+        self.call_redactors: dict[tuple[int, int], StreamRedactor] = {}  # (choice, call): its arguments' text
         self.template: dict[str, Any] | None = None
         self.chat = True
 
@@ -152,15 +185,42 @@ class SseRedactor:
             if (isinstance(text, str) or released) and released != text:
                 holder[key] = released
                 changed = True
-            logprobs = choice.get("logprobs")
+            logprobs = choice.get("logprobs")  # only with the text they spell out
             if logprobs is not None or self.logprobs[index].held:
                 shown = self.logprobs[index].follow(text if isinstance(text, str) else "", released, logprobs)
                 if shown is not logprobs:
                     choice["logprobs"] = shown
                     changed = True
+            if isinstance(delta, dict) and (delta.get("tool_calls") or choice.get("finish_reason") is not None):
+                changed = self._calls(int(choice.get("index", 0)), delta, choice.get("finish_reason")) or changed
         if not changed:  # passed through as it came (most tokens): no re-encoding
             return event + b"\n\n"
         return b"data: " + _encoder.encode(chunk) + b"\n\n"
+
+    def _calls(self, index: int, delta: dict[str, Any], finish: str | None) -> bool:
+        """Redact streamed tool-call arguments, one redactor per call; at the finish, release what each held."""
+        changed = False
+        for call in delta.get("tool_calls") or []:
+            function = call.get("function") or {}
+            fragment = function.get("arguments")
+            if not isinstance(fragment, str):
+                continue
+            key = (index, int(call.get("index", 0)))
+            if key not in self.call_redactors:
+                redactor = self.privacy.stream("output", _OUTPUT)
+                assert redactor is not None
+                self.call_redactors[key] = redactor
+            released = self.call_redactors[key].feed(fragment)
+            if released != fragment:
+                function["arguments"] = released
+                changed = True
+        if finish is not None:
+            held = [(key[1], r.flush()) for key, r in self.call_redactors.items() if key[0] == index]
+            tail = [{"index": i, "function": {"arguments": text}} for i, text in held if text]
+            if tail:
+                delta["tool_calls"] = [*(delta.get("tool_calls") or []), *tail]
+                changed = True
+        return changed
 
     def flush(self) -> bytes:
         """Held text of every choice, as one last chunk per choice (empty when nothing is held)."""

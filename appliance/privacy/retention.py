@@ -15,6 +15,7 @@ itself is audited under the subject's pseudonym, never the name or address."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -339,8 +340,12 @@ class Retention:
             classes.append(ClassReport(item.data_class, item.count, _iso(item.oldest) if item.oldest else None,
                                        _retention_text(policy.retention.get(item.data_class),
                                                        item.data_class in policy.retention), item.note))
-        if not policy.store_conversations:
-            classes.append(ClassReport("conversations", 0, None, "not stored", "conversations.store = false"))
+        if not policy.store_conversations:  # a store of conversations kept from before says so; else "not stored"
+            held = [c for c in classes if c.data_class == "conversations" and c.count]
+            classes = [c for c in classes if c.data_class != "conversations"] + [
+                dataclasses.replace(c, note="no new ones stored (conversations.store = false)") for c in held]
+            if not held:
+                classes.append(ClassReport("conversations", 0, None, "not stored", "conversations.store = false"))
         return PrivacyReport(classes, _iso(self.next_purge) if self.next_purge else None,
                              _iso(self.last_purge) if self.last_purge else None, policy.digest,
                              list(policy.entities))

@@ -20,10 +20,19 @@ class CatalogEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     licence: str
     description: str = ""
     size_bytes: int | None = None  # the model file's size, when the catalog says it (shown before a pull)
+    # vLLM's `--tool-call-parser` for this model's call format (hermes, llama3_json, mistral, ...): served by vLLM,
+    # the model then takes `tools`; empty: vLLM serves it without tool calling
+    tool_call_parser: str = ""
 
 
 class Catalog(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     models: dict[str, CatalogEntry]
+
+
+def tool_call_parser(catalog: Catalog, name: str, source: str) -> str:
+    """The vLLM tool-call parser the catalog names for a model (by name, else by the source it was pulled from)."""
+    entry = catalog.models.get(name) or next((e for e in catalog.models.values() if e.source == source), None)
+    return entry.tool_call_parser if entry is not None else ""
 
 
 def load_catalog(path: str | Path = "") -> Catalog:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,12 +155,14 @@ def appliance_server(gguf: Path, tmp: Path, args: argparse.Namespace) -> Iterato
 
 
 @contextlib.contextmanager
-def reference_server(binary: Path, gguf: Path, args: argparse.Namespace) -> Iterator[Contender]:
+def reference_server(binary: Path, gguf: Path, args: argparse.Namespace,
+                     extra: Sequence[str] = ()) -> Iterator[Contender]:
+    """llama-server at the appliance's settings; `extra` arguments after them (e.g. --jinja)."""
     port = free_port()
     parallel = max(args.concurrency)
     argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
             "-tb", str(args.threads), "-c", str(args.n_ctx * parallel), "-np", str(parallel), "-b", str(args.n_batch),
-            "-ub", str(args.n_batch), "-fa", "on", "--no-webui", "--log-disable"]
+            "-ub", str(args.n_batch), "-fa", "on", "--no-webui", "--log-disable", *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

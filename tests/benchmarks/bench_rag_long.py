@@ -1,18 +1,22 @@
-"""RAG quality on long documents nobody on the project wrote: the standard library's modules rendered by `pydoc` as
-whole plain-text pages (about 2,000 words each, some over 30,000), one known-item query per page (the first line
-of the module's docstring), beside the docstring set of bench_rag (documents one or two chunks long).
+"""RAG quality on long documents nobody on the project wrote: modules rendered by `pydoc` as whole plain-text pages
+(about 2,000 words each, some over 30,000), one known-item query per page (the first line of the module's
+docstring), beside the docstring set of bench_rag (documents one or two chunks long). The long set is every
+standard-library page, then pages of the third-party packages installed beside the appliance (site-packages, at
+most three modules a package) up to --pages (500); `long-stripped` is the same pages with the summary line cut out,
+so that no query is found verbatim in its page.
 
-Reports MRR, recall@1 and recall@10 per document for the appliance's vector, keyword and hybrid retrieval (through
-RagService, in-process) and, in the same run, a plain baseline:
+Reports MRR, recall@1 and recall@10 per document for the appliance's vector, keyword and hybrid retrieval
+(in-process through RagService, and with --via-api through a real `appliance serve` and its HTTP API, as a user
+gets it) and, in the same run, a plain baseline:
 * vector: all-MiniLM-L6-v2 over the first four 128-word chunks of each page, a page scored by its best chunk;
 * BM25: Okapi (k1 1.5, b 0.75) over whole pages, lower-cased words, English stop words removed;
 * hybrid: reciprocal rank fusion (k 60) of the two page rankings.
 
-The pages are rendered once in a child process (importing 500 modules has side effects) and kept in
-.bench/pydoc-pages-<python>.json; embeddings are cached in .bench/embeddings so that a second run only embeds what
-changed.
+The pages are rendered once in a child process (importing hundreds of modules has side effects) and kept in
+.bench/pydoc-pages-<python>[-thirdparty].json; embeddings are cached in .bench/embeddings so that a second run only
+embeds what changed (with --via-api the server's cache starts as a copy of it, unless --cold-server).
 
-    .venv/bin/python -m tests.benchmarks.bench_rag_long --set long,docstrings
+    .venv/bin/python -m tests.benchmarks.bench_rag_long --via-api  # long, long-stripped, docstrings
     .venv/bin/python -m tests.benchmarks.bench_rag_long --set long --shares 0.05,0.1,0.2,1.0  # pruning threshold
     .venv/bin/python -m tests.benchmarks.bench_rag_long --set long,docstrings --suspects  # issue 15's suspects
 
@@ -32,15 +36,17 @@ import math
 import pkgutil
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from appliance.auth.rbac import Rbac
@@ -49,7 +55,7 @@ from appliance.observability.metrics import Metrics
 from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.service import Incoming, RagService
 from appliance.resources import shipped
-from tests.benchmarks.bench_rag import ME, MODES, corpus, rank_of
+from tests.benchmarks.bench_rag import ME, MODES, corpus, percentile, rank_of
 
 BENCH = Path(__file__).resolve().parents[2] / ".bench"
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip",
@@ -59,10 +65,21 @@ Pair = tuple[str, str, str]  # (document id, query, document text)
 Ranks = list[int | None]
 
 
-def render_pages(out: Path) -> None:
-    """Every public standard-library module and submodule that imports, as (name, docstring's first line, page)."""
+def _render(name: str) -> Pair | None:
+    """(name, docstring's first line, pydoc's plain-text page) of a module, or None if it does not import."""
     import pydoc
 
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            module = importlib.import_module(name)
+            page = pydoc.render_doc(module, renderer=pydoc.plaintext)  # type: ignore[attr-defined]
+    except BaseException:
+        return None
+    return name, (module.__doc__ or "").strip().split("\n")[0].strip(), page
+
+
+def render_pages(out: Path) -> None:
+    """Every public standard-library module and submodule that imports, as (name, docstring's first line, page)."""
     warnings.simplefilter("ignore")
     tops = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP)
     names = []
@@ -76,36 +93,100 @@ def render_pages(out: Path) -> None:
         for info in pkgutil.walk_packages(getattr(module, "__path__", []), top + ".", onerror=lambda _: None):
             if not any(p.startswith("_") or p in ("test", "tests") for p in info.name.split(".")):
                 names.append(info.name)
-    pages = []
-    for name in names:
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                module = importlib.import_module(name)
-                page = pydoc.render_doc(module, renderer=pydoc.plaintext)
-        except BaseException:
-            continue
-        first = (module.__doc__ or "").strip().split("\n")[0].strip()
-        pages.append((name, first, page))
+    pages = [page for page in map(_render, names) if page is not None]
     out.write_text(json.dumps(pages))
 
 
-def long_corpus(n: int, seed: int) -> list[Pair]:
-    cached = BENCH / f"pydoc-pages-{sys.version_info[0]}.{sys.version_info[1]}.json"
+THIRD_PARTY_SKIP = {"appliance", "tests", "_distutils_hack", "include", "lib", "schemas", "isympy", "functorch",
+                    "torchgen", "mypyc", "setuptools", "pip", "google", "py", "_pytest", "_yaml"}
+THIRD_PARTY_PER_PACKAGE = 3
+LARGEST_PAGE_WORDS = 60_000  # a few giant pages (numpy's, torch's) would cost more embedding than all the rest
+
+
+def render_third_party(out: Path, seed: int) -> None:
+    """Modules of the third-party packages installed beside the appliance (site-packages), at most
+    THIRD_PARTY_PER_PACKAGE public ones per package, picked at random, as (name, docstring's first line, page)."""
+    import sysconfig
+
+    warnings.simplefilter("ignore")
+    root = Path(sysconfig.get_paths()["purelib"])
+    rng = random.Random(seed)
+    pages = []
+    for top in sorted(m.name for m in pkgutil.iter_modules([str(root)])):
+        if top.startswith("_") or top in THIRD_PARTY_SKIP:
+            continue
+        folder = root / top
+        files = sorted(folder.rglob("*.py")) if folder.is_dir() else []
+        names = [top]
+        for path in files:
+            parts = path.relative_to(root).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            if len(parts) > 1 and not any(p.startswith("_") or p in ("test", "tests", "testing", "vendor",
+                                                                       "vendored", "conftest") for p in parts):
+                names.append(".".join(parts))
+        rng.shuffle(names)
+        taken = 0
+        for name in names:
+            rendered = _render(name)
+            if rendered and len(rendered[1].split()) >= 4 and len(rendered[2].split()) <= LARGEST_PAGE_WORDS:
+                pages.append(rendered)
+                taken += 1
+                if taken == THIRD_PARTY_PER_PACKAGE:
+                    break
+    out.write_text(json.dumps(pages))
+
+
+def _rendered(kind: str, seed: int) -> list[tuple[str, str, str]]:
+    """Pages rendered once in a child process (importing hundreds of modules has side effects), kept in .bench."""
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    cached = BENCH / (f"pydoc-pages-{version}.json" if kind == "stdlib" else f"pydoc-pages-{version}-{kind}.json")
     if not cached.exists():
         BENCH.mkdir(exist_ok=True)
-        subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_rag_long", "--render", str(cached)],
-                       check=True, cwd=BENCH.parent, stdout=subprocess.DEVNULL)
-    pages = [(name, first, page) for name, first, page in json.loads(cached.read_text()) if len(first.split()) >= 4]
-    counts = collections.Counter(first for _, first, _ in pages)
-    unique = sorted(p for p in pages if counts[p[1]] == 1)
-    random.Random(seed).shuffle(unique)
-    return unique[:n]
+        subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_rag_long", f"--render-{kind}", str(cached),
+                        "--seed", str(seed)], check=True, cwd=BENCH.parent, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=1800)
+    return [(str(n), str(f), str(p)) for n, f, p in json.loads(cached.read_text())]
+
+
+def long_corpus(n: int, seed: int, third_party: bool = True, largest: int = LARGEST_PAGE_WORDS) -> list[Pair]:
+    """Every standard-library page, then third-party pages picked at random up to n pages in all; only pages with a
+    summary of at least four words that no other page shares (a query two pages answer cannot be scored), and whose
+    text no other page repeats (vendored or re-exported copies)."""
+    stdlib = _rendered("stdlib", seed)
+    others = _rendered("thirdparty", seed) if third_party else []
+    pages = [p for p in stdlib + others if len(p[1].split()) >= 4 and len(p[2].split()) <= largest]
+    summaries = collections.Counter(_normal(first) for _, first, _ in pages)
+    bodies = collections.Counter(_normal(page.partition("\n")[2]) for _, _, page in pages)
+    unique = {p[0] for p in pages if summaries[_normal(p[1])] == 1 and bodies[_normal(p[2].partition("\n")[2])] == 1}
+    rng = random.Random(seed)
+    mine = sorted(p for p in stdlib if p[0] in unique)
+    theirs = sorted(p for p in others if p[0] in unique)
+    rng.shuffle(mine)
+    rng.shuffle(theirs)
+    chosen = (mine + theirs)[:n]
+    rng.shuffle(chosen)
+    return chosen
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def without_summary(pairs: Sequence[Pair]) -> list[Pair]:
+    """The pages with every occurrence of their one-line summary cut out (pydoc repeats it under NAME and
+    DESCRIPTION), so that a query is never found verbatim in the page it asks for."""
+    out = []
+    for doc_id, query, page in pairs:
+        words = re.findall(r"\S+", query)
+        pattern = re.compile(r"\s+".join(re.escape(w) for w in words))
+        out.append((doc_id, query, pattern.sub(" ", page)))
+    return out
 
 
 # the plain baseline
 
 def _stop_words() -> frozenset[str]:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS  # type: ignore[import-untyped]
 
     return frozenset(ENGLISH_STOP_WORDS)
 
@@ -352,34 +433,130 @@ async def suspects(rag: RagService, collection: str, pairs: Sequence[Pair]) -> d
 
 def table(title: str, rows: dict[str, dict[str, Ranks]]) -> None:
     print(f"\n{title}")
-    print(f"{'':<10} {'mode':<8} {'MRR':>6} {'R@1':>6} {'R@10':>6}")
+    print(f"{'':<11} {'mode':<8} {'MRR':>6} {'R@1':>6} {'R@10':>6}")
     for who, ranks in rows.items():
         for mode, r in ranks.items():
             s = scores(r)
-            print(f"{who:<10} {mode:<8} {s['mrr']:>6.3f} {s['recall@1']:>6.3f} {s['recall@10']:>6.3f}")
+            print(f"{who:<11} {mode:<8} {s['mrr']:>6.3f} {s['recall@1']:>6.3f} {s['recall@10']:>6.3f}")
+
+
+SETS = {
+    "long": "pydoc pages of the standard library and of the third-party packages installed beside it",
+    "long-stripped": "the long set with each page's one-line summary (the query) cut out of the page",
+    "stdlib-pages": "the long set's standard-library pages only",
+    "docstrings": "bench_rag's docstring set (documents one or two chunks long)",
+}
 
 
 def evaluation_sets(names: Sequence[str], args: argparse.Namespace) -> dict[str, list[Pair]]:
     sets = {}
     for name in names:
-        sets[name] = long_corpus(args.pages, args.seed) if name == "long" else corpus(args.docs, args.seed)
+        if name not in SETS:
+            raise SystemExit(f"unknown set {name!r}; the sets are {', '.join(SETS)}")
+        if name == "docstrings":
+            sets[name] = corpus(args.docs, args.seed)
+        elif name == "stdlib-pages":
+            sets[name] = long_corpus(args.pages, args.seed, third_party=False, largest=args.largest_page)
+        else:
+            pages = long_corpus(args.pages, args.seed, largest=args.largest_page)
+            sets[name] = without_summary(pages) if name == "long-stripped" else pages
     return sets
+
+
+# through the real server, as a user gets it
+
+@contextlib.contextmanager
+def served(warm_cache: Path | None) -> Iterator[httpx.Client]:
+    """The real `appliance serve` (tests/server.py's ServerProcess) on a free port with a fresh data dir made by
+    `appliance init`, its default settings, no chat model, an admin key from `appliance keys create`. With
+    `warm_cache`, the server's embedding cache starts as a copy of that one (the vectors are the same; only the
+    ingestion time changes)."""
+    from tests.server import ServerProcess, appliance, new_key
+
+    with tempfile.TemporaryDirectory(prefix="bench-rag-long-") as tmp:
+        data = Path(tmp) / "data"
+        appliance("init", data_dir=data)
+        if warm_cache is not None and warm_cache.exists():
+            shutil.copytree(warm_cache, data / "cache" / "embeddings", dirs_exist_ok=True)
+        key = new_key(data)
+        process = ServerProcess(data)
+        try:
+            process.start(wait_ready=False)  # /healthz: the API is up (no chat model is needed for RAG)
+            with httpx.Client(base_url=process.url, headers={"Authorization": f"Bearer {key}"},
+                              timeout=1800) as client:
+                yield client
+        finally:
+            process.stop()
+
+
+def _ok(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code >= 400:
+        raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} "
+                           f"{response.text[:500]}")
+    return dict(response.json())
+
+
+def api_ingest(client: httpx.Client, pairs: Sequence[Pair], collection: str) -> tuple[float, int]:
+    """POST /api/collections, then the documents in batches ({"documents": [...]}, at most 100 and 4 MB each);
+    a batch the server turns into a job (202) is followed on GET /api/jobs/{id} until it is done."""
+    _ok(client.post("/api/collections", json={"name": collection}))
+    batches: list[list[dict[str, str]]] = [[]]
+    size = 0
+    for doc_id, _, text in pairs:
+        if batches[-1] and (len(batches[-1]) == 100 or size + len(text) > 4_000_000):
+            batches.append([])
+            size = 0
+        batches[-1].append({"id": doc_id, "text": text})
+        size += len(text)
+    started = time.perf_counter()
+    chunks = 0
+    for batch in batches:
+        reply = _ok(client.post(f"/api/collections/{collection}/documents", json={"documents": batch}))
+        while reply["object"] == "ingestion.job" and reply["state"] not in ("done", "failed"):
+            time.sleep(0.05)  # polling a job, as a client does; not a timing
+            reply = _ok(client.get(f"/api/jobs/{reply['id']}"))
+        if reply.get("state") == "failed":
+            raise RuntimeError(f"ingestion job failed: {reply['error']}")
+        chunks += int(reply["total"] if reply["object"] == "ingestion.job" else reply["chunks"])
+    return time.perf_counter() - started, chunks
+
+
+def api_ranks(client: httpx.Client, collection: str, pairs: Sequence[Pair]
+              ) -> tuple[dict[str, Ranks], dict[str, list[float]]]:
+    """Each query through POST /api/collections/{name}/query (top 10, one chunk per document), per mode; with
+    each request's time as the client sees it (HTTP, auth and JSON included)."""
+    ranks: dict[str, Ranks] = {}
+    times: dict[str, list[float]] = {}
+    for mode in MODES:
+        ranks[mode], times[mode] = [], []
+        for doc_id, query, _ in pairs:
+            started = time.perf_counter()
+            found = _ok(client.post(f"/api/collections/{collection}/query",
+                                    json={"query": query, "top_k": 10, "mode": mode, "per_document": 1}))["data"]
+            times[mode].append((time.perf_counter() - started) * 1000)
+            documents = [r["document_id"] for r in found]
+            ranks[mode].append(documents.index(doc_id) + 1 if doc_id in documents else None)
+    return ranks, times
 
 
 async def main(args: argparse.Namespace) -> None:
     settings = RagSettings(job_threshold_bytes=1 << 40, chunk_tokens=args.chunk_tokens,
                            chunk_overlap=args.chunk_overlap)
-    for name, pairs in evaluation_sets(args.set, args).items():
+    sets = evaluation_sets(args.set, args)
+    results: dict[str, dict[str, dict[str, Ranks]]] = {}
+    for name, pairs in sets.items():
         words = [len(t.split()) for _, _, t in pairs]
-        print(f"\n== {name}: {len(pairs)} documents, {sum(words) / len(words):.0f} words on average, "
-              f"largest {max(words)}, Python {sys.version.split()[0]}")
+        print(f"\n== {name} ({SETS[name]}): {len(pairs)} documents, {sum(words) / len(words):.0f} words on "
+              f"average, largest {max(words)}, Python {sys.version.split()[0]}")
+        if args.api_only:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             rag, embeddings = open_service(Path(tmp), settings)
             took, chunks = await ingest(rag, pairs, name)
-            print(f"ingested {chunks} chunks in {took:.0f} s")
+            print(f"in-process: ingested {chunks} chunks in {took:.0f} s")
             base = baseline_ranks(embeddings, pairs)
-            ours = await appliance_ranks(rag, name, pairs)
-            table(f"{name}: per document, top 10", {"baseline": base, "appliance": ours})
+            results[name] = {"baseline": base, "in-process": await appliance_ranks(rag, name, pairs)}
+            table(f"{name}: per document, top 10", results[name])
             if args.shares:
                 for variant, r in (await thresholds(rag, name, pairs, args.shares)).items():
                     s = scores(r)
@@ -392,13 +569,37 @@ async def main(args: argparse.Namespace) -> None:
                     print(f"  {variant:<58} {s['mrr']:>6.3f} {s['recall@1']:>6.3f} {s['recall@10']:>6.3f}")
             rag.close()
             embeddings.close()
+    if args.via_api or args.api_only:
+        started = time.perf_counter()
+        with served(None if args.cold_server else BENCH / "embeddings") as client:
+            print(f"\nappliance serve up in {time.perf_counter() - started:.0f} s "
+                  f"({'cold' if args.cold_server else 'warm'} embedding cache)")
+            for name, pairs in sets.items():
+                if name not in results:  # --api-only: the baseline of this run, then the server
+                    embeddings = EmbeddingService(settings, BENCH / "embeddings", Metrics())
+                    results[name] = {"baseline": baseline_ranks(embeddings, pairs)}
+                    embeddings.close()
+                took, chunks = api_ingest(client, pairs, name)
+                print(f"\n{name} via the API: ingested {chunks} chunks in {took:.0f} s")
+                ranks, times = api_ranks(client, name, pairs)
+                results[name]["api"] = ranks
+                for mode in MODES:
+                    print(f"  query {mode:<8} p50 {percentile(times[mode], 50):6.1f} ms, "
+                          f"p95 {percentile(times[mode], 95):6.1f} ms ({chunks} chunks, HTTP included)")
+                table(f"{name}: per document, top 10", results[name])
+        print(f"\nthrough the API in {time.perf_counter() - started:.0f} s in all")
+    print("\n== summary: MRR / R@1 / R@10 per document, top 10")
+    for name, rows in results.items():
+        table(f"{name} ({len(sets[name])} documents)", rows)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", type=lambda s: s.split(","), default=["long", "docstrings"],
-                        help="evaluation sets: long (pydoc pages), docstrings (bench_rag's corpus)")
+    parser.add_argument("--set", type=lambda s: s.split(","), default=["long", "long-stripped", "docstrings"],
+                        help="evaluation sets, comma-separated: " + "; ".join(f"{k}: {v}" for k, v in SETS.items()))
     parser.add_argument("--pages", type=int, default=500, help="most pydoc pages in the long set")
+    parser.add_argument("--largest-page", type=int, default=LARGEST_PAGE_WORDS,
+                        help="leave out pages of more words than this (embedding time grows with the words)")
     parser.add_argument("--docs", type=int, default=2000, help="documents in the docstring set")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--chunk-tokens", type=int, default=RagSettings().chunk_tokens, help="rag.chunk_tokens")
@@ -406,13 +607,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shares", type=lambda s: [float(x) for x in s.split(",")], default=[],
                         help="also measure keyword and hybrid with these common-term thresholds")
     parser.add_argument("--suspects", action="store_true", help="also measure issue 15's suspects offline")
-    parser.add_argument("--render", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--via-api", action="store_true",
+                        help="also ingest into a real `appliance serve` and query it through the HTTP API")
+    parser.add_argument("--api-only", action="store_true",
+                        help="with --via-api: only the server and the baseline, not the in-process figures")
+    parser.add_argument("--cold-server", action="store_true",
+                        help="with --via-api: the server embeds everything itself (else its cache starts warm)")
+    parser.add_argument("--render-stdlib", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--render-thirdparty", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 if __name__ == "__main__":
     parsed = parse_args()
-    if parsed.render:
-        render_pages(parsed.render)
+    if parsed.render_stdlib:
+        render_pages(parsed.render_stdlib)
+    elif parsed.render_thirdparty:
+        render_third_party(parsed.render_thirdparty, parsed.seed)
     else:
         asyncio.run(main(parsed))

@@ -11,6 +11,7 @@ from appliance.config import LlamaCppSettings, VllmSettings, physical_cores
 from appliance.engines.llamacpp import WORKER_MODULE, LlamaCppEngine, gpu_offload_supported
 from appliance.engines.select import Gpu, choose_engine
 from appliance.engines.vllm import VllmEngine
+from appliance.registry.catalog import Catalog, CatalogEntry, tool_call_parser
 
 H100 = Gpu("NVIDIA H100 80GB HBM3", 81559)
 
@@ -139,3 +140,15 @@ def test_vllm_launch_on_cpu_runs_eagerly_with_a_bounded_kv_cache() -> None:
 def test_vllm_probe_reads_the_engine_environment(tmp_path: Path) -> None:
     assert VllmEngine(VllmSettings(python=sys.executable)).build is None  # the appliance's own venv has no vLLM
     assert VllmEngine(VllmSettings(python=str(tmp_path / "missing" / "python"))).build is None
+
+
+def test_vllm_takes_tools_with_the_catalogs_parser() -> None:
+    catalog = Catalog({"qwen": CatalogEntry("hf:Qwen/Qwen2.5-0.5B-Instruct", "0" * 64, "hf", "Apache-2.0",
+                                            tool_call_parser="hermes")})
+    assert tool_call_parser(catalog, "qwen", "") == "hermes"
+    assert tool_call_parser(catalog, "renamed", "hf:Qwen/Qwen2.5-0.5B-Instruct") == "hermes"
+    assert tool_call_parser(catalog, "other", "file:/x") == ""
+    engine = VllmEngine(VllmSettings(python="/nonexistent/python"))
+    argv = list(engine.launch(Path("/m"), "qwen", Path("/s.sock"), "hermes").argv)
+    assert argv[argv.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in argv
+    assert "--tool-call-parser" not in engine.launch(Path("/m"), "qwen", Path("/s.sock")).argv
