@@ -5,6 +5,7 @@ cache never answers n choices with one."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -115,3 +116,41 @@ def test_quota_reserves_n_completions_and_settles_every_choice(server: Running) 
     usage = raw.parse().usage
     assert usage is not None and usage.completion_tokens == 2 * TOKENS
     assert int(raw.headers["x-ratelimit-remaining-tokens-day"]) == 100_000 - usage.total_tokens
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_choice_makes_its_own_tool_call(server: Running, stream: bool) -> None:
+    """n choices with tools: every choice's calls are parsed on their own (whole and streamed)."""
+    ask: dict[str, Any] = {"model": DEFAULT_MODEL, "n": 2, "tools": [WEATHER], "tool_choice": "required",
+                           "max_tokens": 40, "temperature": 0.7, "seed": 3,
+                           "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    client = server.client()
+    if not stream:
+        choices = client.chat.completions.create(**ask).choices
+        calls = {c.index: [(t.function.name, json.loads(t.function.arguments))
+                           for t in c.message.tool_calls or []] for c in choices}
+        finishes = {c.index: c.finish_reason for c in choices}
+    else:
+        arguments: dict[tuple[int, int], str] = defaultdict(str)
+        names: dict[tuple[int, int], str] = {}
+        finishes = {}
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            for choice in chunk.choices:
+                for call in choice.delta.tool_calls or []:
+                    if call.function and call.function.name:
+                        names[choice.index, call.index] = call.function.name
+                    arguments[choice.index, call.index] += (call.function.arguments or "") if call.function else ""
+                if choice.finish_reason:
+                    finishes[choice.index] = choice.finish_reason
+        calls = defaultdict(list)
+        for (index, _), name in sorted(names.items()):
+            calls[index].append((name, json.loads(arguments[index, _])))
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    for index in (0, 1):
+        assert calls[index] and all(name == "get_weather" and set(args) == {"city"} for name, args in calls[index])
