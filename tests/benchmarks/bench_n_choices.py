@@ -6,7 +6,8 @@
 1. One request with n=4 against four separate requests of the same prompt sent at once: the n choices share one
    prefill (the followers copy the leader's KV cells), the separate requests each compute the prompt. Every
    completion is forced to exactly --max-tokens tokens (end-of-generation banned with logit_bias), tokens are
-   counted from `usage`, each round has a new prompt, and the two sides run back to back in alternating order; the
+   counted from `usage`, each side of each round has a prompt of its own (else the second side would find the
+   first side's prompt in the worker's prefix cache), and the two sides run back to back in alternating order; the
    figure is the median of the per-round ratios (n=4 tok/s over separate tok/s), which a shared box's drifting
    speed moves on both sides alike.
 2. The time cost of logprobs: one greedy request with `logprobs: true, top_logprobs: 5` (and 20) against the same
@@ -39,7 +40,7 @@ WORDS = ("river mountain lantern harbour meadow orchard glacier canyon village m
 
 
 def prompt(round_: int, words: int) -> list[dict[str, str]]:
-    """A long shared context (a new one each round: no side finds it cached) and a short question."""
+    """A long shared context (a new one each time: nothing finds it cached) and a short question."""
     context = " ".join(WORDS[(round_ * 7 + i * 3) % len(WORDS)] for i in range(words))
     return [{"role": "system", "content": f"Notes {round_}: {context}"},
             {"role": "user", "content": "Write a short story that uses the words in the notes."}]
@@ -56,7 +57,7 @@ async def complete(client: httpx.AsyncClient, who: Contender, body: dict[str, An
 
 async def n_side(who: Contender, args: argparse.Namespace, round_: int, together: bool) -> float:
     """tok/s of n choices: one request with n, or n separate requests at once."""
-    base = {"messages": prompt(round_, args.prompt_words), "max_tokens": args.max_tokens, "temperature": 1.0,
+    base = {"messages": prompt(2 * round_ + together, args.prompt_words), "max_tokens": args.max_tokens, "temperature": 1.0,
             "logit_bias": NO_EOS}
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=args.n + 1)) as client:
         start = time.perf_counter()
