@@ -57,8 +57,8 @@ async def complete(client: httpx.AsyncClient, who: Contender, body: dict[str, An
 
 async def n_side(who: Contender, args: argparse.Namespace, round_: int, together: bool) -> float:
     """tok/s of n choices: one request with n, or n separate requests at once."""
-    base = {"messages": prompt(2 * round_ + together, args.prompt_words), "max_tokens": args.max_tokens, "temperature": 1.0,
-            "logit_bias": NO_EOS}
+    base = {"messages": prompt(2 * round_ + together, args.prompt_words), "max_tokens": args.max_tokens,
+            "temperature": 1.0, "logit_bias": NO_EOS}
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=args.n + 1)) as client:
         start = time.perf_counter()
         if together:
