@@ -74,8 +74,11 @@ async def n_side(who: Contender, args: argparse.Namespace, round_: int, together
 
 
 async def logprobs_side(who: Contender, args: argparse.Namespace, round_: int, top: int | None) -> float:
-    """Wall time of one greedy completion, with `top` alternatives per token or without logprobs."""
-    body: dict[str, Any] = {"messages": prompt(1000 + round_, 20), "max_tokens": args.max_tokens, "temperature": 0,
+    """Wall time of one greedy completion, with `top` alternatives per token or without logprobs (each with a
+    prompt of its own, which no request before it computed)."""
+    which = (None, 5, 20).index(top) if top in (None, 5, 20) else 3
+    body: dict[str, Any] = {"messages": prompt(1000 + 4 * round_ + which, 20), "max_tokens": args.max_tokens,
+                            "temperature": 0,
                             "logit_bias": NO_EOS}
     if top is not None:
         body |= {"logprobs": True, "top_logprobs": top}
@@ -96,7 +99,7 @@ def run(who: Contender, args: argparse.Namespace) -> None:
     asyncio.run(n_side(who, args, 10_000, True))  # warm-up: first-request costs stay out of the figures
     together: list[float] = []
     separate: list[float] = []
-    for r in range(args.rounds):
+    for r in range(args.rounds if not args.logprobs_only else 0):
         for side in ((True, False) if r % 2 == 0 else (False, True)):
             (together if side else separate).append(asyncio.run(n_side(who, args, r, side)))
         print(f"  round {r + 1}: n={args.n} in one request {together[-1]:.1f} tok/s, {args.n} separate requests "
@@ -110,6 +113,17 @@ def run(who: Contender, args: argparse.Namespace) -> None:
             (plain if top is None else with_lp[top]).append(wall)
         print(f"  round {r + 1}: greedy {plain[-1]:.2f} s, logprobs top 5 {with_lp[5][-1]:.2f} s, top 20 "
               f"{with_lp[20][-1]:.2f} s", file=sys.stderr, flush=True)
+    if together:
+        report_n(together, separate, args)
+    print(f"\n## logprobs cost ({args.max_tokens} greedy tokens, one request)\n")
+    print("| request | wall s (median) | with / without (median per round) |")
+    print("|---|---|---|")
+    print(f"| no logprobs | {statistics.median(plain):.2f} | 1.00x |")
+    for top, walls in with_lp.items():
+        print(f"| logprobs, top_logprobs={top} | {statistics.median(walls):.2f} | {paired(walls, plain):.2f}x |")
+
+
+def report_n(together: list[float], separate: list[float], args: argparse.Namespace) -> None:
     print(f"\n## n={args.n} in one request vs {args.n} separate requests ({args.max_tokens} tokens per choice, "
           f"prompt of {args.prompt_words} words, threads={args.threads}, n_ctx={args.n_ctx or 'default'}, "
           f"{args.rounds} rounds, load at end {os.getloadavg()[0]:.1f})\n")
@@ -118,12 +132,6 @@ def run(who: Contender, args: argparse.Namespace) -> None:
     print(f"| n={args.n}, one request | {statistics.median(together):.1f} | {[round(x, 1) for x in together]} |")
     print(f"| {args.n} separate requests | {statistics.median(separate):.1f} | {[round(x, 1) for x in separate]} |")
     print(f"\nn={args.n} / separate, median of per-round ratios: {paired(together, separate):.2f}x")
-    print(f"\n## logprobs cost ({args.max_tokens} greedy tokens, one request)\n")
-    print("| request | wall s (median) | with / without (median per round) |")
-    print("|---|---|---|")
-    print(f"| no logprobs | {statistics.median(plain):.2f} | 1.00x |")
-    for top, walls in with_lp.items():
-        print(f"| logprobs, top_logprobs={top} | {statistics.median(walls):.2f} | {paired(walls, plain):.2f}x |")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,6 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="worker threads (default: physical cores)")
     parser.add_argument("--n-ctx", type=int, default=0, help="context per sequence (default 0: the appliance's)")
     parser.add_argument("--model", help="a GGUF (default: the catalog's default model)")
+    parser.add_argument("--logprobs-only", action="store_true", help="measure the logprobs cost alone")
     args = parser.parse_args(argv)
     args.threads = args.threads or physical_cores()
     args.concurrency = [args.n]  # the worker's parallel (bench_batching's appliance_server reads these)
