@@ -26,6 +26,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
+from appliance.admin.alerts_routes import ROUTES as ALERTS_ROUTES
 from appliance.admin.audit_routes import ROUTES as AUDIT_ROUTES
 from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
 from appliance.admin.auth_routes import cookie_name
@@ -73,6 +74,9 @@ from appliance.gateway.responses.store import ConversationStore, ResponseStore
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
 from appliance.logs import get_logger, install_scrubber
+from appliance.observability.alerts.rules import AlertRules
+from appliance.observability.alerts.service import AlertService
+from appliance.observability.alerts.state import AppState
 from appliance.observability.dashboard import Dashboard
 from appliance.observability.metrics import Metrics
 from appliance.privacy.controls import PrivacyControls
@@ -107,6 +111,7 @@ class Services:
         self.data.require_initialised()
         self.conn = self.data.connect()
         self.metrics = Metrics()
+        self.alert_rules = AlertRules.load(settings.alerts.rules_file)  # a wrong rule stops the start, with its line
         self.audit = AuditLog(self.conn)
         self.rbac = Rbac.load(settings.auth.rbac_file)
         self.rbac.record_if_changed(self.audit)  # an edited roles file is a policy change: audit it
@@ -159,6 +164,13 @@ class Services:
         self.dashboard = Dashboard(self.metrics, self.pool, self.registry, self.data.root,
                                    memory_budget=settings.models.memory_limit_bytes,
                                    semantic_cache=settings.cache.enabled and settings.cache.semantic)
+        # alerts over the app's own signals; its gauges (stalled workers, the audit chain ...) are in /metrics too
+        self.alert_state = AppState(self.metrics, self.pool, self.quotas,
+                                    memory_budget=settings.models.memory_limit_bytes)
+        self.metrics.registry.register(self.alert_state)
+        self.alerts = AlertService(settings.alerts, self.alert_rules, self.metrics, self.alert_state, self.audit,
+                                   self.data.root, generator_url=external_url(settings) + "/ui/#/dashboard")
+        self.dashboard.alerts = self.alerts.for_dashboard
         # the settings as loaded (with their sources), and the doctor's findings (GET /api/settings)
         self.settings_view = SettingsReport(loaded or LoadedSettings(settings, {}, None),
                                             functools.partial(diagnose, settings, self.vllm))
@@ -228,6 +240,13 @@ def unexpected_error_response(request: Request[Any, Any, Any], exc: Exception) -
     body = {"error": {"message": f"internal error (request id {request_id}); see the server log",
                       "type": "server_error", "param": None, "code": "internal_error"}}
     return Response(body, status_code=500)
+
+
+def external_url(settings: Settings) -> str:
+    if settings.alerts.external_url:
+        return settings.alerts.external_url.rstrip("/")
+    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.server.port}"
 
 
 def allowed_hosts(settings: Settings) -> frozenset[str]:
@@ -355,7 +374,9 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             rag_open = asyncio.create_task(asyncio.to_thread(lambda: services.rag.index))  # repairs after a crash
             purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
             sampling = asyncio.create_task(services.dashboard.run())  # the dashboard's TTFT window
+            alerting = asyncio.create_task(services.alerts.run())  # the alert rules, delivery, audit chain checks
             yield
+            alerting.cancel()
             sampling.cancel()
             await services.rollout.close()
             purging.cancel()
@@ -369,7 +390,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *KEYS_ROUTES,
                         *USERS_ROUTES, *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
-                        *DASHBOARD_ROUTES, *SETTINGS_ROUTES,
+                        *DASHBOARD_ROUTES, *ALERTS_ROUTES, *SETTINGS_ROUTES,
                         *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES,
                         *WEBUI_ROUTES],
         dependencies={
@@ -383,6 +404,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             "embeddings": Provide(lambda: services.embeddings_api, sync_to_thread=False),
             "response_cache": Provide(lambda: services.response_cache, sync_to_thread=False),
             "dashboard": Provide(lambda: services.dashboard, sync_to_thread=False),
+            "alerts": Provide(lambda: services.alerts, sync_to_thread=False),
             "settings_view": Provide(lambda: services.settings_view, sync_to_thread=False),
         },
         state=State({"services": services}),

@@ -285,6 +285,36 @@ class PrivacySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = ""
 
 
+class AlertSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    rules_file: Annotated[
+        str, _doc("Path of the alert rules (alerts.toml); empty = policies/alerts.toml shipped with the appliance.")
+    ] = ""
+    interval: Annotated[float, _doc("Seconds between evaluations of the alert rules.", gt=0)] = 10.0
+    alertmanager_url: Annotated[
+        str, _doc("Alertmanager to send alerts to (its base URL, e.g. http://127.0.0.1:9093; alerts go to "
+                  "/api/v2/alerts); empty = none.")
+    ] = ""
+    webhook_url: Annotated[
+        str, _doc("URL that receives alerts as Alertmanager's webhook JSON (version 4); empty = none.")
+    ] = ""
+    resend_interval: Annotated[
+        float, _doc("Seconds between re-sends of an alert that is still firing (Alertmanager forgets alerts that "
+                    "are not re-sent).", gt=0)
+    ] = 60.0
+    send_timeout: Annotated[float, _doc("Seconds a receiver may take to answer one delivery.", gt=0)] = 5.0
+    send_attempts: Annotated[
+        int, _doc("Tries per delivery (with a growing pause between them) before it is given up and logged.", ge=1)
+    ] = 3
+    audit_verify_interval: Annotated[
+        float, _doc("Seconds between checks of the audit log's hash chain for the AuditChainBroken alert; 0 = never.",
+                    ge=0)
+    ] = 600.0
+    external_url: Annotated[
+        str, _doc("The appliance's URL as people reach it, for the links in alerts (generatorURL); empty = "
+                  "http://<server.host>:<server.port>.")
+    ] = ""
+
+
 class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     level: Annotated[
         Literal["debug", "info", "warning", "error"], _doc("Lowest level of log records written.")
@@ -331,6 +361,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     )
     rag: Annotated[RagSettings, _doc("Retrieval-augmented generation: embeddings, chunking, collections.")] = (
         msgspec.field(default_factory=RagSettings)
+    )
+    alerts: Annotated[AlertSettings, _doc("Alert rules over the appliance's own signals and where alerts go.")] = (
+        msgspec.field(default_factory=AlertSettings)
     )
 
     @property

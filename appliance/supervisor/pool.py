@@ -123,6 +123,7 @@ class WorkerPool:
         name = self.key(name)
         if name not in self.slots:
             self.slots[name] = ModelSlot(name, self.parallel, self._pinned(name))
+            self.metrics.worker_restarts.labels(name)  # the series exists at 0, so the first restart is an increase
         return self.slots[name]
 
     def _pinned(self, key: str) -> bool:
