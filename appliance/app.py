@@ -79,6 +79,8 @@ from appliance.observability.alerts.service import AlertService
 from appliance.observability.alerts.state import AppState
 from appliance.observability.dashboard import Dashboard
 from appliance.observability.metrics import Metrics
+from appliance.observability.telemetry import Telemetry
+from appliance.observability.tracing import Tracing
 from appliance.privacy.controls import PrivacyControls
 from appliance.rag.chat import RagChat
 from appliance.rag.embeddings import EmbeddingService
@@ -111,6 +113,8 @@ class Services:
         self.data.require_initialised()
         self.conn = self.data.connect()
         self.metrics = Metrics()
+        # tracing (when configured); GPU, box and vLLM metrics in the registry
+        self.telemetry = Telemetry(settings, self.metrics, lambda: self.pool.slots.values())
         self.alert_rules = AlertRules.load(settings.alerts.rules_file)  # a wrong rule stops the start, with its line
         self.audit = AuditLog(self.conn)
         self.rbac = Rbac.load(settings.auth.rbac_file)
@@ -151,6 +155,7 @@ class Services:
                                              cache=self.response_cache if settings.cache.enabled else None)
         self.completions.rag_chat = RagChat(self.rag, self.pool, self.rbac)
         self.completions.privacy = self.privacy.gateway
+        self.completions.tracing = self.telemetry.tracing
         self.usage = self.completions.usage = UsageLog(self.conn)  # the usage history (GET /api/usage)
         # the Responses API over the chat path; stored responses are the `conversations` data class
         self.responses = ResponsesService(self.completions, ResponseStore(self.conn), self.privacy.privacy, self.rbac,
@@ -210,8 +215,8 @@ class Services:
         if choice.engine == "vllm":  # the folder unpacked into private tmpfs, removed when the stack closes
             folder = await asyncio.to_thread(resources.enter_context, unpacked_from_store(self.store, record.sha256))
             parser = tool_call_parser(self.registry.catalog, record.name, record.source)
-            return VllmWorker(name, self.vllm.launch(folder, record.name, socket_path, parser), socket_path,
-                              **timeouts)
+            launch = self.vllm.launch(folder, record.name, socket_path, parser, **self.telemetry.vllm_tracing())
+            return VllmWorker(name, launch, socket_path, **timeouts)
         # decrypted into a sealed memfd only, wiped when the stack closes
         weights = self.store.open_for_load(record.sha256, "memfd")
         loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
@@ -267,9 +272,10 @@ def host_of(header: bytes) -> str:
 class RequestContextMiddleware(ASGIMiddleware):
     """Host check, request id, access log and the request counter; never logs bodies."""
 
-    def __init__(self, metrics: Metrics, hosts: frozenset[str]) -> None:
+    def __init__(self, metrics: Metrics, hosts: frozenset[str], tracing: Tracing | None = None) -> None:
         self.metrics = metrics
         self.hosts = hosts
+        self.tracing = tracing or Tracing()
 
     @staticmethod
     def host_refusal(host: str) -> ASGIResponse:
@@ -287,6 +293,7 @@ class RequestContextMiddleware(ASGIMiddleware):
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        self.tracing.name_server_span(scope)  # routed by now: the span is named by the route's template
         status = 500
         started = time.perf_counter()
 
@@ -321,6 +328,10 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
 
     async def authenticate_request(self, connection: Any) -> AuthenticationResult:
         services: Services = connection.app.state.services
+        with services.telemetry.tracing.step("auth"):
+            return self._authenticate(services, connection)
+
+    def _authenticate(self, services: Services, connection: Any) -> AuthenticationResult:
         authorization = connection.headers.get("authorization")
         token = None if authorization else connection.cookies.get(cookie_name(connection.scope["scheme"] == "https"))
         if not token:
@@ -355,7 +366,8 @@ async def readyz(state: State) -> Response[dict[str, str]]:
      opt=permission("metrics:read"))
 async def metrics(state: State) -> bytes:
     services: Services = state.services
-    return services.metrics.render()
+    await services.telemetry.refresh()  # vLLM workers' own metrics, read over their sockets
+    return await asyncio.to_thread(services.metrics.render)  # NVML reads may take milliseconds
 
 
 def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Litestar:
@@ -386,6 +398,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         services._folders.close()
         services.response_cache.close()
         services.conn.close()
+        services.telemetry.close()  # the spans still pending are exported
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *KEYS_ROUTES,
@@ -410,7 +423,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         state=State({"services": services}),
         lifespan=[lifespan],
         middleware=[
-            RequestContextMiddleware(services.metrics, allowed_hosts(settings)),
+            RequestContextMiddleware(services.metrics, allowed_hosts(settings), services.telemetry.tracing),
             lambda app: AuthMiddleware(app, exclude=[*(f"^{p}$" for p in PUBLIC_PATHS), *UI_PATHS]),
         ],
         exception_handlers={ApplianceError: lambda _, exc: error_response(exc),
@@ -419,6 +432,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             path="/schema", route_handlers=[], opt=permission("metrics:read"))),
         guards=[permission_guard],
         before_send=[add_security_headers],
+        plugins=services.telemetry.plugins(),
         request_max_body_size=settings.server.max_body_bytes,
         logging_config=None,
         debug=False,

@@ -325,6 +325,26 @@ class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = "auto"
 
 
+class TelemetrySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    endpoint: Annotated[
+        str, _doc("OTLP/HTTP (protobuf) collector to send traces to: a base URL (http://collector:4318, /v1/traces is "
+                  "added) or the full traces URL. Empty = OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                  "OTEL_EXPORTER_OTLP_ENDPOINT when set, else tracing is off. Spans never hold prompts or outputs.")
+    ] = ""
+    headers: Annotated[
+        dict[str, str], _doc("Headers sent with each export (e.g. an authorization token for a hosted collector); "
+                             "empty = OTEL_EXPORTER_OTLP_TRACES_HEADERS / OTEL_EXPORTER_OTLP_HEADERS. Values are "
+                             "never shown.")
+    ] = msgspec.field(default_factory=dict)
+    service_name: Annotated[
+        str, _doc("service.name of the spans; OTEL_SERVICE_NAME wins when set.", min_length=1)
+    ] = "appliance"
+    sampler_ratio: Annotated[
+        float, _doc("Share of new traces recorded (parent-based: a client's sampled traceparent is followed); "
+                    "OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG win when set.", ge=0, le=1)
+    ] = 1.0
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     data_dir: Annotated[str, _doc("Directory of all state: keys, database, models, indexes, caches.")] = ""
     server: Annotated[ServerSettings, _doc("HTTP server.")] = msgspec.field(default_factory=ServerSettings)
@@ -361,6 +381,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     )
     rag: Annotated[RagSettings, _doc("Retrieval-augmented generation: embeddings, chunking, collections.")] = (
         msgspec.field(default_factory=RagSettings)
+    )
+    telemetry: Annotated[TelemetrySettings, _doc("OpenTelemetry tracing over OTLP/HTTP; off without an endpoint.")] = (
+        msgspec.field(default_factory=TelemetrySettings)
     )
     alerts: Annotated[AlertSettings, _doc("Alert rules over the appliance's own signals and where alerts go.")] = (
         msgspec.field(default_factory=AlertSettings)
@@ -399,6 +422,8 @@ def public_value(name: str, value: Any) -> Any:
         return "(set)" if value not in (None, "", [], {}) else None
     if isinstance(value, str):
         return _URL_PASSWORD.sub(r"\g<user>:(set)@", value)
+    if isinstance(value, dict):  # headers: their values are credentials more often than not
+        return {k: "(set)" for k in value}
     if not isinstance(value, list):
         return value
     shown: list[Any] = []
@@ -516,7 +541,7 @@ def _coerce_env(struct: type[msgspec.Struct], section: str, key: str, raw: str) 
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ConfigError(f"APPLIANCE_{section.upper()}__{key.upper()}={raw!r} is not a boolean; use true or false")
-    if isinstance(current, int | float | list):
+    if isinstance(current, int | float | list | dict):
         try:
             return msgspec.json.decode(raw)
         except msgspec.DecodeError:

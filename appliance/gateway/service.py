@@ -26,6 +26,7 @@ generated) is not counted."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import time
@@ -45,21 +46,26 @@ from appliance.cache.service import NO_CACHE, ResponseCacheService
 from appliance.errors import ApplianceError, InvalidRequest, WorkerFailed
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, Message, upstream_body
 from appliance.logs import get_logger
+from appliance.observability.genai import WorkerCall, operation_name, response_attributes
 from appliance.observability.metrics import Metrics
+from appliance.observability.tracing import Tracing, ended, record_error
 from appliance.privacy.gateway import GatewayPrivacy
 from appliance.rag.chat import RagChat
 from appliance.registry.rollout import RolloutService
 from appliance.registry.service import ModelRegistry, model_not_found
 from appliance.supervisor.pool import WorkerPool
+from appliance.supervisor.process import Worker
 from appliance.usage import UsageLog
 
 log = get_logger(__name__)
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 READY = b""
+_JSON = {"content-type": "application/json"}
 # An OpenAI chunk with generated text, and the one with a usage object (JSON as vLLM and our worker write it).
 _TEXT = re.compile(rb'"(?:content|text|arguments)":\s*"(?!")')
 _USAGE = re.compile(rb'"usage":\s*\{')
+_FINISH = re.compile(rb'"finish_reason":\s*"([a-z_]{1,32})"')  # looked for only while tracing
 
 
 class UpstreamError(ApplianceError):
@@ -104,6 +110,8 @@ class Metered:
     model: str = ""
     principal: Principal | SessionPrincipal | None = None
     tools: list[str] = field(default_factory=list)  # the functions the model called (names only, for the audit)
+    requested: str = ""  # the model as the client named it (a name or an alias), for the GenAI metrics
+    first_token_at: float = 0.0  # perf_counter() when the first generated text went out
 
     @property
     def charged(self) -> bool:
@@ -145,6 +153,7 @@ class CompletionService:
         self.rag_chat: RagChat | None = None  # set by the composition root when RAG is on
         self.rollout: RolloutService | None = None  # aliases, versions and canaries; set by the composition root
         self.usage: UsageLog | None = None  # the usage history; set by the composition root
+        self.tracing = Tracing()  # spans of the steps (off unless the composition root passes one that is on)
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
                   principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
@@ -157,8 +166,10 @@ class CompletionService:
             raise InvalidRequest("RAG is not available on this server", param="rag", code="rag_unavailable")
         self.check_model(request.model, principal)
         messages = upstream_body(request)["messages"]
-        grounded, grounding = await self.rag_chat.ground(
-            messages, request.rag, request.model, request.max_completion_tokens or request.max_tokens, principal)
+        with self.tracing.step("rag.retrieval", {"gen_ai.operation.name": "retrieval",
+                                                 "gen_ai.request.top_k": float(request.rag.top_k)}):
+            grounded, grounding = await self.rag_chat.ground(
+                messages, request.rag, request.model, request.max_completion_tokens or request.max_tokens, principal)
         request = msgspec.structs.replace(
             request, rag=None, messages=[Message(role=m["role"], content=m["content"]) for m in grounded])
         result = await self._complete(request, route, principal, cache)
@@ -181,12 +192,19 @@ class CompletionService:
         path = "/v1/chat/completions" if chat else "/v1/completions"
         body = upstream_body(request)
         if self.privacy is not None:  # step 4: PII in the prompt is blocked (422) or rewritten
-            self.privacy.screen_request(body)
-        metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
-        metered.model, metered.principal = record.name, principal
+            with self.tracing.step("privacy"):
+                self.privacy.screen_request(body)
+        with self.tracing.step("quota"):
+            metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
+        metered.model, metered.principal, metered.requested = record.name, principal, request.model
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        lookup = NO_CACHE if self.cache is None else await self.cache.lookup(
-            body, chat=chat, model_sha256=record.sha256, principal=principal, directive=cache)
+        lookup = NO_CACHE
+        if self.cache is not None:
+            with self.tracing.step("cache.lookup") as span:
+                lookup = await self.cache.lookup(body, chat=chat, model_sha256=record.sha256, principal=principal,
+                                                 directive=cache)
+                if span is not None:
+                    span.set_attribute("appliance.cache.hit", lookup.entry is not None)
         if lookup.entry is not None:  # a hit: a request, no tokens (see appliance.cache.service)
             metered.usage_tokens = 0
             self._settle(metered)
@@ -259,7 +277,7 @@ class CompletionService:
     async def _whole(self, model: str, path: str, body: dict[str, Any], metered: Metered, key: str = ""
                      ) -> Completed:
         try:
-            completed, usage = await self._whole_unmetered(model, path, body, key)
+            completed, usage = await self._whole_unmetered(model, path, body, key, metered.requested)
         except ApplianceError:  # refused, or failed before a usage came back: nothing to charge
             self._settle(metered)
             raise
@@ -273,51 +291,98 @@ class CompletionService:
             completed.headers = metered.headers()
         return completed
 
-    async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any], key: str = ""
-                               ) -> tuple[Completed, dict[str, int] | None]:
-        """`model` labels the metrics; `key` names the worker (a version, `name@N`), else `model` does."""
+    async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any], key: str = "",
+                               requested: str = "") -> tuple[Completed, dict[str, int] | None]:
+        """`model` labels the metrics; `key` names the worker (a version, `name@N`), else `model` does; `requested`:
+        the model as the client named it (the GenAI metrics' request model)."""
         started = time.perf_counter()
-        async with self.pool.acquire(key or model, keep_alive=body.pop("keep_alive", None)) as worker:
+        async with contextlib.AsyncExitStack() as stack:
+            worker = await self._acquire(stack, key or model, body)
+            call = WorkerCall(operation_name(path), _engine(worker), requested or model, key or model)
+            error = ""
             try:
-                response = await worker.client.post(path, content=_encoder.encode(body),
-                                                    headers={"content-type": "application/json"})
-            except httpx.TransportError as exc:
-                raise WorkerFailed(_worker_failure(model, exc)) from exc
-        if response.status_code != 200:
-            raise UpstreamError(response.status_code, response.content)
-        usage = _decoder.decode(response.content).get("usage")
+                with ended(self.tracing.start(call.span_name, attributes=call.request_attributes(body),
+                                              client=True)) as span:
+                    try:
+                        response = await worker.client.post(path, content=_encoder.encode(body),
+                                                            headers=_propagate(span, _JSON))
+                    except httpx.TransportError as exc:
+                        raise WorkerFailed(_worker_failure(model, exc)) from exc
+                    if response.status_code != 200:
+                        raise UpstreamError(response.status_code, response.content)
+                    decoded = _decoder.decode(response.content)
+                    if span is not None:
+                        span.set_attributes(response_attributes(decoded.get("usage"), _finish_reasons(decoded), None))
+            except ApplianceError as exc:
+                error = type(exc).__name__
+                raise
+            finally:
+                self.metrics.genai.observe(call, started, time.perf_counter(), None, 0, error)
+        usage = decoded.get("usage")
         self._count_tokens(model, usage or {})
         self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
         content = response.content if self.privacy is None else self.privacy.screen_response(response.content)
         return Completed(content), usage or None
 
+    async def _acquire(self, stack: contextlib.AsyncExitStack, name: str, body: dict[str, Any]) -> Worker:
+        """Step 8's queue: wait for a slot of the worker (loading it if need be), held until `stack` closes; a
+        `queue.wait` span while tracing."""
+        with ended(self.tracing.start("queue.wait")):
+            return await stack.enter_async_context(self.pool.acquire(name, keep_alive=body.pop("keep_alive", None)))
+
     async def _stream(self, model: str, path: str, body: dict[str, Any], include_usage: bool, metered: Metered,
                       key: str = "") -> AsyncIterator[bytes]:
         started = time.perf_counter()
+        call, error = None, ""
+        finish: list[str] | None = [] if self.tracing.enabled else None  # finish reasons, looked for when tracing
         try:
-            async with self.pool.acquire(key or model, keep_alive=body.pop("keep_alive", None)) as worker:
+            async with contextlib.AsyncExitStack() as stack:
+                worker = await self._acquire(stack, key or model, body)
+                call = WorkerCall(operation_name(path), _engine(worker), metered.requested or model, key or model)
+                # the first step of this generator runs in the request's context: the span's parent is the request's
+                span = stack.enter_context(ended(self.tracing.start(
+                    call.span_name, attributes=call.request_attributes(body), client=True)))
+                issued = time.perf_counter()
                 try:
                     async with worker.client.stream("POST", path, content=_encoder.encode(body),
-                                                    headers={"content-type": "application/json"}) as response:
+                                                    headers=_propagate(span, _JSON)) as response:
                         if response.status_code != 200:
                             raise UpstreamError(response.status_code, await response.aread())
                         yield READY
-                        relayed = self._relay(model, response, include_usage, started, metered)
+                        relayed = self._relay(model, response, include_usage, started, metered, finish)
                         if self.privacy is not None:  # the output surface, entities split across chunks included
                             relayed = self.privacy.screen_stream(relayed, sse_error)
                         async for event in relayed:
                             yield event
                 except httpx.TransportError as exc:
-                    error = WorkerFailed(_worker_failure(model, exc))
+                    failure = WorkerFailed(_worker_failure(model, exc))
                     log.warning("stream.failed", model=model, error=str(exc) or type(exc).__name__)
-                    yield sse_error(error)
+                    error = type(failure).__name__
+                    if span is not None:
+                        record_error(span, failure)
+                    yield sse_error(failure)
+                finally:
+                    if span is not None:
+                        span.set_attributes(response_attributes(
+                            metered.usage, finish or [], metered.first_token_at - issued if metered.first_token_at
+                            else None))
+        except ApplianceError as exc:
+            error = type(exc).__name__
+            raise
+        except GeneratorExit:  # the client went away
+            error = "cancelled"
+            raise
         finally:  # also on a client disconnect, which closes this generator
+            if call is not None:
+                self.metrics.genai.observe(call, started, time.perf_counter(), metered.first_token_at or None,
+                                           _output_tokens(metered), error)
             self._settle(metered)
 
     async def _relay(self, model: str, response: httpx.Response, include_usage: bool, started: float,
-                     metered: Metered) -> AsyncIterator[bytes]:
+                     metered: Metered, finish: list[str] | None = None) -> AsyncIterator[bytes]:
         """Pass the worker's events through as bytes, one write per read; look inside only with cheap patterns:
-        this loop runs once per token and its CPU comes out of generation on a small box."""
+        this loop runs once per token and its CPU comes out of generation on a small box. `finish` (while tracing)
+        collects the finish reasons."""
         ttft, gap = self.metrics.ttft.labels(model), self.metrics.inter_token.labels(model)
         last = 0.0
         pending = b""
@@ -342,7 +407,10 @@ class CompletionService:
                         gap.observe(now - last)
                     else:
                         ttft.observe(now - started)
+                        metered.first_token_at = now
                     last = now
+                if finish is not None and (found := _FINISH.search(event)):
+                    finish.append(found.group(1).decode())
                 out.append(event + b"\n\n")
             if out:
                 yield b"".join(out)
@@ -361,6 +429,33 @@ def _called(event: bytes) -> list[str]:
     return [call["function"]["name"] for choice in chunk.get("choices") or ()
             for call in (choice.get("delta") or {}).get("tool_calls") or ()
             if (call.get("function") or {}).get("name")]
+
+
+def _engine(worker: Worker) -> str:
+    """`gen_ai.provider.name`: the engine behind a worker (llama.cpp, vllm, remote)."""
+    return str(getattr(worker, "engine", "unknown"))
+
+
+def _propagate(span: Any, headers: dict[str, str]) -> dict[str, str]:
+    """The worker call's headers, with the W3C traceparent of its CLIENT span while tracing."""
+    if span is None:
+        return headers
+    from opentelemetry.propagate import inject
+    from opentelemetry.trace import set_span_in_context
+
+    carrier = dict(headers)
+    inject(carrier, context=set_span_in_context(span))
+    return carrier
+
+
+def _finish_reasons(body: dict[str, Any]) -> list[str]:
+    return [str(c["finish_reason"]) for c in body.get("choices") or () if c.get("finish_reason")]
+
+
+def _output_tokens(metered: Metered) -> int:
+    if metered.usage is not None:
+        return int(metered.usage.get("completion_tokens", 0))
+    return metered.text_chunks
 
 
 def _total(usage: dict[str, int]) -> int:
