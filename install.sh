@@ -431,8 +431,39 @@ EOF
     mv "$SYS_CONFIG.tmp" "$SYS_CONFIG"
 }
 
+# appliance.service has PrivateDevices=yes: on a box with NVIDIA GPUs a drop-in lets their device nodes into the
+# service's private /dev (DeviceAllow= for the device ACL, BindPaths= for the node; "-" tolerates a node that is
+# gone after a driver change). nvidia-uvm and nvidia-caps are made on first CUDA use by the setuid
+# nvidia-modprobe, which the sandbox can't run (NoNewPrivileges, a read-only /dev), so they are made here.
+# The argument (for the tests) is the folder to look in instead of /dev.
+write_gpu_dropin() {
+    local dev=${1:-/dev} dropin=$SYS_UNIT.d/50-gpu.conf node nodes=()
+    [[ $dev == /dev ]] && command -v nvidia-modprobe >/dev/null 2>&1 && { nvidia-modprobe -u -c=0 || true; }
+    for node in "$dev"/nvidia* "$dev"/nvidia-caps/*; do
+        [[ -c $node ]] && nodes+=("$node")
+    done
+    if ((${#nodes[@]} == 0)); then
+        rm -f "$dropin"
+        return 0
+    fi
+    step "letting ${#nodes[@]} NVIDIA device nodes into the service's sandbox ($dropin)"
+    install -d -m 0755 "$SYS_UNIT.d"
+    {
+        echo "# Written by install.sh: the NVIDIA device nodes this box had at install time. Re-run install.sh"
+        echo "# after adding a GPU or changing the driver."
+        echo "[Service]"
+        for node in "${nodes[@]}"; do
+            echo "DeviceAllow=$node rw"
+            echo "BindPaths=-$node"
+        done
+    } >"$dropin.tmp"
+    chmod 0644 "$dropin.tmp"
+    mv "$dropin.tmp" "$dropin"
+}
+
 start_service() {
     install -m 0644 "$SRC/systemd/appliance.service" "$SYS_UNIT"
+    write_gpu_dropin
     systemctl daemon-reload
     systemctl enable --quiet appliance
     local action=start
