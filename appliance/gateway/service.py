@@ -44,6 +44,7 @@ from appliance.auth.sessions import SessionPrincipal
 from appliance.cache.keys import Directive
 from appliance.cache.service import NO_CACHE, ResponseCacheService
 from appliance.errors import ApplianceError, InvalidRequest, WorkerFailed
+from appliance.feedback.ledger import ResponseLedger, response_id
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, Message, upstream_body
 from appliance.logs import get_logger
 from appliance.observability.genai import WorkerCall, operation_name, response_attributes
@@ -66,6 +67,7 @@ _JSON = {"content-type": "application/json"}
 _TEXT = re.compile(rb'"(?:content|text|arguments)":\s*"(?!")')
 _USAGE = re.compile(rb'"usage":\s*\{')
 _FINISH = re.compile(rb'"finish_reason":\s*"([a-z_]{1,32})"')  # looked for only while tracing
+SERVED_HEADER = "x-served-model"  # the version that answered, `name@N` (DESIGN section 2, step 9)
 
 
 class UpstreamError(ApplianceError):
@@ -112,6 +114,7 @@ class Metered:
     tools: list[str] = field(default_factory=list)  # the functions the model called (names only, for the audit)
     requested: str = ""  # the model as the client named it (a name or an alias), for the GenAI metrics
     first_token_at: float = 0.0  # perf_counter() when the first generated text went out
+    served: str = ""  # the version that answered (`name@N`): the `x-served-model` header, usage and audit
 
     @property
     def charged(self) -> bool:
@@ -153,6 +156,7 @@ class CompletionService:
         self.rag_chat: RagChat | None = None  # set by the composition root when RAG is on
         self.rollout: RolloutService | None = None  # aliases, versions and canaries; set by the composition root
         self.usage: UsageLog | None = None  # the usage history; set by the composition root
+        self.ledger: ResponseLedger | None = None  # who got which response from which version (feedback)
         self.tracing = Tracing()  # spans of the steps (off unless the composition root passes one that is on)
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
@@ -196,7 +200,7 @@ class CompletionService:
                 self.privacy.screen_request(body)
         with self.tracing.step("quota"):
             metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
-        metered.model, metered.principal, metered.requested = record.name, principal, request.model
+        metered.model, metered.principal, metered.requested, metered.served = record.name, principal, request.model, key
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         lookup = NO_CACHE
         if self.cache is not None:
@@ -205,24 +209,51 @@ class CompletionService:
                                                  directive=cache)
                 if span is not None:
                     span.set_attribute("appliance.cache.hit", lookup.entry is not None)
+            lookup.served = key  # a cached answer says which version produced it
         if lookup.entry is not None:  # a hit: a request, no tokens (see appliance.cache.service)
             metered.usage_tokens = 0
+            metered.served = lookup.entry.served or key
             self._settle(metered)
-            headers = {**metered.headers(), **lookup.headers}
+            headers = {**metered.headers(), **lookup.headers, SERVED_HEADER: metered.served}
             if request.stream:
-                return Streamed(lookup.stream(request.model, include_usage), headers)
-            return Completed(lookup.whole(request.model), headers)
+                return Streamed(self._noted(lookup.stream(request.model, include_usage), metered), headers)
+            whole = lookup.whole(request.model)
+            self._note(whole, metered)
+            return Completed(whole, headers)
         if not request.stream:
             completed = await self._whole(record.name, path, body, metered, key)
             lookup.store_whole(completed.body)
             completed.headers.update(lookup.headers)
+            completed.headers[SERVED_HEADER] = key
+            self._note(completed.body, metered)
             return completed
         events = self._stream(record.name, path, body, include_usage or lookup.records, metered, key)
         first = await events.__anext__()  # errors before the first byte become HTTP errors, not SSE events
         assert first is READY
         if lookup.records:
             events = lookup.recorded(events, include_usage)
-        return Streamed(events, {**metered.headers(), **lookup.headers})
+        return Streamed(self._noted(events, metered), {**metered.headers(), **lookup.headers, SERVED_HEADER: key})
+
+    def _note(self, body: bytes, metered: Metered) -> None:
+        """Remember who got this response and which version served it, so that they may rate it (off the hot
+        path: the ledger writes in batches)."""
+        if self.ledger is not None and metered.principal is not None:
+            self.ledger.note(response_id(body), metered.principal, metered.served)
+
+    async def _noted(self, events: AsyncIterator[bytes], metered: Metered) -> AsyncIterator[bytes]:
+        """The stream, its response id noted from the first chunk that has one; closing this closes `events`
+        (which settles the quotas at once on a client disconnect)."""
+        pending = self.ledger is not None and metered.principal is not None
+        try:
+            async for data in events:
+                if pending and b'"id"' in data:
+                    pending = False
+                    self._note(data, metered)
+                yield data
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
     def check_model(self, model: str, principal: Principal | SessionPrincipal | None) -> None:
         """Refuse a model outside the key's allowed models exactly as an unknown one, and audit the refusal."""
@@ -257,11 +288,12 @@ class CompletionService:
         """Charge what the response showed (see the module docstring) and count it in the usage history; release
         when it showed nothing."""
         if self.usage is not None and metered.charged:
-            self.usage.record(metered.principal, metered.model, *metered.token_counts())
+            self.usage.record(metered.principal, metered.model, *metered.token_counts(), served=metered.served)
         if metered.tools and self.audit is not None:  # which functions a model called, never their arguments
             try:
                 self.audit.record(str(getattr(metered.principal, "subject", "") or "anonymous"), "chat.tool_calls",
-                                  metered.model, "ok", tools=sorted(set(metered.tools))[:32], calls=len(metered.tools))
+                                  metered.model, "ok", tools=sorted(set(metered.tools))[:32], calls=len(metered.tools),
+                                  served=metered.served)
             except (sqlite3.Error, ValueError) as exc:
                 log.warning("audit.record_failed", action="chat.tool_calls", error=str(exc))
         if self.quotas is None:
