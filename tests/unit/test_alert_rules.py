@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from appliance.auth.quotas import QuotaService
 from appliance.config import GatewaySettings, ModelSettings, SupervisorSettings
+from appliance.db import migrate
 from appliance.observability.alerts.promrules import rules_yaml
 from appliance.observability.alerts.rules import (
     SHIPPED_ALERTS,
@@ -143,12 +146,8 @@ def test_every_metric_the_rules_and_dashboard_use_is_exported() -> None:
             assert name in known, f"{name!r} in {expr!r} is not a metric the appliance exports"
 
 
-def test_app_state_gauges_are_collected_in_the_registry() -> None:
-    import sqlite3
-
-    from appliance.db import migrate
-
-    metrics = Metrics()
+def app_state(metrics: Metrics, **options: Any) -> AppState:
+    """The app state's gauges over a real pool (no worker started) and a quota service on an in-memory database."""
 
     async def no_worker(*_: object) -> object:
         raise AssertionError("not started here")
@@ -156,7 +155,12 @@ def test_app_state_gauges_are_collected_in_the_registry() -> None:
     pool = WorkerPool(ModelSettings(), GatewaySettings(), SupervisorSettings(), no_worker, metrics)  # type: ignore[arg-type]
     conn = sqlite3.connect(":memory:")
     migrate(conn)
-    state = AppState(metrics, pool, QuotaService(conn), memory_budget=1 << 30)
+    return AppState(metrics, pool, QuotaService(conn), **options)
+
+
+def test_app_state_gauges_are_collected_in_the_registry() -> None:
+    metrics = Metrics()
+    state = app_state(metrics, memory_budget=1 << 30)
     metrics.registry.register(state)
     text = metrics.render().decode()
     assert "appliance_models_memory_budget_bytes 1.073741824e+09" in text
@@ -164,3 +168,30 @@ def test_app_state_gauges_are_collected_in_the_registry() -> None:
     assert "appliance_audit_chain_ok" not in text  # unknown until the first check
     state.audit_ok = False
     assert "appliance_audit_chain_ok 0.0" in metrics.render().decode()
+
+
+def test_a_busy_worker_without_progress_is_stalled_and_its_decode_steps_count_as_progress() -> None:
+    now = [0.0]
+    metrics = Metrics()
+    state = app_state(metrics, clock=lambda: now[0])
+    slot = state.pool.slot("m@1")
+    now[0] = 100
+    assert state.stalled() == {"m@1": 0.0}  # idle is never stalled
+    slot.in_use = 1
+    assert state.stalled() == {"m@1": 0.0}
+    now[0] = 120
+    assert state.stalled() == {"m@1": 20.0}
+    slot.health = {"status": "ok", "steps": 7}  # the health check saw the decode loop move
+    now[0] = 125
+    assert state.stalled() == {"m@1": 0.0}
+    now[0] = 140
+    assert state.stalled() == {"m@1": 15.0}
+    metrics.inter_token.labels("m").observe(0.1)  # a streamed chunk of any version of the model
+    assert state.stalled() == {"m@1": 0.0}
+    slot.in_use, slot.waiting = 0, 1  # a queued request counts as held too
+    now[0] = 175
+    assert state.stalled() == {"m@1": 35.0}
+    text = metrics.render().decode()
+    assert 'appliance_worker_stalled_seconds{worker="m@1"}' not in text  # not registered in this test
+    metrics.registry.register(state)
+    assert 'appliance_worker_stalled_seconds{worker="m@1"} 35.0' in metrics.render().decode()

@@ -3,8 +3,10 @@ memory reserved by models against the budget, keys' daily budgets and the audit 
 the box's and NVML's collectors', appliance.observability.box and .gpu.)
 
 A worker is *stalled* while it holds requests (running or queued) and none of them made progress: no streamed chunk
-(the inter-token histogram), no first token (TTFT) and no finished request. It is read from counters the gateway
-and pool already keep, so the request path pays nothing for it. The gauges are computed when read (a scrape, an
+(the inter-token histogram), no first token (TTFT), no finished request, and no decode step in the worker's own
+health answer (the llama.cpp worker counts `steps`; the supervisor asks every supervisor.health_interval seconds,
+so a long answer that is not streamed still shows progress). It is read from counters the gateway, the pool and
+the health checks already keep, so the request path pays nothing for it. The gauges are computed when read (a scrape, an
 evaluation), which costs microseconds."""
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class AppState(Collector):
         result: dict[str, float] = {}
         for key, slot in list(self.pool.slots.items()):
             name = key.partition("@")[0]
-            count = finished.get(key, 0.0) + tokens.get(name, 0.0) + first.get(name, 0.0)
+            steps = slot.health.get("steps")
+            count = (finished.get(key, 0.0) + tokens.get(name, 0.0) + first.get(name, 0.0)
+                     + (float(steps) if isinstance(steps, int | float) else 0.0))
             seen = self._progress.get(key)
             busy = slot.in_use + slot.waiting > 0
             if seen is None or seen.count != count or not busy:
