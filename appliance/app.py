@@ -155,7 +155,7 @@ class Services:
                                              cache=self.response_cache if settings.cache.enabled else None)
         self.completions.rag_chat = RagChat(self.rag, self.pool, self.rbac)
         self.completions.privacy = self.privacy.gateway
-        self.completions.tracing = self.telemetry.tracing
+        self.completions.tracing = self.embeddings_api.tracing = self.telemetry.tracing
         self.usage = self.completions.usage = UsageLog(self.conn)  # the usage history (GET /api/usage)
         # the Responses API over the chat path; stored responses are the `conversations` data class
         self.responses = ResponsesService(self.completions, ResponseStore(self.conn), self.privacy.privacy, self.rbac,

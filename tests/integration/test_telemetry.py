@@ -140,6 +140,18 @@ def test_rag_retrieval_is_a_step_and_its_query_is_not_exported(api: httpx.Client
     assert CANARY.encode() not in b"".join(receiver.raw)
 
 
+def test_embeddings_are_a_span_without_their_input(api: httpx.Client, receiver: OtlpReceiver) -> None:
+    trace_id, _, header = traceparent()
+    response = api.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": [f"the {CANARY} sleeps"]},
+                        headers={"traceparent": header})
+    assert response.status_code == 200, response.text
+    span = trace_of(receiver, trace_id, "embeddings all-minilm-l6-v2")["embeddings all-minilm-l6-v2"]
+    assert span.attributes["gen_ai.operation.name"] == "embeddings"
+    assert span.attributes["gen_ai.usage.input_tokens"] == response.json()["usage"]["prompt_tokens"]
+    assert span.attributes["gen_ai.embeddings.dimension.count"] == len(response.json()["data"][0]["embedding"])
+    assert CANARY.encode() not in b"".join(receiver.raw)
+
+
 def test_the_traceparent_goes_on_to_the_worker(traced: Running, api: httpx.Client, receiver: OtlpReceiver) -> None:
     """A `remote` model whose upstream is this same server: the upstream's SERVER span is the child of the
     gateway's CLIENT span, so the worker got the call's traceparent."""
