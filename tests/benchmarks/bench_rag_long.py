@@ -403,7 +403,7 @@ async def suspects(rag: RagService, collection: str, pairs: Sequence[Pair]) -> d
             "keyword (as served: pruned, chunk bm25)": k50,
             "keyword, no pruning": x50,
             "keyword, document bm25 (fts5, whole doc)": docs_bm25,
-            "hybrid, chunk rrf of 50 + 50 (before 722c518)": keys_group(rrf([pk[:depth], sk]), doc_of),
+            "hybrid, chunk rrf of 50 + 50 (fusion before 722c518)": keys_group(rrf([pk[:depth], sk]), doc_of),
             "hybrid, chunk rrf, vector 1000 asked": keys_group(rrf([pk[:depth], vk[:depth]]), doc_of),
             "hybrid, chunk rrf, no pruning": keys_group(rrf([xk[:depth], sk]), doc_of),
             "hybrid, chunk rrf, no pruning, vector 1000 asked": keys_group(rrf([xk[:depth], vk[:depth]]), doc_of),
