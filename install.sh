@@ -368,6 +368,26 @@ ensure_chromium() {
     export APPLIANCE_TEST_CHROMIUM=$path
 }
 
+# The alerting tests run Debian's prometheus (and its promtool) and prometheus-alertmanager: install them as root
+# when missing. The packages' services are not started (the tests start their own on free ports). The argument is
+# the log for apt's output.
+ensure_prometheus() {
+    local log=$1
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 &&
+        command -v prometheus-alertmanager >/dev/null 2>&1; then
+        return 0
+    fi
+    [[ $EUID -eq 0 ]] || die "the alerting tests need Debian's prometheus and prometheus-alertmanager:" \
+        "sudo apt-get install prometheus prometheus-alertmanager"
+    step "installing prometheus and prometheus-alertmanager (Debian's) for the alerting tests (log: $log)"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus prometheus-alertmanager; } >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        die "installing prometheus failed (last 20 lines above; full log: $log); check the network (Debian's" \
+            "mirror) and run: apt-get install prometheus prometheus-alertmanager"
+    fi
+}
+
 # Mode 3: dev install into ./.venv and the whole test suite; the exit code is pytest's.
 test_install() {
     local venv=$SRC/.venv rc=0
@@ -380,6 +400,7 @@ test_install() {
     "$venv/bin/python" -m pip install --quiet -e "${SRC}[dev]"
     install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
     ensure_chromium "$venv/install-chromium.log"
+    ensure_prometheus "$venv/install-prometheus.log"
     step "running the test suite: python -m pytest $*"
     "$venv/bin/python" -m pytest "$@" || rc=$?
     if ((rc == 5)); then
@@ -431,8 +452,39 @@ EOF
     mv "$SYS_CONFIG.tmp" "$SYS_CONFIG"
 }
 
+# appliance.service has PrivateDevices=yes: on a box with NVIDIA GPUs a drop-in lets their device nodes into the
+# service's private /dev (DeviceAllow= for the device ACL, BindPaths= for the node; "-" tolerates a node that is
+# gone after a driver change). nvidia-uvm and nvidia-caps are made on first CUDA use by the setuid
+# nvidia-modprobe, which the sandbox can't run (NoNewPrivileges, a read-only /dev), so they are made here.
+# The argument (for the tests) is the folder to look in instead of /dev.
+write_gpu_dropin() {
+    local dev=${1:-/dev} dropin=$SYS_UNIT.d/50-gpu.conf node nodes=()
+    [[ $dev == /dev ]] && command -v nvidia-modprobe >/dev/null 2>&1 && { nvidia-modprobe -u -c=0 || true; }
+    for node in "$dev"/nvidia* "$dev"/nvidia-caps/*; do
+        [[ -c $node ]] && nodes+=("$node")
+    done
+    if ((${#nodes[@]} == 0)); then
+        rm -f "$dropin"
+        return 0
+    fi
+    step "letting ${#nodes[@]} NVIDIA device nodes into the service's sandbox ($dropin)"
+    install -d -m 0755 "$SYS_UNIT.d"
+    {
+        echo "# Written by install.sh: the NVIDIA device nodes this box had at install time. Re-run install.sh"
+        echo "# after adding a GPU or changing the driver."
+        echo "[Service]"
+        for node in "${nodes[@]}"; do
+            echo "DeviceAllow=$node rw"
+            echo "BindPaths=-$node"
+        done
+    } >"$dropin.tmp"
+    chmod 0644 "$dropin.tmp"
+    mv "$dropin.tmp" "$dropin"
+}
+
 start_service() {
     install -m 0644 "$SRC/systemd/appliance.service" "$SYS_UNIT"
+    write_gpu_dropin
     systemctl daemon-reload
     systemctl enable --quiet appliance
     local action=start

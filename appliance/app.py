@@ -26,6 +26,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
+from appliance.admin.alerts_routes import ROUTES as ALERTS_ROUTES
 from appliance.admin.audit_routes import ROUTES as AUDIT_ROUTES
 from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
 from appliance.admin.auth_routes import cookie_name
@@ -73,8 +74,13 @@ from appliance.gateway.responses.store import ConversationStore, ResponseStore
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.service import CompletionService, UpstreamError
 from appliance.logs import get_logger, install_scrubber
+from appliance.observability.alerts.rules import AlertRules
+from appliance.observability.alerts.service import AlertService
+from appliance.observability.alerts.state import AppState
 from appliance.observability.dashboard import Dashboard
 from appliance.observability.metrics import Metrics
+from appliance.observability.telemetry import Telemetry
+from appliance.observability.tracing import Tracing
 from appliance.privacy.controls import PrivacyControls
 from appliance.rag.chat import RagChat
 from appliance.rag.embeddings import EmbeddingService
@@ -107,6 +113,9 @@ class Services:
         self.data.require_initialised()
         self.conn = self.data.connect()
         self.metrics = Metrics()
+        # tracing (when configured); GPU, box and vLLM metrics in the registry
+        self.telemetry = Telemetry(settings, self.metrics, lambda: self.pool.slots.values())
+        self.alert_rules = AlertRules.load(settings.alerts.rules_file)  # a wrong rule stops the start, with its line
         self.audit = AuditLog(self.conn)
         self.rbac = Rbac.load(settings.auth.rbac_file)
         self.rbac.record_if_changed(self.audit)  # an edited roles file is a policy change: audit it
@@ -146,6 +155,7 @@ class Services:
                                              cache=self.response_cache if settings.cache.enabled else None)
         self.completions.rag_chat = RagChat(self.rag, self.pool, self.rbac)
         self.completions.privacy = self.privacy.gateway
+        self.completions.tracing = self.embeddings_api.tracing = self.telemetry.tracing
         self.usage = self.completions.usage = UsageLog(self.conn)  # the usage history (GET /api/usage)
         # the Responses API over the chat path; stored responses are the `conversations` data class
         self.responses = ResponsesService(self.completions, ResponseStore(self.conn), self.privacy.privacy, self.rbac,
@@ -159,6 +169,13 @@ class Services:
         self.dashboard = Dashboard(self.metrics, self.pool, self.registry, self.data.root,
                                    memory_budget=settings.models.memory_limit_bytes,
                                    semantic_cache=settings.cache.enabled and settings.cache.semantic)
+        # alerts over the app's own signals; its gauges (stalled workers, the audit chain ...) are in /metrics too
+        self.alert_state = AppState(self.metrics, self.pool, self.quotas,
+                                    memory_budget=settings.models.memory_limit_bytes)
+        self.metrics.registry.register(self.alert_state)
+        self.alerts = AlertService(settings.alerts, self.alert_rules, self.metrics, self.alert_state, self.audit,
+                                   self.data.root, generator_url=external_url(settings) + "/ui/#/dashboard")
+        self.dashboard.alerts = self.alerts.for_dashboard
         # the settings as loaded (with their sources), and the doctor's findings (GET /api/settings)
         self.settings_view = SettingsReport(loaded or LoadedSettings(settings, {}, None),
                                             functools.partial(diagnose, settings, self.vllm))
@@ -198,8 +215,8 @@ class Services:
         if choice.engine == "vllm":  # the folder unpacked into private tmpfs, removed when the stack closes
             folder = await asyncio.to_thread(resources.enter_context, unpacked_from_store(self.store, record.sha256))
             parser = tool_call_parser(self.registry.catalog, record.name, record.source)
-            return VllmWorker(name, self.vllm.launch(folder, record.name, socket_path, parser), socket_path,
-                              **timeouts)
+            launch = self.vllm.launch(folder, record.name, socket_path, parser, **self.telemetry.vllm_tracing())
+            return VllmWorker(name, launch, socket_path, **timeouts)
         # decrypted into a sealed memfd only, wiped when the stack closes
         weights = self.store.open_for_load(record.sha256, "memfd")
         loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
@@ -230,6 +247,13 @@ def unexpected_error_response(request: Request[Any, Any, Any], exc: Exception) -
     return Response(body, status_code=500)
 
 
+def external_url(settings: Settings) -> str:
+    if settings.alerts.external_url:
+        return settings.alerts.external_url.rstrip("/")
+    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.server.port}"
+
+
 def allowed_hosts(settings: Settings) -> frozenset[str]:
     hosts = {h.lower().strip("[]") for h in settings.server.allowed_hosts}
     if settings.server.host not in ("0.0.0.0", "::"):
@@ -248,9 +272,10 @@ def host_of(header: bytes) -> str:
 class RequestContextMiddleware(ASGIMiddleware):
     """Host check, request id, access log and the request counter; never logs bodies."""
 
-    def __init__(self, metrics: Metrics, hosts: frozenset[str]) -> None:
+    def __init__(self, metrics: Metrics, hosts: frozenset[str], tracing: Tracing | None = None) -> None:
         self.metrics = metrics
         self.hosts = hosts
+        self.tracing = tracing or Tracing()
 
     @staticmethod
     def host_refusal(host: str) -> ASGIResponse:
@@ -268,6 +293,7 @@ class RequestContextMiddleware(ASGIMiddleware):
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        self.tracing.name_server_span(scope)  # routed by now: the span is named by the route's template
         status = 500
         started = time.perf_counter()
 
@@ -302,6 +328,10 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
 
     async def authenticate_request(self, connection: Any) -> AuthenticationResult:
         services: Services = connection.app.state.services
+        with services.telemetry.tracing.step("auth"):
+            return self._authenticate(services, connection)
+
+    def _authenticate(self, services: Services, connection: Any) -> AuthenticationResult:
         authorization = connection.headers.get("authorization")
         token = None if authorization else connection.cookies.get(cookie_name(connection.scope["scheme"] == "https"))
         if not token:
@@ -336,7 +366,8 @@ async def readyz(state: State) -> Response[dict[str, str]]:
      opt=permission("metrics:read"))
 async def metrics(state: State) -> bytes:
     services: Services = state.services
-    return services.metrics.render()
+    await services.telemetry.refresh()  # vLLM workers' own metrics, read over their sockets
+    return await asyncio.to_thread(services.metrics.render)  # NVML reads may take milliseconds
 
 
 def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Litestar:
@@ -355,7 +386,9 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             rag_open = asyncio.create_task(asyncio.to_thread(lambda: services.rag.index))  # repairs after a crash
             purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
             sampling = asyncio.create_task(services.dashboard.run())  # the dashboard's TTFT window
+            alerting = asyncio.create_task(services.alerts.run())  # the alert rules, delivery, audit chain checks
             yield
+            alerting.cancel()
             sampling.cancel()
             await services.rollout.close()
             purging.cancel()
@@ -365,11 +398,12 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         services._folders.close()
         services.response_cache.close()
         services.conn.close()
+        services.telemetry.close()  # the spans still pending are exported
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *KEYS_ROUTES,
                         *USERS_ROUTES, *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
-                        *DASHBOARD_ROUTES, *SETTINGS_ROUTES,
+                        *DASHBOARD_ROUTES, *ALERTS_ROUTES, *SETTINGS_ROUTES,
                         *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES,
                         *WEBUI_ROUTES],
         dependencies={
@@ -383,12 +417,13 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             "embeddings": Provide(lambda: services.embeddings_api, sync_to_thread=False),
             "response_cache": Provide(lambda: services.response_cache, sync_to_thread=False),
             "dashboard": Provide(lambda: services.dashboard, sync_to_thread=False),
+            "alerts": Provide(lambda: services.alerts, sync_to_thread=False),
             "settings_view": Provide(lambda: services.settings_view, sync_to_thread=False),
         },
         state=State({"services": services}),
         lifespan=[lifespan],
         middleware=[
-            RequestContextMiddleware(services.metrics, allowed_hosts(settings)),
+            RequestContextMiddleware(services.metrics, allowed_hosts(settings), services.telemetry.tracing),
             lambda app: AuthMiddleware(app, exclude=[*(f"^{p}$" for p in PUBLIC_PATHS), *UI_PATHS]),
         ],
         exception_handlers={ApplianceError: lambda _, exc: error_response(exc),
@@ -397,6 +432,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             path="/schema", route_handlers=[], opt=permission("metrics:read"))),
         guards=[permission_guard],
         before_send=[add_security_headers],
+        plugins=services.telemetry.plugins(),
         request_max_body_size=settings.server.max_body_bytes,
         logging_config=None,
         debug=False,

@@ -285,6 +285,36 @@ class PrivacySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = ""
 
 
+class AlertSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    rules_file: Annotated[
+        str, _doc("Path of the alert rules (alerts.toml); empty = policies/alerts.toml shipped with the appliance.")
+    ] = ""
+    interval: Annotated[float, _doc("Seconds between evaluations of the alert rules.", gt=0)] = 10.0
+    alertmanager_url: Annotated[
+        str, _doc("Alertmanager to send alerts to (its base URL, e.g. http://127.0.0.1:9093; alerts go to "
+                  "/api/v2/alerts); empty = none.")
+    ] = ""
+    webhook_url: Annotated[
+        str, _doc("URL that receives alerts as Alertmanager's webhook JSON (version 4); empty = none.")
+    ] = ""
+    resend_interval: Annotated[
+        float, _doc("Seconds between re-sends of an alert that is still firing (Alertmanager forgets alerts that "
+                    "are not re-sent).", gt=0)
+    ] = 60.0
+    send_timeout: Annotated[float, _doc("Seconds a receiver may take to answer one delivery.", gt=0)] = 5.0
+    send_attempts: Annotated[
+        int, _doc("Tries per delivery (with a growing pause between them) before it is given up and logged.", ge=1)
+    ] = 3
+    audit_verify_interval: Annotated[
+        float, _doc("Seconds between checks of the audit log's hash chain for the AuditChainBroken alert; 0 = never.",
+                    ge=0)
+    ] = 600.0
+    external_url: Annotated[
+        str, _doc("The appliance's URL as people reach it, for the links in alerts (generatorURL); empty = "
+                  "http://<server.host>:<server.port>.")
+    ] = ""
+
+
 class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     level: Annotated[
         Literal["debug", "info", "warning", "error"], _doc("Lowest level of log records written.")
@@ -293,6 +323,26 @@ class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         Literal["auto", "json", "console"],
         _doc("Log format: JSON for machines, console for people; auto = console on a terminal."),
     ] = "auto"
+
+
+class TelemetrySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    endpoint: Annotated[
+        str, _doc("OTLP/HTTP (protobuf) collector to send traces to: a base URL (http://collector:4318, /v1/traces is "
+                  "added) or the full traces URL. Empty = OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                  "OTEL_EXPORTER_OTLP_ENDPOINT when set, else tracing is off. Spans never hold prompts or outputs.")
+    ] = ""
+    headers: Annotated[
+        dict[str, str], _doc("Headers sent with each export (e.g. an authorization token for a hosted collector); "
+                             "empty = OTEL_EXPORTER_OTLP_TRACES_HEADERS / OTEL_EXPORTER_OTLP_HEADERS. Values are "
+                             "never shown.")
+    ] = msgspec.field(default_factory=dict)
+    service_name: Annotated[
+        str, _doc("service.name of the spans; OTEL_SERVICE_NAME wins when set.", min_length=1)
+    ] = "appliance"
+    sampler_ratio: Annotated[
+        float, _doc("Share of new traces recorded (parent-based: a client's sampled traceparent is followed); "
+                    "OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG win when set.", ge=0, le=1)
+    ] = 1.0
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -332,6 +382,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rag: Annotated[RagSettings, _doc("Retrieval-augmented generation: embeddings, chunking, collections.")] = (
         msgspec.field(default_factory=RagSettings)
     )
+    telemetry: Annotated[TelemetrySettings, _doc("OpenTelemetry tracing over OTLP/HTTP; off without an endpoint.")] = (
+        msgspec.field(default_factory=TelemetrySettings)
+    )
+    alerts: Annotated[AlertSettings, _doc("Alert rules over the appliance's own signals and where alerts go.")] = (
+        msgspec.field(default_factory=AlertSettings)
+    )
 
     @property
     def data_path(self) -> Path:
@@ -366,6 +422,8 @@ def public_value(name: str, value: Any) -> Any:
         return "(set)" if value not in (None, "", [], {}) else None
     if isinstance(value, str):
         return _URL_PASSWORD.sub(r"\g<user>:(set)@", value)
+    if isinstance(value, dict):  # headers: their values are credentials more often than not
+        return {k: "(set)" for k in value}
     if not isinstance(value, list):
         return value
     shown: list[Any] = []
@@ -483,7 +541,7 @@ def _coerce_env(struct: type[msgspec.Struct], section: str, key: str, raw: str) 
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ConfigError(f"APPLIANCE_{section.upper()}__{key.upper()}={raw!r} is not a boolean; use true or false")
-    if isinstance(current, int | float | list):
+    if isinstance(current, int | float | list | dict):
         try:
             return msgspec.json.decode(raw)
         except msgspec.DecodeError:

@@ -207,6 +207,54 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX responses_user ON responses(user_id);
     CREATE INDEX responses_created ON responses(created_at);
     """,
+    # 12: `usage_hourly` gains the version that served (`name@N`, the `x-served-model` header; '' for the hours
+    # counted before this migration) in its key.
+    """
+    CREATE TABLE usage_hourly_served (
+        hour               TEXT NOT NULL,
+        user_id            TEXT NOT NULL,
+        key_id             TEXT NOT NULL,
+        model              TEXT NOT NULL,
+        served             TEXT NOT NULL,
+        requests           INTEGER NOT NULL,
+        prompt_tokens      INTEGER NOT NULL,
+        completion_tokens  INTEGER NOT NULL,
+        PRIMARY KEY (hour, user_id, key_id, model, served)
+    ) WITHOUT ROWID;
+    INSERT INTO usage_hourly_served SELECT hour, user_id, key_id, model, '', requests, prompt_tokens,
+        completion_tokens FROM usage_hourly;
+    DROP TABLE usage_hourly;
+    ALTER TABLE usage_hourly_served RENAME TO usage_hourly;
+    """,
+    # 13: the quality loop (appliance/feedback/). `served_responses` remembers, per response id (chatcmpl-...,
+    # cmpl-..., resp_...), who got it and which version served it (no content), so that its receiver may rate it;
+    # `feedback` holds one rating per response (+1/-1, changed by rating again) with an optional comment as the
+    # privacy policy's `conversations` surface rewrote it. Erasure and retention clear a rating's comment and owner
+    # and leave the rating, which then says nothing about anyone.
+    """
+    CREATE TABLE served_responses (
+        id          TEXT PRIMARY KEY,
+        owner       TEXT NOT NULL,
+        user_id     TEXT NOT NULL,
+        model       TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        created_at  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX served_responses_created ON served_responses(created_at);
+    CREATE INDEX served_responses_owner ON served_responses(owner);
+    CREATE TABLE feedback (
+        response_id TEXT PRIMARY KEY,
+        owner       TEXT NOT NULL,
+        user_id     TEXT NOT NULL,
+        model       TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        rating      INTEGER NOT NULL CHECK (rating IN (1, -1)),
+        comment     TEXT NOT NULL DEFAULT '',
+        created_at  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX feedback_version ON feedback(model, version);
+    CREATE INDEX feedback_created ON feedback(created_at);
+    """,
 )
 
 

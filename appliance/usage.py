@@ -24,8 +24,9 @@ log = get_logger(__name__)
 Bucket = Literal["hour", "day"]
 HOUR_FORMAT = "%Y-%m-%dT%H:00:00Z"
 _BUCKET_SQL: dict[Bucket, str] = {"hour": "u.hour", "day": "substr(u.hour, 1, 10)"}
-_UPSERT = ("INSERT INTO usage_hourly(hour, user_id, key_id, model, requests, prompt_tokens, completion_tokens) "
-           "VALUES (?, ?, ?, ?, 1, ?, ?) ON CONFLICT(hour, user_id, key_id, model) DO UPDATE SET "
+_UPSERT = ("INSERT INTO usage_hourly(hour, user_id, key_id, model, served, requests, prompt_tokens, "
+           "completion_tokens) VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT(hour, user_id, key_id, model, served) DO "
+           "UPDATE SET "
            "requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
            "completion_tokens = completion_tokens + excluded.completion_tokens")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -92,15 +93,21 @@ class UsageLog:
         self.conn = conn
         self.now = now
 
-    def record(self, principal: Any, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count one request and its tokens in the current hour; a failure to write is logged, never raised (the
-        answer is already on its way)."""
+    def record(self, principal: Any, model: str, prompt_tokens: int, completion_tokens: int, served: str = "") -> None:
+        """Count one request and its tokens in the current hour, under the version that served it (`served`,
+        `name@N`); a failure to write is logged, never raised (the answer is already on its way)."""
         user_id, key_id = acting(principal)
         try:
-            self.conn.execute(_UPSERT, (hour_start(self.now()), user_id, key_id, model, max(0, prompt_tokens),
-                                        max(0, completion_tokens)))
+            self.conn.execute(_UPSERT, (hour_start(self.now()), user_id, key_id, model, served,
+                                        max(0, prompt_tokens), max(0, completion_tokens)))
         except sqlite3.Error as exc:
             log.warning("usage.record_failed", model=model, error=str(exc))
+
+    def served(self, model: str) -> dict[str, int]:
+        """Requests per version of `model` (`name@N`) in the history kept."""
+        rows = self.conn.execute("SELECT served, SUM(requests) FROM usage_hourly WHERE model = ? AND served != '' "
+                                 "GROUP BY served", (model,)).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def report(self, since: datetime | None = None, until: datetime | None = None,
                bucket: Bucket = "day") -> list[UsageRow]:

@@ -26,7 +26,8 @@ PERMISSIONS: dict[str, str] = {
     "privacy:admin": "Change the privacy policy (PUT /api/privacy/policy), run a purge and erase a subject's data "
                      "(/api/privacy/purge, /api/privacy/erasures), and read and delete anyone's stored responses "
                      "(/v1/responses/{id}).",
-    "metrics:read": "Read Prometheus metrics (/metrics) and the API schema.",
+    "metrics:read": "Read Prometheus metrics (/metrics), the dashboard and the alerts (/api/dashboard, /api/alerts) "
+                    "and the API schema.",
     "cache:admin": "See the response cache's size and partitions and clear it (/api/cache).",
     "settings:read": "See the effective configuration with each value's source, and the doctor's findings "
                      "(/api/settings).",

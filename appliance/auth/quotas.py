@@ -165,6 +165,7 @@ class QuotaService:
         self.clock = clock
         self._lock = threading.Lock()
         self._usage: dict[str, _Usage] = {}
+        self._daily_limits: dict[str, int] = {}  # subject -> its daily budget, as last seen (for the alert rules)
 
     def reserve(self, subject: str, limits: Limits, tokens: int) -> Reservation:
         """Take one request and `tokens` for `subject`, or raise `RateLimited` naming the limit and the wait."""
@@ -180,6 +181,7 @@ class QuotaService:
                 usage.tokens += tokens
             if limits.daily_tokens:
                 usage.day_tokens += tokens
+                self._daily_limits[subject] = limits.daily_tokens
             self._save(subject, usage)
             return Reservation(subject, limits, tokens, usage.day, self._status(usage, limits, now))
 
@@ -211,6 +213,15 @@ class QuotaService:
         with self._lock:
             now = self.clock()
             return self._status(self._current(subject, limits, now), limits, now)
+
+    def daily_use(self) -> dict[str, float]:
+        """Subject -> the share of its daily token budget spent today, for the subjects with a budget that made a
+        request since the start (what the `KeyNearQuota` alert watches)."""
+        with self._lock:
+            today = int(self.clock() // DAY_SECONDS)
+            return {subject: (usage.day_tokens if usage.day == today else 0) / limit
+                    for subject, limit in self._daily_limits.items()
+                    if (usage := self._usage.get(subject)) is not None and limit > 0}
 
     def _finish(self, reservation: Reservation, used_tokens: int, *, give_back_request: bool) -> None:
         if reservation.done:

@@ -39,6 +39,7 @@ class Entry(msgspec.Struct, array_like=True, frozen=True):
     model_sha256: str
     owner: str = ""  # who asked (`user:<id>`, `key:<id>`): erasure finds their entries in shared partitions
     tool_calls: list[dict[str, Any]] | None = None  # a chat answer's calls, in OpenAI's message shape
+    served: str = ""  # the version that produced it (`name@N`), for the `x-served-model` of a replay
 
 
 _encode = msgspec.msgpack.Encoder().encode

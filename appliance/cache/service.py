@@ -49,6 +49,7 @@ class CacheLookup:
         self.texts = texts or []
         self.entry = entry
         self.owner = owner
+        self.served = ""  # the version (`name@N`) the request was routed to; kept with what it stores
 
     @property
     def records(self) -> bool:
@@ -208,7 +209,8 @@ class ResponseCacheService:
             self.metrics.cache_skipped.labels("privacy").inc()
             return
         try:
-            evicted = self.cache.put(lookup.key, msgspec.structs.replace(entry, owner=lookup.owner))
+            kept = msgspec.structs.replace(entry, owner=lookup.owner, served=lookup.served)
+            evicted = self.cache.put(lookup.key, kept)
         except Exception as exc:
             log.warning("cache.store_failed", error_type=type(exc).__name__)
             return

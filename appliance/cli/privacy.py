@@ -83,16 +83,23 @@ def cmd_report(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 
 def cmd_policies_check(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     from appliance.auth.rbac import Rbac, RbacError
+    from appliance.observability.alerts.rules import AlertRules, AlertsError
     from appliance.privacy.policy import PolicyError, load_policy
 
     folder = Path(args.dir) if args.dir else None
     rbac = folder / "rbac.toml" if folder else Path(loaded.settings.auth.rbac_file or "")
     privacy = folder / "privacy.toml" if folder else Path(loaded.settings.privacy.policy_file or "")
+    alerts = folder / "alerts.toml" if folder else Path(loaded.settings.alerts.rules_file or "")
     failed = False
-    for name, check, path in (("roles", Rbac.load, rbac), ("privacy", load_policy, privacy)):
+    checks: tuple[tuple[str, Any, Path], ...] = (("roles", Rbac.load, rbac), ("privacy", load_policy, privacy),
+                                                 ("alerts", AlertRules.load, alerts))
+    for name, check, path in checks:
+        if folder and name == "alerts" and not path.exists():  # a folder from before the alert rules
+            print(f"skipped: no alerts.toml in {folder}")
+            continue
         try:
             loaded_policy = check(path if str(path) not in ("", ".") else "")
-        except (RbacError, PolicyError) as exc:
+        except (RbacError, PolicyError, AlertsError) as exc:
             print(f"appliance: {name} policy: {exc}", file=sys.stderr)
             failed = True
         else:
@@ -108,7 +115,7 @@ def register(sub: Any, add: Add) -> None:
     erase.add_argument("--subject", required=True, help="a user name or an email address")
     add("report", cmd_report, "what classes of data are held: counts, oldest item, retention", privacy)
     policies = sub.add_parser("policies", help="policy files").add_subparsers(dest="sub", required=True)
-    check = add("check", cmd_policies_check, "validate rbac.toml and privacy.toml; exits 1 naming the wrong line",
-                policies)
-    check.add_argument("dir", nargs="?", help="a folder holding rbac.toml and privacy.toml (default: the files "
-                       "in use)")
+    check = add("check", cmd_policies_check, "validate rbac.toml, privacy.toml and alerts.toml; exits 1 naming the "
+                "wrong line", policies)
+    check.add_argument("dir", nargs="?", help="a folder holding rbac.toml, privacy.toml and alerts.toml (default: "
+                       "the files in use)")

@@ -84,6 +84,7 @@ class RemoteWorker:
     """The Worker protocol over an upstream: nothing to spawn; ready once the upstream lists its model."""
 
     pid = None
+    engine = "remote"
 
     def __init__(self, model: str, base_url: str, upstream_model: str, api_key: str | None, *,
                  request_timeout: float, connect_timeout: float = 10.0) -> None:

@@ -13,8 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from appliance.config import VllmSettings
 from appliance.engines.select import VllmBuild
@@ -67,9 +69,12 @@ class VllmEngine:
     def available(self) -> bool:
         return self.build is not None
 
-    def launch(self, model_dir: Path, model_name: str, socket_path: Path, tool_call_parser: str = "") -> LaunchSpec:
+    def launch(self, model_dir: Path, model_name: str, socket_path: Path, tool_call_parser: str = "",
+               otlp_traces_endpoint: str = "", otlp_headers: Mapping[str, str] | None = None) -> LaunchSpec:
         """The vLLM server's command line; with a `tool_call_parser` (the catalog's, per model) it takes `tools`
-        and `tool_choice: auto`, its own parser reading the calls out of the model's text."""
+        and `tool_choice: auto`, its own parser reading the calls out of the model's text. With an
+        `otlp_traces_endpoint` (tracing on) vLLM exports its own spans there over OTLP/HTTP, under the traceparent
+        the gateway sends it."""
         s, cpu = self.settings, self.build == "cpu"
         argv = [self.python, "-m", SERVER_MODULE, "--model", str(model_dir), "--served-model-name", model_name,
                 "--uds", str(socket_path), "--tensor-parallel-size", str(s.tensor_parallel_size),
@@ -86,12 +91,21 @@ class VllmEngine:
                "VLLM_HOST_IP": "127.0.0.1"}
         if cpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(s.cpu_kvcache_space_gib)
+        if otlp_traces_endpoint:
+            argv += ["--otlp-traces-endpoint", otlp_traces_endpoint]
+            env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"  # vLLM's default is gRPC
+            env["OTEL_SERVICE_NAME"] = "vllm"
+            if otlp_headers:
+                env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = ",".join(
+                    f"{quote(k)}={quote(v)}" for k, v in otlp_headers.items())
         return LaunchSpec([*argv, *s.extra_args], env=env, inherit_socket=False)
 
 
 class VllmWorker(WorkerProcess):
     """A vLLM server as a worker: it binds its socket itself (a stale one from a killed run must go first) and
     answers /health with an empty 200."""
+
+    engine = "vllm"
 
     async def start(self) -> None:
         self.socket_path.unlink(missing_ok=True)

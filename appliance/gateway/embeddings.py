@@ -11,6 +11,7 @@ import msgspec
 from appliance.auth.quotas import QuotaService
 from appliance.errors import InvalidRequest
 from appliance.gateway.schemas import decode_json
+from appliance.observability.tracing import Tracing
 from appliance.rag.embeddings import EmbeddingService, check_inputs
 from appliance.registry.service import model_not_found
 
@@ -29,6 +30,7 @@ class EmbeddingsEndpoint:
     def __init__(self, embeddings: EmbeddingService, quotas: QuotaService | None = None) -> None:
         self.embeddings = embeddings
         self.quotas = quotas
+        self.tracing = Tracing()  # off unless the composition root passes its own
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -52,7 +54,14 @@ class EmbeddingsEndpoint:
             estimate = sum(len(t) for t in texts) // 3 + 2 * len(texts)
             reservations = self.quotas.reserve_all(principal.quotas, estimate)
         try:
-            embedded = await self.embeddings.embed(texts)
+            # in-process, so INTERNAL (semantic conventions v1.41.1, Embeddings); the inputs are never attributes
+            with self.tracing.step(f"embeddings {request.model}", {
+                    "gen_ai.operation.name": "embeddings", "gen_ai.provider.name": "sentence-transformers",
+                    "gen_ai.request.model": request.model, "gen_ai.response.model": request.model}) as span:
+                embedded = await self.embeddings.embed(texts)
+                if span is not None:
+                    span.set_attribute("gen_ai.usage.input_tokens", embedded.tokens)
+                    span.set_attribute("gen_ai.embeddings.dimension.count", int(embedded.vectors.shape[1]))
         except BaseException:
             for reservation in reservations:
                 self.quotas.release(reservation)  # type: ignore[union-attr]

@@ -27,6 +27,7 @@ generated) is not counted."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import time
@@ -44,23 +45,30 @@ from appliance.auth.sessions import SessionPrincipal
 from appliance.cache.keys import Directive
 from appliance.cache.service import NO_CACHE, ResponseCacheService
 from appliance.errors import ApplianceError, InvalidRequest, WorkerFailed
+from appliance.feedback.ledger import ResponseLedger, response_id
 from appliance.gateway.schemas import ChatCompletionRequest, CompletionRequest, Message, upstream_body
 from appliance.logs import get_logger
+from appliance.observability.genai import WorkerCall, operation_name, response_attributes
 from appliance.observability.metrics import Metrics
+from appliance.observability.tracing import Tracing, ended, record_error
 from appliance.privacy.gateway import GatewayPrivacy
 from appliance.rag.chat import RagChat
 from appliance.registry.rollout import RolloutService
 from appliance.registry.service import ModelRegistry, model_not_found
 from appliance.supervisor.pool import WorkerPool
+from appliance.supervisor.process import Worker
 from appliance.usage import UsageLog
 
 log = get_logger(__name__)
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 READY = b""
+_JSON = {"content-type": "application/json"}
 # An OpenAI chunk with generated text, and the one with a usage object (JSON as vLLM and our worker write it).
 _TEXT = re.compile(rb'"(?:content|text|arguments)":\s*"(?!")')
 _USAGE = re.compile(rb'"usage":\s*\{')
+_FINISH = re.compile(rb'"finish_reason":\s*"([a-z_]{1,32})"')  # looked for only while tracing
+SERVED_HEADER = "x-served-model"  # the version that answered, `name@N` (DESIGN section 2, step 9)
 
 
 class UpstreamError(ApplianceError):
@@ -105,6 +113,9 @@ class Metered:
     model: str = ""
     principal: Principal | SessionPrincipal | None = None
     tools: list[str] = field(default_factory=list)  # the functions the model called (names only, for the audit)
+    requested: str = ""  # the model as the client named it (a name or an alias), for the GenAI metrics
+    first_token_at: float = 0.0  # perf_counter() when the first generated text went out
+    served: str = ""  # the version that answered (`name@N`): the `x-served-model` header, usage and audit
 
     @property
     def charged(self) -> bool:
@@ -146,6 +157,8 @@ class CompletionService:
         self.rag_chat: RagChat | None = None  # set by the composition root when RAG is on
         self.rollout: RolloutService | None = None  # aliases, versions and canaries; set by the composition root
         self.usage: UsageLog | None = None  # the usage history; set by the composition root
+        self.ledger: ResponseLedger | None = None  # who got which response from which version (feedback)
+        self.tracing = Tracing()  # spans of the steps (off unless the composition root passes one that is on)
 
     async def run(self, request: ChatCompletionRequest | CompletionRequest, route: str,
                   principal: Principal | SessionPrincipal | None = None, cache: Directive | None = None
@@ -158,8 +171,10 @@ class CompletionService:
             raise InvalidRequest("RAG is not available on this server", param="rag", code="rag_unavailable")
         self.check_model(request.model, principal)
         messages = upstream_body(request)["messages"]
-        grounded, grounding = await self.rag_chat.ground(
-            messages, request.rag, request.model, request.max_completion_tokens or request.max_tokens, principal)
+        with self.tracing.step("rag.retrieval", {"gen_ai.operation.name": "retrieval",
+                                                 "gen_ai.request.top_k": float(request.rag.top_k)}):
+            grounded, grounding = await self.rag_chat.ground(
+                messages, request.rag, request.model, request.max_completion_tokens or request.max_tokens, principal)
         request = msgspec.structs.replace(
             request, rag=None, messages=[Message(role=m["role"], content=m["content"]) for m in grounded])
         result = await self._complete(request, route, principal, cache)
@@ -182,30 +197,64 @@ class CompletionService:
         path = "/v1/chat/completions" if chat else "/v1/completions"
         body = upstream_body(request)
         if self.privacy is not None:  # step 4: PII in the prompt is blocked (422) or rewritten
-            self.privacy.screen_request(body)
-        metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
-        metered.model, metered.principal = record.name, principal
+            with self.tracing.step("privacy"):
+                self.privacy.screen_request(body)
+        with self.tracing.step("quota"):
+            metered = self._reserve(request, body, principal)  # 429 before queueing when over a quota
+        metered.model, metered.principal, metered.requested, metered.served = record.name, principal, request.model, key
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        lookup = NO_CACHE if self.cache is None else await self.cache.lookup(
-            body, chat=chat, model_sha256=record.sha256, principal=principal, directive=cache)
+        lookup = NO_CACHE
+        if self.cache is not None:
+            with self.tracing.step("cache.lookup") as span:
+                lookup = await self.cache.lookup(body, chat=chat, model_sha256=record.sha256, principal=principal,
+                                                 directive=cache)
+                if span is not None:
+                    span.set_attribute("appliance.cache.hit", lookup.entry is not None)
+            lookup.served = key  # a cached answer says which version produced it
         if lookup.entry is not None:  # a hit: a request, no tokens (see appliance.cache.service)
             metered.usage_tokens = 0
+            metered.served = lookup.entry.served or key
             self._settle(metered)
-            headers = {**metered.headers(), **lookup.headers}
+            headers = {**metered.headers(), **lookup.headers, SERVED_HEADER: metered.served}
             if request.stream:
-                return Streamed(lookup.stream(request.model, include_usage), headers)
-            return Completed(lookup.whole(request.model), headers)
+                return Streamed(self._noted(lookup.stream(request.model, include_usage), metered), headers)
+            whole = lookup.whole(request.model)
+            self._note(whole, metered)
+            return Completed(whole, headers)
         if not request.stream:
             completed = await self._whole(record.name, path, body, metered, key)
             lookup.store_whole(completed.body)
             completed.headers.update(lookup.headers)
+            completed.headers[SERVED_HEADER] = key
+            self._note(completed.body, metered)
             return completed
         events = self._stream(record.name, path, body, include_usage or lookup.records, metered, key)
         first = await events.__anext__()  # errors before the first byte become HTTP errors, not SSE events
         assert first is READY
         if lookup.records:
             events = lookup.recorded(events, include_usage)
-        return Streamed(events, {**metered.headers(), **lookup.headers})
+        return Streamed(self._noted(events, metered), {**metered.headers(), **lookup.headers, SERVED_HEADER: key})
+
+    def _note(self, body: bytes, metered: Metered) -> None:
+        """Remember who got this response and which version served it, so that they may rate it (off the hot
+        path: the ledger writes in batches)."""
+        if self.ledger is not None and metered.principal is not None:
+            self.ledger.note(response_id(body), metered.principal, metered.served)
+
+    async def _noted(self, events: AsyncIterator[bytes], metered: Metered) -> AsyncIterator[bytes]:
+        """The stream, its response id noted from the first chunk that has one; closing this closes `events`
+        (which settles the quotas at once on a client disconnect)."""
+        pending = self.ledger is not None and metered.principal is not None
+        try:
+            async for data in events:
+                if pending and b'"id"' in data:
+                    pending = False
+                    self._note(data, metered)
+                yield data
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
     def check_model(self, model: str, principal: Principal | SessionPrincipal | None) -> None:
         """Refuse a model outside the key's allowed models exactly as an unknown one, and audit the refusal."""
@@ -240,11 +289,12 @@ class CompletionService:
         """Charge what the response showed (see the module docstring) and count it in the usage history; release
         when it showed nothing."""
         if self.usage is not None and metered.charged:
-            self.usage.record(metered.principal, metered.model, *metered.token_counts())
+            self.usage.record(metered.principal, metered.model, *metered.token_counts(), served=metered.served)
         if metered.tools and self.audit is not None:  # which functions a model called, never their arguments
             try:
                 self.audit.record(str(getattr(metered.principal, "subject", "") or "anonymous"), "chat.tool_calls",
-                                  metered.model, "ok", tools=sorted(set(metered.tools))[:32], calls=len(metered.tools))
+                                  metered.model, "ok", tools=sorted(set(metered.tools))[:32], calls=len(metered.tools),
+                                  served=metered.served)
             except (sqlite3.Error, ValueError) as exc:
                 log.warning("audit.record_failed", action="chat.tool_calls", error=str(exc))
         if self.quotas is None:
@@ -260,7 +310,7 @@ class CompletionService:
     async def _whole(self, model: str, path: str, body: dict[str, Any], metered: Metered, key: str = ""
                      ) -> Completed:
         try:
-            completed, usage = await self._whole_unmetered(model, path, body, key)
+            completed, usage = await self._whole_unmetered(model, path, body, key, metered.requested)
         except ApplianceError:  # refused, or failed before a usage came back: nothing to charge
             self._settle(metered)
             raise
@@ -274,51 +324,98 @@ class CompletionService:
             completed.headers = metered.headers()
         return completed
 
-    async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any], key: str = ""
-                               ) -> tuple[Completed, dict[str, int] | None]:
-        """`model` labels the metrics; `key` names the worker (a version, `name@N`), else `model` does."""
+    async def _whole_unmetered(self, model: str, path: str, body: dict[str, Any], key: str = "",
+                               requested: str = "") -> tuple[Completed, dict[str, int] | None]:
+        """`model` labels the metrics; `key` names the worker (a version, `name@N`), else `model` does; `requested`:
+        the model as the client named it (the GenAI metrics' request model)."""
         started = time.perf_counter()
-        async with self.pool.acquire(key or model, keep_alive=body.pop("keep_alive", None)) as worker:
+        async with contextlib.AsyncExitStack() as stack:
+            worker = await self._acquire(stack, key or model, body)
+            call = WorkerCall(operation_name(path), _engine(worker), requested or model, key or model)
+            error = ""
             try:
-                response = await worker.client.post(path, content=_encoder.encode(body),
-                                                    headers={"content-type": "application/json"})
-            except httpx.TransportError as exc:
-                raise WorkerFailed(_worker_failure(model, exc)) from exc
-        if response.status_code != 200:
-            raise UpstreamError(response.status_code, response.content)
-        usage = _decoder.decode(response.content).get("usage")
+                with ended(self.tracing.start(call.span_name, attributes=call.request_attributes(body),
+                                              client=True)) as span:
+                    try:
+                        response = await worker.client.post(path, content=_encoder.encode(body),
+                                                            headers=_propagate(span, _JSON))
+                    except httpx.TransportError as exc:
+                        raise WorkerFailed(_worker_failure(model, exc)) from exc
+                    if response.status_code != 200:
+                        raise UpstreamError(response.status_code, response.content)
+                    decoded = _decoder.decode(response.content)
+                    if span is not None:
+                        span.set_attributes(response_attributes(decoded.get("usage"), _finish_reasons(decoded), None))
+            except ApplianceError as exc:
+                error = type(exc).__name__
+                raise
+            finally:
+                self.metrics.genai.observe(call, started, time.perf_counter(), None, 0, error)
+        usage = decoded.get("usage")
         self._count_tokens(model, usage or {})
         self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
         content = response.content if self.privacy is None else self.privacy.screen_response(response.content)
         return Completed(content), usage or None
 
+    async def _acquire(self, stack: contextlib.AsyncExitStack, name: str, body: dict[str, Any]) -> Worker:
+        """Step 8's queue: wait for a slot of the worker (loading it if need be), held until `stack` closes; a
+        `queue.wait` span while tracing."""
+        with ended(self.tracing.start("queue.wait")):
+            return await stack.enter_async_context(self.pool.acquire(name, keep_alive=body.pop("keep_alive", None)))
+
     async def _stream(self, model: str, path: str, body: dict[str, Any], include_usage: bool, metered: Metered,
                       key: str = "") -> AsyncIterator[bytes]:
         started = time.perf_counter()
+        call, error = None, ""
+        finish: list[str] | None = [] if self.tracing.enabled else None  # finish reasons, looked for when tracing
         try:
-            async with self.pool.acquire(key or model, keep_alive=body.pop("keep_alive", None)) as worker:
+            async with contextlib.AsyncExitStack() as stack:
+                worker = await self._acquire(stack, key or model, body)
+                call = WorkerCall(operation_name(path), _engine(worker), metered.requested or model, key or model)
+                # the first step of this generator runs in the request's context: the span's parent is the request's
+                span = stack.enter_context(ended(self.tracing.start(
+                    call.span_name, attributes=call.request_attributes(body), client=True)))
+                issued = time.perf_counter()
                 try:
                     async with worker.client.stream("POST", path, content=_encoder.encode(body),
-                                                    headers={"content-type": "application/json"}) as response:
+                                                    headers=_propagate(span, _JSON)) as response:
                         if response.status_code != 200:
                             raise UpstreamError(response.status_code, await response.aread())
                         yield READY
-                        relayed = self._relay(model, response, include_usage, started, metered)
+                        relayed = self._relay(model, response, include_usage, started, metered, finish)
                         if self.privacy is not None:  # the output surface, entities split across chunks included
                             relayed = self.privacy.screen_stream(relayed, sse_error)
                         async for event in relayed:
                             yield event
                 except httpx.TransportError as exc:
-                    error = WorkerFailed(_worker_failure(model, exc))
+                    failure = WorkerFailed(_worker_failure(model, exc))
                     log.warning("stream.failed", model=model, error=str(exc) or type(exc).__name__)
-                    yield sse_error(error)
+                    error = type(failure).__name__
+                    if span is not None:
+                        record_error(span, failure)
+                    yield sse_error(failure)
+                finally:
+                    if span is not None:
+                        span.set_attributes(response_attributes(
+                            metered.usage, finish or [], metered.first_token_at - issued if metered.first_token_at
+                            else None))
+        except ApplianceError as exc:
+            error = type(exc).__name__
+            raise
+        except GeneratorExit:  # the client went away
+            error = "cancelled"
+            raise
         finally:  # also on a client disconnect, which closes this generator
+            if call is not None:
+                self.metrics.genai.observe(call, started, time.perf_counter(), metered.first_token_at or None,
+                                           _output_tokens(metered), error)
             self._settle(metered)
 
     async def _relay(self, model: str, response: httpx.Response, include_usage: bool, started: float,
-                     metered: Metered) -> AsyncIterator[bytes]:
+                     metered: Metered, finish: list[str] | None = None) -> AsyncIterator[bytes]:
         """Pass the worker's events through as bytes, one write per read; look inside only with cheap patterns:
-        this loop runs once per token and its CPU comes out of generation on a small box."""
+        this loop runs once per token and its CPU comes out of generation on a small box. `finish` (while tracing)
+        collects the finish reasons."""
         ttft, gap = self.metrics.ttft.labels(model), self.metrics.inter_token.labels(model)
         last = 0.0
         pending = b""
@@ -343,7 +440,10 @@ class CompletionService:
                         gap.observe(now - last)
                     else:
                         ttft.observe(now - started)
+                        metered.first_token_at = now
                     last = now
+                if finish is not None and (found := _FINISH.search(event)):
+                    finish.append(found.group(1).decode())
                 out.append(event + b"\n\n")
             if out:
                 yield b"".join(out)
@@ -362,6 +462,33 @@ def _called(event: bytes) -> list[str]:
     return [call["function"]["name"] for choice in chunk.get("choices") or ()
             for call in (choice.get("delta") or {}).get("tool_calls") or ()
             if (call.get("function") or {}).get("name")]
+
+
+def _engine(worker: Worker) -> str:
+    """`gen_ai.provider.name`: the engine behind a worker (llama.cpp, vllm, remote)."""
+    return str(getattr(worker, "engine", "unknown"))
+
+
+def _propagate(span: Any, headers: dict[str, str]) -> dict[str, str]:
+    """The worker call's headers, with the W3C traceparent of its CLIENT span while tracing."""
+    if span is None:
+        return headers
+    from opentelemetry.propagate import inject
+    from opentelemetry.trace import set_span_in_context
+
+    carrier = dict(headers)
+    inject(carrier, context=set_span_in_context(span))
+    return carrier
+
+
+def _finish_reasons(body: dict[str, Any]) -> list[str]:
+    return [str(c["finish_reason"]) for c in body.get("choices") or () if c.get("finish_reason")]
+
+
+def _output_tokens(metered: Metered) -> int:
+    if metered.usage is not None:
+        return int(metered.usage.get("completion_tokens", 0))
+    return metered.text_chunks
 
 
 def _total(usage: dict[str, int]) -> int:

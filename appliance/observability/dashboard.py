@@ -193,6 +193,7 @@ class Dashboard:
         self.processes = ProcessMemory()
         self.gpus = Refreshed(read_gpus, GPU_SECONDS)
         self.data_bytes = Refreshed(lambda: directory_bytes(data_root), DATA_SIZE_SECONDS)
+        self.alerts: Callable[[], list[dict[str, object]]] = list  # pending and firing alerts (the alert service)
 
     async def run(self) -> None:
         """Sample the TTFT buckets for the window, for as long as the app runs."""
@@ -206,7 +207,7 @@ class Dashboard:
         return DashboardView(
             at=time.time(), models=self.models(gpus), cache=self.cache(), memory=self.memory(),
             gpus=[GpuStatus(g.name, g.memory_total_bytes, g.memory_used_bytes) for g in gpus.gpus],
-            disk=DiskStatus(str(self.data_root), disk.total, disk.free, data_bytes), alerts=[])
+            disk=DiskStatus(str(self.data_root), disk.total, disk.free, data_bytes), alerts=self.alerts())
 
     def worker_keys(self, served: dict[str, float]) -> list[str]:
         """The installed models' production versions, the versions the pool knows (loaded, loading, failed), and

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from appliance.observability import genai
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CACHE_HIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
@@ -59,6 +61,18 @@ class Metrics:
         self.rag_query_seconds = Histogram("appliance_rag_query_seconds", "Retrieval time of a RAG query, by mode.",
                                            ["mode"], buckets=LATENCY_BUCKETS, registry=r)
         self.rag_chunks = Counter("appliance_rag_chunks_ingested", "Chunks added to RAG collections.", registry=r)
+
+        # GenAI semantic conventions v1.41.1 server metrics, per model version (gen_ai_response_model = NAME@N)
+        self.genai = genai.ServerMetrics(
+            ttft=Histogram("gen_ai_server_time_to_first_token_seconds", "Time to generate the first token for "
+                           "successful responses (gen_ai.server.time_to_first_token), queue included.",
+                           genai.LABELS, buckets=genai.TTFT_BUCKETS, registry=r),
+            per_output_token=Histogram("gen_ai_server_time_per_output_token_seconds", "Time per output token after "
+                                       "the first for successful responses (gen_ai.server.time_per_output_token).",
+                                       genai.LABELS, buckets=genai.TPOT_BUCKETS, registry=r),
+            duration=Histogram("gen_ai_server_request_duration_seconds", "Request duration to the last byte "
+                               "(gen_ai.server.request.duration); error_type is empty for a success.",
+                               (*genai.LABELS, "error_type"), buckets=genai.DURATION_BUCKETS, registry=r))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -68,6 +68,7 @@ class ModelSlot:
     need: MemoryNeed | None = None  # reserved by placement from before the load until the worker is retired
     keep_alive: float | None = None  # the last request's keep_alive; None = the configured one
     last_error: str | None = None  # why the last load failed or the worker died; cleared by a load that succeeds
+    health: dict[str, object] = field(default_factory=dict)  # the last health answer (llama.cpp: decode `steps`)
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     released: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever a request lets go (drain)
     gate: asyncio.Semaphore = field(init=False)
@@ -123,6 +124,7 @@ class WorkerPool:
         name = self.key(name)
         if name not in self.slots:
             self.slots[name] = ModelSlot(name, self.parallel, self._pinned(name))
+            self.metrics.worker_restarts.labels(name)  # the series exists at 0, so the first restart is an increase
         return self.slots[name]
 
     def _pinned(self, key: str) -> bool:
@@ -352,7 +354,7 @@ class WorkerPool:
         if worker is None or slot.load_lock.locked():
             return
         try:
-            await asyncio.wait_for(worker.health(), self.supervisor.health_timeout)
+            slot.health = await asyncio.wait_for(worker.health(), self.supervisor.health_timeout)
             return
         except Exception as exc:  # no answer, a broken answer or a refused connection: the worker is wedged
             reason = type(exc).__name__

@@ -25,7 +25,7 @@ from appliance.logs import get_logger
 from appliance.supervisor.uds import worker_transport
 
 log = get_logger(__name__)
-SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "HEADERS")  # OTEL_*_HEADERS carry credentials
 
 
 class Worker(Protocol):
@@ -77,6 +77,8 @@ def bind_unix_socket(path: Path) -> socket.socket:
 
 
 class WorkerProcess:
+    engine = "llama.cpp"  # gen_ai.provider.name of what it serves (the engines' workers say their own)
+
     def __init__(self, model: str, launch: LaunchSpec, socket_path: Path, *, load_timeout: float,
                  stop_timeout: float, request_timeout: float) -> None:
         self.model = model

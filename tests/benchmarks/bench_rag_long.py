@@ -398,12 +398,12 @@ async def suspects(rag: RagService, collection: str, pairs: Sequence[Pair]) -> d
         v50, k50, x50, s50 = (group(hits[:depth], doc_of) for hits in (vector, pruned, exact, shallow))
         vd, xd = group(vector, doc_of), group(exact, doc_of)
         variants = {
-            "vector (as served: hnsw, 50 asked)": s50,
+            "vector (as served: 50 kept of 200 hnsw candidates)": s50,
             "vector, 1000 asked (near exact), top 50": v50,
             "keyword (as served: pruned, chunk bm25)": k50,
             "keyword, no pruning": x50,
             "keyword, document bm25 (fts5, whole doc)": docs_bm25,
-            "hybrid (as served: chunk rrf of 50 + 50)": keys_group(rrf([pk[:depth], sk]), doc_of),
+            "hybrid, chunk rrf of 50 + 50 (fusion before 722c518)": keys_group(rrf([pk[:depth], sk]), doc_of),
             "hybrid, chunk rrf, vector 1000 asked": keys_group(rrf([pk[:depth], vk[:depth]]), doc_of),
             "hybrid, chunk rrf, no pruning": keys_group(rrf([xk[:depth], sk]), doc_of),
             "hybrid, chunk rrf, no pruning, vector 1000 asked": keys_group(rrf([xk[:depth], vk[:depth]]), doc_of),

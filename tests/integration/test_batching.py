@@ -153,6 +153,44 @@ def test_response_format_json_schema_and_json_object(batched: Running) -> None:
         assert (reply.choices[0].message.content or "").lstrip().startswith("{")
 
 
+def test_requests_with_and_without_grammars_are_batched_together(batched: Running) -> None:
+    """Tool calls (grammar-constrained) and plain chats share decoding steps, and each gets its solo answer."""
+    client = uncached(batched)
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string", "maxLength": 24}}, "required": ["query"]}}}
+    requests: list[dict[str, object]] = [
+        {"messages": ask("Find the population of Lyon."), "tools": [tool], "tool_choice": "required"},
+        {"messages": ask("Name three rivers."), "logit_bias": NO_EOS},
+        {"messages": ask("Look up the height of Mont Blanc."), "tools": [tool], "tool_choice": "required"},
+        {"messages": ask("What is the capital of Spain?"), "logit_bias": NO_EOS},
+    ]
+    params: dict[str, object] = {"model": DEFAULT_MODEL, "temperature": 0, "max_tokens": MAX_TOKENS}
+
+    def answer(request: dict[str, object]) -> object:
+        message = client.chat.completions.create(**params, **request).choices[0].message  # type: ignore[call-overload]
+        return [(c.function.name, c.function.arguments) for c in message.tool_calls or []] or message.content
+
+    solo = [answer(r) for r in requests]
+    assert all(isinstance(a, list) for a in solo[::2]), "tool_choice=required always gives a call"
+    together: dict[int, object] = {}
+    start = threading.Barrier(len(requests))
+    before = health(batched)
+
+    def run(i: int) -> None:
+        start.wait()
+        together[i] = answer(requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert [together.get(i) for i in range(len(requests))] == solo
+    after = health(batched)
+    tokens, steps = (after[k] - before[k] for k in ("generated_tokens", "steps"))
+    assert steps <= tokens * 3 // 4, f"{steps} decoding steps for {tokens} tokens: the requests were not batched"
+
+
 def test_a_schema_without_schema_is_400(batched: Running) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         uncached(batched).chat.completions.create(

@@ -24,11 +24,12 @@ from appliance.auth.rbac import Rbac
 from appliance.auth.sessions import SessionPrincipal
 from appliance.cache.keys import Directive
 from appliance.errors import InvalidRequest, NotFound
+from appliance.feedback.ledger import ResponseLedger
 from appliance.gateway.responses.output import Draft, StreamTranslator, whole_response
 from appliance.gateway.responses.protocol import Item, ResponsesRequest, chat_body, input_items
 from appliance.gateway.responses.store import ResponseStore, StoredResponse
 from appliance.gateway.schemas import ChatCompletionRequest, decode_request
-from appliance.gateway.service import Completed, CompletionService, Streamed
+from appliance.gateway.service import SERVED_HEADER, Completed, CompletionService, Streamed
 from appliance.privacy.actions import Placeholders
 from appliance.privacy.service import Privacy
 
@@ -50,6 +51,7 @@ class ResponsesService:
         self.privacy = privacy
         self.rbac = rbac
         self.audit = audit  # deletions, and reads of someone else's responses by privacy:admin
+        self.ledger: ResponseLedger | None = None  # who got which response from which version (feedback)
 
     async def create(self, request: ResponsesRequest, principal: AnyPrincipal, cache: Directive | None = None
                      ) -> Completed | Streamed:
@@ -58,6 +60,8 @@ class ResponsesService:
         chat = decode_request(_encoder.encode(chat_body(request, items)), ChatCompletionRequest)
         draft = Draft.new(request, storing)
         result = await self.completions.run(chat, "/v1/responses", principal=principal, cache=cache)
+        if self.ledger is not None:  # rated by its resp_ id (the chat's own id is never shown)
+            self.ledger.note(draft.id, principal, result.headers.get(SERVED_HEADER, ""))
         if isinstance(result, Completed):
             response = whole_response(draft, _decoder.decode(result.body))
             self._keep(response, items, principal)

@@ -1,0 +1,1 @@
+"""The quality loop: which version served each response, and its receiver's rating of it."""

@@ -1,0 +1,193 @@
+"""OpenTelemetry tracing of the request path (DESIGN section 2), off until an OTLP endpoint is configured.
+
+Spans: one SERVER span per HTTP request (Litestar's OpenTelemetry plugin, no per-chunk send/receive spans), INTERNAL
+child spans for the steps (auth, privacy, quota, cache lookup, RAG retrieval, queue wait), and a CLIENT span per worker
+call named `{operation} {model}` with the GenAI attributes of semantic conventions v1.41.1 (`appliance.observability.
+genai`). A client's W3C `traceparent` is honoured, and passed on to the worker in the call's headers.
+
+Never content: prompts, outputs, tool arguments and RAG queries are never attributes or events; only model names,
+sampling parameters, token counts, finish reasons and timings are.
+
+Off, `Tracing` holds no tracer and every method returns at once (no span objects are made)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from appliance import __version__
+from appliance.config import TelemetrySettings
+from appliance.logs import get_logger
+
+if TYPE_CHECKING:
+    from litestar.plugins.opentelemetry import OpenTelemetryPlugin
+    from litestar.types import Scope
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
+
+log = get_logger(__name__)
+TRACES_PATH = "v1/traces"
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+
+
+def traces_endpoint(settings: TelemetrySettings, env: Mapping[str, str]) -> str | None:
+    """The OTLP/HTTP traces URL, or None when tracing is off: `[telemetry] endpoint` (a base URL gets /v1/traces),
+    else OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (as is), else OTEL_EXPORTER_OTLP_ENDPOINT (+ /v1/traces); off whatever is
+    set when OTEL_SDK_DISABLED is true or OTEL_TRACES_EXPORTER is `none`."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() not in _FALSE:
+        return None
+    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return None
+    if settings.endpoint:
+        return _with_path(settings.endpoint)
+    if full := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        return full
+    if base := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+        return _with_path(base)
+    return None
+
+
+def _with_path(url: str) -> str:
+    url = url.strip()
+    return url if url.rstrip("/").endswith("/" + TRACES_PATH) else url.rstrip("/") + "/" + TRACES_PATH
+
+
+def build_provider(settings: TelemetrySettings, endpoint: str, env: Mapping[str, str]) -> TracerProvider:
+    """A tracer provider exporting in batches over OTLP/HTTP (protobuf). The sampler: OTEL_TRACES_SAMPLER when set,
+    else parent-based with `sampler_ratio` of new traces (a client's sampled flag is followed). Service name:
+    OTEL_SERVICE_NAME when set, else `service_name`; OTEL_RESOURCE_ATTRIBUTES are added."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    attributes: dict[str, Any] = {"service.version": __version__}
+    if not env.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = settings.service_name
+    sampler = None if env.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(settings.sampler_ratio))
+    provider = TracerProvider(sampler=sampler, resource=Resource.create(attributes))
+    exporter = OTLPSpanExporter(endpoint=endpoint, headers=dict(settings.headers) or None)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+class Tracing:
+    """The app's tracer, or nothing: built once by the composition root (`Tracing.from_settings`)."""
+
+    def __init__(self, provider: TracerProvider | None = None, endpoint: str | None = None) -> None:
+        self.provider = provider
+        self.endpoint = endpoint if provider is not None else None
+        self.tracer: Tracer | None = None if provider is None else provider.get_tracer("appliance", __version__)
+
+    @classmethod
+    def from_settings(cls, settings: TelemetrySettings, env: Mapping[str, str] | None = None) -> Tracing:
+        env = os.environ if env is None else env
+        endpoint = traces_endpoint(settings, env)
+        if endpoint is None:
+            return cls()
+        log.info("tracing.on", endpoint=endpoint.split("?")[0], sampler_ratio=settings.sampler_ratio)
+        return cls(build_provider(settings, endpoint, env), endpoint)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracer is not None
+
+    def step(self, name: str, attributes: Mapping[str, Any] | None = None
+             ) -> contextlib.AbstractContextManager[Span | None]:
+        """An INTERNAL span around one step of the request path, current while the step runs; nothing when off."""
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return _step(self.tracer, name, attributes)
+
+    def start(self, name: str, parent: Context | None = None, attributes: Mapping[str, Any] | None = None,
+              client: bool = False) -> Span | None:
+        """A span that the caller ends (`span.end()`), not made current: for steps that begin and end in different
+        places (a queue wait, a worker call relayed by a generator). None when off."""
+        if self.tracer is None:
+            return None
+        from opentelemetry.trace import SpanKind
+
+        return self.tracer.start_span(name, context=parent, kind=SpanKind.CLIENT if client else SpanKind.INTERNAL,
+                                      attributes=attributes)
+
+    def current(self) -> Context | None:
+        """The active context (to parent spans started later, elsewhere); None when off."""
+        if self.tracer is None:
+            return None
+        from opentelemetry import context
+
+        return context.get_current()
+
+    def plugin(self) -> OpenTelemetryPlugin | None:
+        """Litestar's OpenTelemetry plugin: a SERVER span per HTTP request under the client's traceparent, without
+        spans for each ASGI send/receive (a stream would make one per token). None when off."""
+        if self.provider is None:
+            return None
+        from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+
+        return OpenTelemetryPlugin(OpenTelemetryConfig(
+            tracer_provider=self.provider, exclude_spans=["receive", "send"],
+            scope_span_details_extractor=_span_details))
+
+    def name_server_span(self, scope: Scope) -> None:
+        """Name the request's SERVER span by its route template once routing knows it (`POST /v1/chat/completions`,
+        `GET /api/jobs/{job_id}`: ids in paths would make a name each)."""
+        if self.tracer is None or not scope.get("route_handler"):
+            return
+        from opentelemetry import trace
+
+        span = trace.get_current_span()
+        if span.is_recording():
+            template = scope.get("path_template") or scope["path"]
+            span.update_name(f"{scope.get('method', '')} {template}")
+            span.set_attribute("http.route", template)
+
+    def shutdown(self) -> None:
+        """Export what is pending and stop (at the app's shutdown)."""
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+@contextlib.contextmanager
+def _step(tracer: Tracer, name: str, attributes: Mapping[str, Any] | None) -> Iterator[Span]:
+    # the SDK's own exception recording would keep the message, which may quote a prompt
+    with tracer.start_as_current_span(name, attributes=attributes, record_exception=False,
+                                      set_status_on_exception=False) as span:
+        try:
+            yield span
+        except Exception as exc:
+            record_error(span, exc)
+            raise
+
+
+def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
+    """The SERVER span's first name, the method alone: the route template is known only after routing
+    (`Tracing.name_server_span`), and a raw path would hold ids."""
+    return str(scope.get("method", "HTTP")), {}
+
+
+@contextlib.contextmanager
+def ended(span: Span | None) -> Iterator[Span | None]:
+    """End `span` (when there is one) on leaving the block, recording an exception that escapes it."""
+    if span is None:
+        yield None
+        return
+    try:
+        yield span
+    except Exception as exc:
+        record_error(span, exc)
+        raise
+    finally:
+        span.end()
+
+
+def record_error(span: Span, exc: BaseException) -> None:
+    """`error.type` and an ERROR status, with the error's class only: an exception's message may quote content."""
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("error.type", type(exc).__name__)
+    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
