@@ -67,6 +67,10 @@ from appliance.engines.remote import RemoteCredentials, RemoteWorker
 from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.vllm import VllmEngine, VllmWorker
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
+from appliance.feedback.ledger import ResponseLedger
+from appliance.feedback.routes import FEEDBACK_ROUTES
+from appliance.feedback.service import FeedbackService
+from appliance.feedback.store import FeedbackStore, ServedResponseStore
 from appliance.gateway.embeddings import EmbeddingsEndpoint
 from appliance.gateway.responses.routes import ResponsesController
 from appliance.gateway.responses.service import ResponsesService
@@ -161,6 +165,12 @@ class Services:
         self.responses = ResponsesService(self.completions, ResponseStore(self.conn), self.privacy.privacy, self.rbac,
                                           self.audit)
         self.privacy.retention.register(ConversationStore(self.conn))
+        # the quality loop: who got each response from which version, and their ratings of it
+        self.ledger = self.completions.ledger = self.responses.ledger = ResponseLedger(self.conn)
+        self.feedback = FeedbackService(self.conn, self.ledger, lambda: self.privacy.privacy, self.rbac,
+                                        settings.rollout.feedback_window_seconds, self.metrics.registry)
+        self.privacy.retention.register(FeedbackStore(self.conn))
+        self.privacy.retention.register(ServedResponseStore(self.conn))
         # versions: a worker per version (`name@N`), aliases and canaries resolved per request, canaries watched
         self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit)
         self.pool.key = self.registry.versions.worker_key
@@ -391,6 +401,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             alerting.cancel()
             sampling.cancel()
             await services.rollout.close()
+            services.ledger.flush()  # the responses noted in the last second
             purging.cancel()
             rag_open.cancel()
         services.rag.close()
@@ -404,7 +415,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *KEYS_ROUTES,
                         *USERS_ROUTES, *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES, *ALERTS_ROUTES, *SETTINGS_ROUTES,
-                        *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES,
+                        *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES, *FEEDBACK_ROUTES,
                         *WEBUI_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),

@@ -208,6 +208,10 @@ class RolloutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         float, _doc("After a promote or rollback, how long the old version's requests may run before its worker "
                     "is stopped anyway.", ge=0)
     ] = 120.0
+    feedback_window_seconds: Annotated[
+        float, _doc("How long after a response its receiver may rate it (POST /api/feedback); 0 takes no ratings.",
+                    ge=0)
+    ] = 7 * 86400.0
 
 
 class RagSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

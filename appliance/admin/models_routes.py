@@ -8,11 +8,13 @@ from typing import Any
 
 import msgspec
 from litestar import Request, delete, get, post, put
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from appliance.admin.keys_routes import actor_of, decode_body
 from appliance.auth.guards import permission
+from appliance.feedback.service import FeedbackService
 from appliance.registry.rollout import RolloutService
 from appliance.registry.versions import Alias, ModelVersion
 
@@ -31,32 +33,37 @@ def _alias(alias: Alias) -> dict[str, Any]:
     return {**msgspec.to_builtins(alias), "weights": {str(v): w for v, w in (alias.weights or {}).items()} or None}
 
 
-def _versions(versions: list[ModelVersion], rollout: RolloutService) -> list[dict[str, Any]]:
-    """Each version with its requests over the rollout window (`stats`), canaries and production alike."""
-    return [{**msgspec.to_builtins(v), "stats": rollout.window_stats(v.ref).to_dict()} for v in versions]
+def _versions(versions: list[ModelVersion], rollout: RolloutService, state: State) -> list[dict[str, Any]]:
+    """Each version with its requests over the rollout window (`stats`), canaries and production alike, and the
+    ratings of its responses (`feedback`: {"up", "down"})."""
+    feedback: FeedbackService = state.services.feedback
+    rated = {model: feedback.counts(model) for model in {v.model for v in versions}}
+    return [{**msgspec.to_builtins(v), "stats": rollout.window_stats(v.ref).to_dict(),
+             "feedback": rated[v.model].get(v.version, {"up": 0, "down": 0})} for v in versions]
 
 
 @get("/api/models", summary="Installed models with their production version, versions (each with its requests, "
      "errors and p95 over the rollout window) and aliases",
      opt=permission("models:read"), tags=["Admin"])
-async def list_models(rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+async def list_models(rollout: NamedDependency[RolloutService], state: State) -> dict[str, Any]:
     versions, aliases = rollout.versions.all(), rollout.versions.aliases()
     data = []
     for record in rollout.registry.list():
         own = [v for v in versions if v.model == record.name]
         production = next((v.version for v in own if v.stage == "production"), None)
         data.append({**msgspec.to_builtins(record), "production_version": production,
-                     "versions": _versions(own, rollout),
+                     "versions": _versions(own, rollout, state),
                      "aliases": [_alias(a) for a in aliases if a.model == record.name]})
     return {"object": "list", "data": data}
 
 
 @get("/api/models/{name:str}/versions", summary="A model's versions with digest, source, stage, details and their "
-     "requests over the rollout window",
+     "requests over the rollout window and ratings (feedback: up, down)",
      opt=permission("models:read"), tags=["Admin"])
-async def list_versions(name: FromPath[str], rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
+async def list_versions(name: FromPath[str], rollout: NamedDependency[RolloutService], state: State
+                        ) -> dict[str, Any]:
     rollout.registry.get(name)  # 404 for an unknown model
-    return {"object": "list", "data": _versions(rollout.versions.list(name), rollout)}
+    return {"object": "list", "data": _versions(rollout.versions.list(name), rollout, state)}
 
 
 @post("/api/models/{name:str}/promote", summary="Blue-green promote a version to production (loaded and warmed "

@@ -101,6 +101,26 @@ def _parse(text: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def subject_condition(subject: Subject, text_columns: Sequence[str]) -> tuple[str, list[str]]:
+    """An SQL condition (and its parameters) for the rows about `subject` in a table with `owner` and `user_id`
+    columns: what they made (as a user or with any of their keys), and rows whose `text_columns` mention their email
+    address or its pseudonym (a user name alone is too short a word to search text for). ('', []) when nothing
+    can match."""
+    clauses, params = [], []
+    owners = sorted(subject.principals)
+    if owners:
+        clauses.append(f"owner IN ({','.join('?' * len(owners))})")
+        params += owners
+    if subject.user_id:
+        clauses.append("user_id = ?")
+        params.append(subject.user_id)
+    terms = sorted({t.lower() for t in subject.terms if "@" in t} | set(subject.pseudonyms)) if text_columns else []
+    for term in terms:
+        clauses.append("(" + " OR ".join(f"instr(lower({c}), ?) > 0" for c in text_columns) + ")")
+        params += [term.lower()] * len(text_columns)
+    return " OR ".join(clauses), params
+
+
 def compact_sqlite(conn: sqlite3.Connection) -> bool:
     """Deleted rows leave no trace: secure_delete (on for every connection) zeroes them in their pages and in freed
     pages, and a TRUNCATE checkpoint moves the WAL into the database and empties the WAL file, which still held the

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from appliance.gateway.responses.protocol import Item
-from appliance.privacy.retention import StoreReport, Subject, compact_sqlite
+from appliance.privacy.retention import StoreReport, Subject, compact_sqlite, subject_condition
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -76,20 +76,10 @@ class ConversationStore:
     def erase_subject(self, subject: Subject) -> int:
         """Responses the subject made (as a user or with any of their keys), and any that mention their email
         address or its pseudonym (a user name alone is too short a word to search text for)."""
-        clauses, params = [], []
-        owners = sorted(subject.principals)
-        if owners:
-            clauses.append(f"owner IN ({','.join('?' * len(owners))})")
-            params += owners
-        if subject.user_id:
-            clauses.append("user_id = ?")
-            params.append(subject.user_id)
-        for term in sorted({t.lower() for t in subject.terms if "@" in t} | set(subject.pseudonyms)):
-            clauses.append("(instr(lower(input), ?) > 0 OR instr(lower(response), ?) > 0)")
-            params += [term.lower(), term.lower()]
-        if not clauses:
+        condition, params = subject_condition(subject, ("input", "response"))
+        if not condition:
             return 0
-        return self.conn.execute(f"DELETE FROM responses WHERE {' OR '.join(clauses)}", params).rowcount  # noqa: S608
+        return self.conn.execute(f"DELETE FROM responses WHERE {condition}", params).rowcount  # noqa: S608
 
     def report(self) -> StoreReport:
         count, oldest = self.conn.execute("SELECT COUNT(*), MIN(created_at) FROM responses").fetchone()

@@ -1,5 +1,6 @@
 // Playground: chat with a model or alias through /v1/chat/completions, streamed; Stop, Regenerate, parameters, RAG
 // with numbered citations, token usage, the quota left and the cache badge. Replies are text or safe Markdown.
+// Each reply has thumbs up and down (toggle buttons, aria-pressed) that rate it through POST /api/feedback.
 import { api, badge, can, checkbox, clear, errorOf, field, h, num, select, session, uid } from "../lib.js";
 import { renderMarkdown } from "../markdown.js";
 
@@ -103,6 +104,7 @@ export async function render(container, { signal }) {
     let text = "";
     let usage = null;
     let citations = [];
+    let responseId = null;
     const body = {
       model: model.value,
       messages: [...(system.value.trim() ? [{ role: "system", content: system.value }] : []), ...history],
@@ -138,6 +140,7 @@ export async function render(container, { signal }) {
             if (data === "[DONE]") continue;
             const chunk = JSON.parse(data);
             if (chunk.error) throw new Error(chunk.error.message || "the model failed");
+            if (chunk.id && !responseId) responseId = chunk.id;
             if (chunk.citations) citations = chunk.citations;
             if (chunk.usage) usage = chunk.usage;
             const delta = chunk.choices?.[0]?.delta?.content;
@@ -172,9 +175,34 @@ export async function render(container, { signal }) {
       cache === "hit" ? badge("cache hit", "ok") : null,
       stopped ? badge("stopped", "warn") : null,
       usage ? h("span", {}, `${num(usage.prompt_tokens)} prompt + ${num(usage.completion_tokens)} completion tokens`) : null,
-      left !== null && left !== undefined ? h("span", {}, `· quota left: ${num(Number(left))} tokens`) : null);
+      left !== null && left !== undefined ? h("span", {}, `· quota left: ${num(Number(left))} tokens`) : null,
+      responseId && text && !failed ? thumbs(responseId) : null);
     status.textContent = failed ? "The request failed." : stopped ? "Stopped." : "Done.";
     setBusy(false);
+  }
+
+  // Rating a reply: one of two toggle buttons is pressed at most; pressing the other changes the rating.
+  function thumbs(responseId) {
+    const note = h("span", { class: "muted", role: "status" });
+    const rate = async (rating, button) => {
+      for (const b of buttons) b.disabled = true;
+      try {
+        await api("/api/feedback", { method: "POST", body: { response_id: responseId, rating } });
+        for (const b of buttons) b.setAttribute("aria-pressed", String(b === button));
+        note.textContent = rating > 0 ? "Rated good." : "Rated bad.";
+      } catch (err) {
+        note.textContent = `Not rated: ${err.message}`;
+      }
+      for (const b of buttons) b.disabled = false;
+    };
+    const button = (rating, label, symbol) => {
+      const b = h("button", { type: "button", class: "thumb", "aria-pressed": "false", "aria-label": label,
+        title: label }, symbol);
+      b.addEventListener("click", () => rate(rating, b));
+      return b;
+    };
+    const buttons = [button(1, "Good reply", "▲ Good"), button(-1, "Bad reply", "▼ Bad")];  // no emoji font needed
+    return h("span", { class: "feedback", role: "group", "aria-label": "Rate this reply" }, ...buttons, note);
   }
 
   composer.addEventListener("submit", (event) => {
