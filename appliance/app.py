@@ -72,6 +72,7 @@ from appliance.feedback.routes import FEEDBACK_ROUTES
 from appliance.feedback.service import FeedbackService
 from appliance.feedback.store import FeedbackStore, ServedResponseStore
 from appliance.gateway.embeddings import EmbeddingsEndpoint
+from appliance.gateway.openapi import document_errors
 from appliance.gateway.responses.routes import ResponsesController
 from appliance.gateway.responses.service import ResponsesService
 from appliance.gateway.responses.store import ConversationStore, ResponseStore
@@ -411,7 +412,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         services.conn.close()
         services.telemetry.close()  # the spans still pending are exported
 
-    return Litestar(
+    return document_errors(Litestar(
         route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *KEYS_ROUTES,
                         *USERS_ROUTES, *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES, *ALERTS_ROUTES, *SETTINGS_ROUTES,
@@ -447,5 +448,5 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         request_max_body_size=settings.server.max_body_bytes,
         logging_config=None,
         debug=False,
-    )
+    ))
 

@@ -12,12 +12,14 @@ from typing import Annotated, Any, Literal
 
 from litestar import Response, get, post
 from litestar.di import NamedDependency
+from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
 from appliance.audit import AuditLog, Outcome, utc_bound
 from appliance.auth.guards import permission
 from appliance.errors import InvalidRequest
+from appliance.gateway.openapi import also_served_as
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
@@ -38,7 +40,9 @@ def _lines(records: list[dict[str, Any]]) -> Iterator[bytes]:
 
 @get("/api/audit", summary="Audit records, oldest first (order=desc: newest first), paged by seq (before_seq, "
      "after_seq): a JSON list (format=json) or every matching record as JSON lines (format=jsonl)",
-     opt=permission("audit:read"), tags=["Admin"])
+     opt=permission("audit:read"), tags=["Admin"],
+     operation_class=also_served_as("application/x-ndjson",
+                                    Schema(type=OpenAPIType.STRING, description="format=jsonl: one record a line")))
 async def audit_records(
     audit_log: NamedDependency[AuditLog],
     since: Annotated[str | None, QueryParameter(description="ISO-8601 time, inclusive (no zone: UTC)")] = None,
