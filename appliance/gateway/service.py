@@ -210,7 +210,8 @@ class CompletionService:
                                                  directive=cache)
                 if span is not None:
                     span.set_attribute("appliance.cache.hit", lookup.entry is not None)
-            lookup.served = key  # a cached answer says which version produced it
+            if lookup.records:  # a cached answer says which version produced it (NO_CACHE is shared: untouched)
+                lookup.served = key
         if lookup.entry is not None:  # a hit: a request, no tokens (see appliance.cache.service)
             metered.usage_tokens = 0
             metered.served = lookup.entry.served or key
