@@ -93,6 +93,9 @@ def test_whole_reply_and_metrics(vllm_server: Running) -> None:
                   if line.startswith("appliance_completion_tokens_total") and f'model="{HF_MODEL}"' in line]
     assert completion and float(completion[0].rsplit(" ", 1)[1]) >= reply.usage.completion_tokens
     assert f'appliance_time_to_first_token_seconds_count{{model="{HF_MODEL}"}}' in metrics
+    # the vLLM worker's own families, read over its socket and re-exported with the version that serves
+    served = [line for line in metrics.splitlines() if line.startswith("vllm:") and f'model="{HF_MODEL}' in line]
+    assert any(line.startswith("vllm:num_requests_running") for line in served), metrics[-2000:]
 
 
 def test_a_prompt_too_long_is_refused_in_the_openai_shape(vllm_server: Running) -> None:
