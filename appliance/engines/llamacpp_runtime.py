@@ -14,7 +14,7 @@ from llama_cpp._logger import set_verbose
 
 from appliance.engines.chat_template import ChatTemplate
 from appliance.engines.llamacpp_logprobs import TokenLogprob
-from appliance.engines.tool_calls import ToolSet, render_chat
+from appliance.engines.tool_calls import ToolSet, ToolTraits, render_chat
 
 MAX_DEFAULT_CTX = 8192  # per sequence, when the settings leave it to the model's trained length
 
@@ -117,6 +117,7 @@ class LlamaRuntime:
         meta = self.model.metadata()
         self.template = ChatTemplate(meta.get("tokenizer.chat_template"), self._token_text(self.model.token_bos()),
                                      self._token_text(self.model.token_eos()))
+        self.tool_traits = ToolTraits.probe(self.template)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
     def _token_text(self, token: int) -> str:
@@ -125,7 +126,7 @@ class LlamaRuntime:
         return self.model.token_to_piece(token, special=True).rstrip(b"\0").decode("utf-8", errors="replace")
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: ToolSet | None = None) -> str:
-        return render_chat(self.template, messages, tools)
+        return render_chat(self.template, self.tool_traits, messages, tools)
 
     def tokenize(self, text: str, *, is_chat: bool) -> list[int]:
         # A rendered chat template carries its own BOS text; plain completions get the model's BOS.

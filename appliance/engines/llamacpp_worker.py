@@ -26,7 +26,7 @@ from appliance.engines.llamacpp_logprobs import TokenLogprob, chat_logprobs, com
 from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRuntime, Piece, Usage
 from appliance.engines.llamacpp_sampling import InvalidSampling, SamplingParams, response_schema, sampling_from
 from appliance.engines.llamacpp_scheduler import Job, Outbox, Scheduler
-from appliance.engines.tool_calls import CallDelta, ToolCallParser, ToolPlan, ToolRequestError, ToolSet, tool_style
+from appliance.engines.tool_calls import CallDelta, ToolCallParser, ToolPlan, ToolRequestError, ToolSet
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -199,7 +199,7 @@ class WorkerApp:
             tokens = self.runtime.tokenize(prompt, is_chat=chat)
             params = sampling_from(body)
             n = choices_of(body)
-            plan = tools.plan(tool_style(self.runtime.template), response_schema(body)) if tools else None
+            plan = tools.plan(self.runtime.tool_traits.style, response_schema(body)) if tools else None
             if plan is not None and plan.upfront is not None:
                 params.grammar = plan.upfront
             limit = self.runtime.check_context(len(tokens), params.max_tokens, what)

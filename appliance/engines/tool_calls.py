@@ -17,6 +17,7 @@ token nearly as cheap as a free one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -125,35 +126,31 @@ WHEN = {
 }
 
 
-def tool_style(template: ChatTemplate) -> Style:
-    """Whether `template` renders tools itself and writes Hermes-style calls (probed by rendering, once)."""
-    cached: Style | None = getattr(template, "_tool_style", None)
-    if cached is not None:
-        return cached
-    style: Style = "generic"
-    if TRIGGER in template.source and "tools" in template.source:
-        probe = {"type": "function", "function": {"name": "probe_tool_name", "description": "d",
-                                                  "parameters": {"type": "object", "properties": {}}}}
-        try:
-            if "probe_tool_name" in template.render([{"role": "user", "content": "hi"}], tools=[probe]):
-                style = "native"
-        except ChatTemplateError:
-            pass
-    template._tool_style = style  # type: ignore[attr-defined]
-    return style
+@dataclass(frozen=True)
+class ToolTraits:
+    """What a chat template does with tools, probed by rendering once when the model loads: `style` is "native"
+    when it renders `tools` itself and writes Hermes-style calls, else "generic"; `tool_role` whether it renders
+    `tool` messages (else results go back as user messages)."""
 
+    style: Style
+    tool_role: bool
 
-def _accepts_tool_role(template: ChatTemplate) -> bool:
-    cached: bool | None = getattr(template, "_tool_role", None)
-    if cached is None:
+    @classmethod
+    def probe(cls, template: ChatTemplate) -> ToolTraits:
+        style: Style = "generic"
+        if TRIGGER in template.source and "tools" in template.source:
+            probe = {"type": "function", "function": {"name": "probe_tool_name", "description": "d",
+                                                      "parameters": {"type": "object", "properties": {}}}}
+            with contextlib.suppress(ChatTemplateError):
+                if "probe_tool_name" in template.render([{"role": "user", "content": "hi"}], tools=[probe]):
+                    style = "native"
         try:
-            cached = "probe_tool_result" in template.render(
+            tool_role = "probe_tool_result" in template.render(
                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
                  {"role": "tool", "content": "probe_tool_result", "tool_call_id": "c1"}])
         except ChatTemplateError:
-            cached = False
-        template._tool_role = cached  # type: ignore[attr-defined]
-    return cached
+            tool_role = False
+        return cls(style, tool_role)
 
 
 def _calls_text(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -169,9 +166,11 @@ def _calls_text(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], tools: ToolSet | None) -> str:
-    """The prompt for a chat whose messages may carry tool calls and results, offering `tools` (None: no tools)."""
-    style = tool_style(template)
+def render_chat(template: ChatTemplate, traits: ToolTraits, messages: Sequence[Mapping[str, Any]],
+                tools: ToolSet | None) -> str:
+    """The prompt for a chat whose messages may carry tool calls and results, offering `tools` (None: no tools);
+    `traits` are the template's (`ToolTraits.probe`)."""
+    style = traits.style
     offered = tools is not None and tools.choice != "none"
     if style == "native":
         native = [{**m, "tool_calls": [{**c, "function": {**c.get("function", {}), "arguments": a["arguments"]}}
@@ -180,7 +179,7 @@ def render_chat(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], t
         spec = [{"type": "function", "function": f} for f in tools.offered] if tools is not None and offered else None
         return template.render(native, tools=spec)
     generic: list[dict[str, Any]] = []
-    tool_role = _accepts_tool_role(template)
+    tool_role = traits.tool_role
     for message in messages:
         if message.get("tool_calls"):
             calls = json.dumps(_calls_text(message["tool_calls"]), ensure_ascii=False)

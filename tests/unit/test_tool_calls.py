@@ -21,8 +21,8 @@ from appliance.engines.tool_calls import (
     ToolCallParser,
     ToolRequestError,
     ToolSet,
+    ToolTraits,
     render_chat,
-    tool_style,
 )
 from appliance.privacy.gateway import GatewayPrivacy, SseRedactor
 from appliance.privacy.policy import parse_policy
@@ -92,20 +92,22 @@ def test_plans_by_tool_choice() -> None:
 
 def test_the_generic_prompt_describes_the_tools_and_renders_calls_and_results() -> None:
     template = ChatTemplate(CHATML)
-    assert tool_style(template) == "generic"
-    prompt = render_chat(template, HISTORY, ToolSet.from_body({"tools": [WEATHER], "tool_choice": "required"}))
+    traits = ToolTraits.probe(template)
+    assert traits == ToolTraits("generic", tool_role=True)
+    prompt = render_chat(template, traits, HISTORY, ToolSet.from_body({"tools": [WEATHER], "tool_choice": "required"}))
     assert prompt.startswith("<|im_start|>system\n") and '"name": "get_weather"' in prompt
     assert "You must call at least one function" in prompt
     assert f'{TRIGGER}[{{"name": "get_weather", "arguments": {{"city": "Oslo"}}}}]{END}' in prompt
     assert "<|im_start|>tool\nrain, 4 C" in prompt
-    assert "get_weather" not in render_chat(template, HISTORY[:1], ToolSet.from_body(
+    assert "get_weather" not in render_chat(template, traits, HISTORY[:1], ToolSet.from_body(
         {"tools": [WEATHER], "tool_choice": "none"}))
 
 
 def test_a_template_with_tools_renders_them_itself() -> None:
     template = ChatTemplate(HERMES)
-    assert tool_style(template) == "native"
-    prompt = render_chat(template, HISTORY, ToolSet.from_body({"tools": [WEATHER]}))
+    traits = ToolTraits.probe(template)
+    assert traits.style == "native"
+    prompt = render_chat(template, traits, HISTORY, ToolSet.from_body({"tools": [WEATHER]}))
     assert prompt.startswith("<|im_start|>system\nTools: <tools>") and "You can call functions" not in prompt
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in prompt
 
