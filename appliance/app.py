@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -35,6 +36,7 @@ from appliance.admin.dashboard_routes import ROUTES as DASHBOARD_ROUTES
 from appliance.admin.keys_routes import ROUTES as KEYS_ROUTES
 from appliance.admin.model_jobs_routes import ROUTES as MODEL_JOBS_ROUTES
 from appliance.admin.models_routes import ROUTES as MODELS_ROUTES
+from appliance.admin.oidc_routes import ROUTES as OIDC_ROUTES
 from appliance.admin.policies_routes import ROUTES as POLICIES_ROUTES
 from appliance.admin.privacy_routes import ROUTES as PRIVACY_ROUTES
 from appliance.admin.rag_routes import ROUTES as RAG_ROUTES
@@ -46,6 +48,7 @@ from appliance.admin.webui_routes import SECURITY_HEADERS, UI_PATHS, WebUiAssets
 from appliance.audit import AuditLog
 from appliance.auth.guards import PUBLIC, permission, permission_guard
 from appliance.auth.keys import ApiKeyService, derive_pepper
+from appliance.auth.oidc import OIDC_SECRET, OidcSignIn, check_settings, sealing_key
 from appliance.auth.passwords import derive_password_pepper
 from appliance.auth.quotas import QuotaService
 from appliance.auth.rbac import Rbac
@@ -60,6 +63,7 @@ from appliance.auth.sessions import (
 from appliance.auth.users import UserService
 from appliance.cache.setup import build_response_cache
 from appliance.config import LoadedSettings, Settings
+from appliance.crypto.secret_files import SecretFiles
 from appliance.datadir import DataDir
 from appliance.doctor import diagnose
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
@@ -105,7 +109,8 @@ from appliance.supervisor.process import Worker, WorkerProcess
 from appliance.usage import UsageLog
 
 log = get_logger(__name__)
-PUBLIC_PATHS = ("/healthz", "/readyz", "/api/auth/login")
+PUBLIC_PATHS = ("/healthz", "/readyz", "/api/auth/login", "/api/auth/methods", "/api/auth/oidc/login",
+                "/api/auth/oidc/callback")
 
 
 class Services:
@@ -133,7 +138,7 @@ class Services:
                                  roles=self.rbac.roles)
         self.roles_file = RolesFile(self.rbac, self.audit, listeners=[self.keys.use_roles, self.users.use_roles])
         self.sessions = SessionService(self.conn, settings.sessions)
-        self.logins = LoginService(self.users, self.sessions, LoginThrottle(settings.sessions), audit=self.audit)
+        self.oidc = self.single_sign_on(settings, master_key)  # None unless [oidc] issuer is set
         self.store = open_model_store(self.data, settings.crypto)
         self.store.migrate_plaintext()  # blobs stored in plaintext by an earlier version are encrypted now
         self.registry = ModelRegistry(self.conn, self.store, load_catalog(settings.models.catalog), audit=self.audit)
@@ -191,6 +196,21 @@ class Services:
         self.settings_view = SettingsReport(loaded or LoadedSettings(settings, {}, None),
                                             functools.partial(diagnose, settings, self.vllm))
         self.webui = WebUiAssets(webui_dir())
+
+    def single_sign_on(self, settings: Settings, master_key: bytes) -> OidcSignIn | None:
+        """`self.logins` (password sign-in, refused when `[oidc] local_passwords = false`) and the OpenID Provider
+        sign-in when one is configured; its client secret is kept in keys/oidc/ (`appliance oidc set-secret`)."""
+        check_settings(settings.oidc, self.rbac.roles)
+        name = settings.oidc.provider_name or urlsplit(settings.oidc.issuer).hostname or "the identity provider"
+        refused = None if settings.oidc.local_passwords else (
+            f"password sign-in is turned off on this appliance; use 'Sign in with {name}' instead (API keys still "
+            "work for scripts)")
+        self.logins = LoginService(self.users, self.sessions, LoginThrottle(settings.sessions), audit=self.audit,
+                                   passwords_refused=refused)
+        if not settings.oidc.issuer:
+            return None
+        secret = SecretFiles(self.data.keys / "oidc", "OpenID client secret").load(OIDC_SECRET)
+        return OidcSignIn(settings.oidc, secret, sealing_key(master_key), self.users, self.logins)
 
     def imported_folder(self, name: str) -> Path | None:
         """A Hugging Face folder model from the store, unpacked into private tmpfs for as long as the app runs
@@ -413,7 +433,8 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
         services.telemetry.close()  # the spans still pending are exported
 
     return document_errors(Litestar(
-        route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *KEYS_ROUTES,
+        route_handlers=[healthz, readyz, metrics, OpenAIController, ResponsesController, *AUTH_ROUTES, *OIDC_ROUTES,
+                        *KEYS_ROUTES,
                         *USERS_ROUTES, *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES, *ALERTS_ROUTES, *SETTINGS_ROUTES,
                         *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES, *FEEDBACK_ROUTES,

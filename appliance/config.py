@@ -156,6 +156,53 @@ class SessionSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 900.0
 
 
+class OidcSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    issuer: Annotated[
+        str, _doc("OpenID Provider for web UI sign-in (its issuer URL, e.g. https://login.example.com/realms/staff; "
+                  "its settings come from <issuer>/.well-known/openid-configuration); empty = no single sign-on. "
+                  "https only, except on a loopback address.")
+    ] = ""
+    client_id: Annotated[str, _doc("This appliance's client id at the provider.")] = ""
+    provider_name: Annotated[
+        str, _doc("The provider's name on the sign-in button ('Sign in with <name>'); empty = the issuer's host.")
+    ] = ""
+    scopes: Annotated[
+        list[str], _doc("Scopes asked for; 'openid' is always added. Add the one that releases role_claim (e.g. "
+                        "'groups') where the provider needs it.")
+    ] = msgspec.field(default_factory=lambda: ["openid", "profile", "email"])
+    username_claim: Annotated[
+        str, _doc("Claim that names the user on first sign-in (then 'email', then 'sub'); characters a user name "
+                  "cannot hold become '-'.")
+    ] = "preferred_username"
+    role_claim: Annotated[
+        str, _doc("Claim whose value (a string or a list, e.g. groups) picks the role through role_map; read from the "
+                  "ID token, else from the userinfo endpoint.")
+    ] = "groups"
+    role_map: Annotated[
+        dict[str, str], _doc("Claim value -> role, e.g. {\"appliance-admins\" = \"admin\"}; the first entry (in "
+                             "order) whose value the user has wins, so list the most powerful first. The role is "
+                             "set again at each sign-in, audited when it changes.")
+    ] = msgspec.field(default_factory=dict)
+    default_role: Annotated[
+        str, _doc("Role of a user none of whose claim values is in role_map; empty = such users are refused.")
+    ] = ""
+    local_passwords: Annotated[
+        bool, _doc("Allow web UI sign-in with a local user name and password too; false = only the provider "
+                   "(needs issuer), password sign-in is refused and the sign-in page shows only the provider's "
+                   "button. API keys are not affected.")
+    ] = True
+    redirect_uri: Annotated[
+        str, _doc("The callback URL registered at the provider; empty = <scheme>://<host>/api/auth/oidc/callback "
+                  "as the browser reaches the appliance (set it behind a TLS-terminating proxy).")
+    ] = ""
+    post_logout_redirect_uri: Annotated[
+        str, _doc("Where the provider sends the browser after signing out there (register it at the provider); "
+                  "empty = <scheme>://<host>/ui/ as the browser reaches the appliance.")
+    ] = ""
+    timeout: Annotated[float, _doc("Seconds the provider may take to answer one request (discovery, token, "
+                                   "keys).", gt=0)] = 10.0
+
+
 class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_queue: Annotated[
         int, _doc("Requests that may wait for a busy model; more get 429 with Retry-After.", ge=0)
@@ -364,6 +411,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     auth: Annotated[AuthSettings, _doc("Roles and permissions.")] = msgspec.field(default_factory=AuthSettings)
     sessions: Annotated[SessionSettings, _doc("Web UI login: sessions and the backoff on failed logins.")] = (
         msgspec.field(default_factory=SessionSettings)
+    )
+    oidc: Annotated[OidcSettings, _doc("Single sign-on to the web UI through an OpenID Provider (authorization code "
+                                       "with PKCE). The client secret is set with `appliance oidc set-secret`.")] = (
+        msgspec.field(default_factory=OidcSettings)
     )
     gateway: Annotated[GatewaySettings, _doc("Queueing and timeouts of the OpenAI-compatible API.")] = (
         msgspec.field(default_factory=GatewaySettings)

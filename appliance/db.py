@@ -255,6 +255,15 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX feedback_version ON feedback(model, version);
     CREATE INDEX feedback_created ON feedback(created_at);
     """,
+    # 14: single sign-on (appliance/auth/oidc.py). A user created at their first sign-in through an OpenID Provider
+    # is linked to it by (issuer, subject) and has no password (password_hash '!sso', which no password matches);
+    # a session started that way keeps the provider's ID token, sent back as id_token_hint when it signs out there.
+    """
+    ALTER TABLE users ADD COLUMN oidc_issuer TEXT;
+    ALTER TABLE users ADD COLUMN oidc_subject TEXT;
+    CREATE UNIQUE INDEX users_oidc ON users(oidc_issuer, oidc_subject) WHERE oidc_subject IS NOT NULL;
+    ALTER TABLE sessions ADD COLUMN id_token TEXT;
+    """,
 )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie, State
+from litestar.openapi import ResponseSpec
 
 from appliance.auth.guards import PUBLIC, effective_permissions, permission
 from appliance.auth.sessions import LoginService, SessionPrincipal
@@ -15,6 +16,10 @@ from appliance.errors import InvalidRequest
 
 COOKIE = "appliance_session"
 TLS_COOKIE = "__Host-appliance_session"
+
+
+class LogoutAtProvider(msgspec.Struct, frozen=True):
+    end_session_url: str
 
 
 class LoginRequest(msgspec.Struct, frozen=True):
@@ -60,15 +65,24 @@ async def login(request: Request[Any, Any, State], state: State) -> Response[dic
                     cookies=[session_cookie(session.token, tls)], headers={"cache-control": "no-store"})
 
 
-@post("/api/auth/logout", summary="End this web UI session", status_code=204, opt=permission("self:read"),
-      tags=["Web UI"])
-async def logout(request: Request[Any, Any, State], state: State) -> Response[None]:
+@post("/api/auth/logout", summary="End this web UI session", status_code=200, opt=permission("self:read"),
+      tags=["Web UI"], description="204 when the session ended; 200 with end_session_url when it began at the "
+      "identity provider, where the browser may go to sign out there too",
+      responses={204: ResponseSpec(None, description="The session ended")})
+async def logout(request: Request[Any, Any, State], state: State) -> Response[LogoutAtProvider | None]:
     principal = request.user
     if not isinstance(principal, SessionPrincipal):
         raise InvalidRequest("this request used an API key, not a session: there is no session to end; revoke "
                              "the key with `appliance keys revoke` instead", code="no_session")
-    _logins(state).logout(principal, client_address(request))
-    return Response(None, status_code=204, cookies=[session_cookie("", is_tls(request), clear=True)])
+    id_token = _logins(state).logout(principal, client_address(request))
+    cookies = [session_cookie("", is_tls(request), clear=True)]
+    oidc = state.services.oidc
+    if id_token and oidc is not None:
+        back = oidc.settings.post_logout_redirect_uri or str(request.base_url).rstrip("/") + "/ui/"
+        if url := await oidc.end_session_url(id_token, back):
+            return Response(LogoutAtProvider(url), status_code=200, cookies=cookies,
+                            headers={"cache-control": "no-store"})
+    return Response(None, status_code=204, cookies=cookies)
 
 
 @get("/api/me", summary="Who this request acts as", opt=permission("self:read"), tags=["Web UI"])

@@ -115,17 +115,18 @@ class SessionService:
         self.absolute = timedelta(seconds=settings.absolute_timeout)
         self.clock = clock
 
-    def create(self, user: User, client: str = "", user_agent: str = "") -> NewSession:
-        """A new session (a new id at every login, against session fixation); expired sessions are swept."""
+    def create(self, user: User, client: str = "", user_agent: str = "", id_token: str | None = None) -> NewSession:
+        """A new session (a new id at every login, against session fixation); expired sessions are swept.
+        `id_token`: the OpenID Provider's ID token when the user signed in there (for signing out there too)."""
         token = secrets.token_urlsafe(TOKEN_BYTES)
         now = self.clock()
         expires = _iso(now + self.absolute)
         self.conn.execute("DELETE FROM sessions WHERE expires_at <= ? OR last_seen_at <= ?",
                           (_iso(now), _iso(now - self.idle)))
         self.conn.execute("INSERT INTO sessions(id, user_id, created_at, last_seen_at, expires_at, client, "
-                          "user_agent) VALUES (?,?,?,?,?,?,?)",
+                          "user_agent, id_token) VALUES (?,?,?,?,?,?,?,?)",
                           (token_hash(token), user.id, _iso(now), _iso(now), expires, client[:CLIENT_MAX],
-                           user_agent[:USER_AGENT_MAX]))
+                           user_agent[:USER_AGENT_MAX], id_token))
         return NewSession(user, token, csrf_token(token), expires)
 
     def authenticate(self, token: str) -> SessionPrincipal:
@@ -156,6 +157,11 @@ class SessionService:
     def end(self, session_id: str) -> bool:
         """End one session by its id (the token's hash); False when there was none."""
         return bool(self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount)
+
+    def id_token(self, session_id: str) -> str | None:
+        """The OpenID Provider's ID token of a session started there; None for a password sign-in."""
+        row = self.conn.execute("SELECT id_token FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return row["id_token"] if row is not None else None
 
 
 def check_csrf(principal: SessionPrincipal, header: str | None) -> None:
@@ -226,11 +232,13 @@ class LoginService:
     session creation, and a `user.login` / `user.logout` audit record with the client address."""
 
     def __init__(self, users: UserService, sessions: SessionService, throttle: LoginThrottle,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, passwords_refused: str | None = None) -> None:
+        """`passwords_refused`: why password sign-in is turned off (`[oidc] local_passwords = false`), else None."""
         self.users = users
         self.sessions = sessions
         self.throttle = throttle
         self.audit = audit
+        self.passwords_refused = passwords_refused
         self._verifying = asyncio.Semaphore(CONCURRENT_VERIFICATIONS)
 
     def _record(self, outcome: Outcome, name: str, client: str, target: str = "", **details: object) -> None:
@@ -253,6 +261,10 @@ class LoginService:
         return user.name, user.id
 
     async def login(self, name: str, password: str, client: str, user_agent: str) -> NewSession:
+        if self.passwords_refused is not None:
+            logged, user_id = self._known_name(name)
+            self._record("denied", logged, client, user_id, reason="password sign-in is turned off")
+            raise Forbidden(self.passwords_refused, code="password_login_disabled")
         keys = (f"name:{name.casefold()[:80]}", f"addr:{client}")
         wait = self.throttle.retry_after(*keys)
         if wait > 0:
@@ -278,7 +290,29 @@ class LoginService:
         log.info("user.login", user_id=user.id, client=client[:CLIENT_MAX])
         return session
 
-    def logout(self, principal: SessionPrincipal, client: str) -> None:
+    def start_linked(self, user: User, client: str, user_agent: str, id_token: str, method: str) -> NewSession:
+        """A session for a user whom an identity provider vouched for (`method`, e.g. 'oidc'); the same kind of
+        session and `user.login` record as a password login. A disabled user is refused."""
+        if user.disabled:
+            self._record("denied", user.name, client, user.id, reason="the user is disabled", method=method)
+            raise Forbidden(f"the user '{user.name}' is disabled on this appliance; ask an admin to enable it",
+                            code="user_disabled")
+        try:
+            session = self.sessions.create(user, client, user_agent, id_token=id_token)
+        except (sqlite3.Error, ApplianceError):
+            self._record("error", user.name, client, user.id, reason="the session could not be stored", method=method)
+            raise
+        self._record("ok", user.name, client, user.id, method=method)
+        log.info("user.login", user_id=user.id, client=client[:CLIENT_MAX], method=method)
+        return session
+
+    def record_refusal(self, reason: str, client: str, name: str = "", user_id: str = "", **details: object) -> None:
+        """A `user.login` record for a sign-in refused before any user was known to have signed in."""
+        self._record("denied", name, client, user_id, reason=reason, **details)
+
+    def logout(self, principal: SessionPrincipal, client: str) -> str | None:
+        """End the session; the provider's ID token when it was started there (to sign out there too)."""
+        id_token = self.sessions.id_token(principal.session_id)
         self.sessions.end(principal.session_id)
         if self.audit is not None:
             try:
@@ -286,3 +320,4 @@ class LoginService:
                                   client=client[:CLIENT_MAX])
             except (sqlite3.Error, ValueError) as exc:
                 log.warning("audit.record_failed", action="user.logout", error=str(exc))
+        return id_token

@@ -30,6 +30,7 @@ _FIELDS = ("id", "name", "role", "disabled_at", "created_at", "password_changed_
 _SELECT = ("SELECT id, name, role, disabled_at, created_at, password_changed_at, rpm, tpm, daily_tokens, "
            "password_hash FROM users")
 LIMIT_FIELDS = ("rpm", "tpm", "daily_tokens")
+NO_PASSWORD = "!sso"  # noqa: S105 (no password matches it): the hash of a user who signs in at a provider
 
 
 class User(msgspec.Struct, frozen=True):
@@ -125,6 +126,27 @@ class UserService:
                 except sqlite3.IntegrityError:  # created meanwhile by another process
                     raise self._exists(name) from None
         return self.get(name)
+
+    def create_linked(self, name: str, role: str, issuer: str, subject: str, *, actor: str) -> User:
+        """A user created at their first sign-in through an OpenID Provider: linked to (issuer, subject), with no
+        password. Audited as `user.create` with `via: oidc`."""
+        with audited(self.audit, actor, "user.create", name=name[:80], role=role, via="oidc") as event:
+            self.check_new(name, role)
+            user_id, now = uuid.uuid4().hex, _now()
+            event.target = user_id
+            with event.commit():
+                try:
+                    self.conn.execute("INSERT INTO users(id, name, role, password_hash, created_at, "
+                                      "password_changed_at, oidc_issuer, oidc_subject) VALUES (?,?,?,?,?,?,?,?)",
+                                      (user_id, name, role, NO_PASSWORD, now, now, issuer, subject))
+                except sqlite3.IntegrityError:  # the same person signing in twice at once, or the name taken
+                    raise self._exists(name) from None
+        return self.get(name)
+
+    def find_linked(self, issuer: str, subject: str) -> User | None:
+        """The user linked to this provider's subject, if any."""
+        row = self.conn.execute(_SELECT + " WHERE oidc_issuer = ? AND oidc_subject = ?", (issuer, subject)).fetchone()
+        return _user(row) if row is not None else None
 
     @staticmethod
     def _exists(name: str) -> InvalidRequest:
@@ -226,6 +248,8 @@ class UserService:
         """The user when the name and password match an enabled user, else None. Unknown names cost one hash too,
         so that response time does not tell which names exist. An outdated hash is replaced on success."""
         row = self._find(name) if NAME_RE.fullmatch(name) else None
+        if row is not None and row["password_hash"] == NO_PASSWORD:  # signs in through the provider only
+            row = None
         stored = row["password_hash"] if row is not None else self._dummy_hash
         candidate = password if len(password) <= MAX_LENGTH else ""  # cannot match; still costs one hash
         matched, upgraded = self.hasher.verify_and_update(candidate, stored)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from appliance.cli import alerts, audit, backup, cache, crypto, keys, models, rag, server, users
+from appliance.cli import alerts, audit, backup, cache, crypto, keys, models, oidc, rag, server, users
 from appliance.cli import privacy as privacy_cli
 from appliance.cli.common import KEEP, Handler
 from appliance.config import ConfigError, LoadedSettings, load_settings
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    for domain in (server, models, keys, users, audit, cache, crypto, rag, alerts, backup):
+    for domain in (server, models, keys, users, audit, cache, crypto, rag, alerts, backup, oidc):
         domain.register(sub, add)
     privacy_cli.register(sub, add)  # privacy purge|erase|report, policies check
     return parser

@@ -7,51 +7,24 @@ Authorization header of requests to that upstream, and is never logged or shown.
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 
-from appliance.errors import RegistryError
+from appliance.crypto.secret_files import SecretFiles
 from appliance.supervisor.process import WorkerStartError
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-class RemoteCredentials:
-    """Upstream API keys, one 0600 file per model in a 0700 folder."""
+class RemoteCredentials(SecretFiles):
+    """Upstream API keys, one 0600 file per model in a 0700 folder (keys/remote/<model>.key)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def _path(self, model: str) -> Path:
-        if not model or "/" in model or model.startswith("."):
-            raise RegistryError(f"{model!r} is not a valid model name", param="name")
-        return self.folder / f"{model}.key"
-
-    def save(self, model: str, key: str) -> None:
-        key = key.strip()
-        if not key or any(c.isspace() for c in key):
-            raise RegistryError("the upstream API key is empty or contains spaces", param="api_key")
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self._path(model)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-
-    def load(self, model: str) -> str | None:
-        path = self._path(model)
-        return path.read_text().strip() if path.is_file() else None
-
-    def delete(self, model: str) -> None:
-        self._path(model).unlink(missing_ok=True)
+        super().__init__(folder, "upstream API key")
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):
