@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from html.parser import HTMLParser
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -146,20 +147,24 @@ def follow(http: httpx.Client, response: httpx.Response, stop_at: str) -> httpx.
     return response
 
 
-def sign_in(http: httpx.Client, appliance_url: str, login: str) -> httpx.Response:
+def sign_in(http: httpx.Client, appliance_url: str, login: str, *, authorize: Callable[[str], str] | None = None,
+            callback: Callable[[str], str] | None = None) -> httpx.Response:
     """Walk the whole sign-in as a browser does: the appliance's start URL, the provider's login page (the dev
     interaction takes any password), back to the appliance's callback. Returns the callback's response; the
-    session cookie, when one is set, is in `http.cookies`."""
+    session cookie, when one is set, is in `http.cookies`. `authorize` and `callback` may rewrite the authorization
+    URL and the callback URL on the way (what an attacker in the middle would try)."""
     start = http.get(appliance_url + "/api/auth/oidc/login")
     assert start.status_code == 302, start.text
-    page = follow(http, start, appliance_url)
-    assert page.status_code == 200 and "<form" in page.text, (page.status_code, page.text[:500])
-    form = form_of(page.text)
-    answer = http.post(urljoin(str(page.url), form.action),
-                       data={**form.fields, "login": login, "password": "any password will do"})
-    back = follow(http, answer, appliance_url)
-    assert back.is_redirect, (back.status_code, back.text[:500])
-    return http.get(back.headers["location"])
+    location = start.headers["location"]
+    page = follow(http, http.get(authorize(location) if authorize else location), appliance_url)
+    if "<form" in page.text:  # no session at the provider yet: its login page
+        form = form_of(page.text)
+        page = follow(http, http.post(urljoin(str(page.url), form.action),
+                                      data={**form.fields, "login": login, "password": "any password will do"}),
+                      appliance_url)
+    assert page.is_redirect, (page.status_code, page.text[:500])
+    location = page.headers["location"]
+    return http.get(callback(location) if callback else location)
 
 
 def signed_out_at_provider(http: httpx.Client, end_session_url: str, appliance_url: str) -> httpx.Response:

@@ -1,6 +1,6 @@
 """Every route the app registers declares a registered permission and enforces it: no key -> 401, a role that
-lacks the permission -> 403, a role that grants it -> through. The probes and the web UI's login are the only
-public routes."""
+lacks the permission -> 403, a role that grants it -> through. The probes and the web UI's sign-in (password and
+single sign-on) are the only public routes."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def test_every_route_declares_a_registered_permission(routes: list[Route]) -> No
         assert permission in PERMISSIONS or permission == PUBLIC, (method, path, permission)
     public = {path for _, path, permission in routes if permission == PUBLIC}
     # the web UI's files hold no data: the page shell and its scripts load before anyone signs in
-    assert public == {"/healthz", "/readyz", "/api/auth/login", "/", "/ui", "/ui/x"}
+    assert public == {"/healthz", "/readyz", "/api/auth/login", "/api/auth/methods", "/api/auth/oidc/login",
+                      "/api/auth/oidc/callback", "/", "/ui", "/ui/x"}
 
 
 def test_every_permission_is_documented_and_every_shipped_role_is_valid() -> None:
@@ -78,6 +79,9 @@ def test_anonymous_callers_get_401_everywhere_but_the_probes(server: Running, ro
             assert response.status_code == 400, (method, path, response.status_code)
         elif path == "/":
             assert response.status_code == 302, (method, path)
+        elif path.startswith("/api/auth/oidc/"):  # single sign-on, not configured on this server
+            assert response.status_code == 404, (method, path, response.status_code)
+            assert response.json()["error"]["code"] == "oidc_not_configured"
         elif path in ("/ui", "/ui/x"):  # the shell
             assert response.status_code == 200 and "text/html" in response.headers["content-type"]
         elif permission == PUBLIC:

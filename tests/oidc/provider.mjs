@@ -28,15 +28,17 @@ const ACCOUNTS = {
 
 const issuer = `http://127.0.0.1:${port}`;
 const provider = new Provider(issuer, {
-  clients: [{
-    ...client,
+  // the appliance as a confidential client (its secret from `appliance oidc set-secret`), and as a public one
+  // (`<client_id>-public`: no secret, PKCE alone)
+  clients: [{ ...client, token_endpoint_auth_method: "client_secret_basic" },
+            { client_id: `${client.client_id}-public`, token_endpoint_auth_method: "none" }].map((c) => ({
+    ...c,
     redirect_uris: ["http://127.0.0.1/api/auth/oidc/callback"],
     post_logout_redirect_uris: ["http://127.0.0.1/ui/"],
     client_name: "Appliance",
     response_types: ["code"],
     grant_types: ["authorization_code"],
-    token_endpoint_auth_method: client.client_secret ? "client_secret_basic" : "none",
-  }],
+  })),
   pkce: { required: () => true },  // S256 is the only method oidc-provider 9 accepts
   scopes: ["openid", "profile", "email", "groups"],
   claims: { openid: ["sub"], profile: ["preferred_username", "name"], email: ["email"], groups: ["groups"] },
