@@ -1,15 +1,22 @@
 """Suite-wide fixtures and hooks: the prepared data dir and `start_server` that the integration and e2e tests
-share, closing SDK clients, and GPU-only tests skipping cleanly on boxes without an NVIDIA GPU."""
+share, the OpenID Provider and the two single sign-on appliances they share, closing SDK clients, and GPU-only tests
+skipping cleanly on boxes without an NVIDIA GPU."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.oidc_provider import OpenIdProvider, install, node_missing
 from tests.server import DEFAULT_MODEL, OPEN_CLIENTS, Running, ServerProcess, appliance, clone_data_dir, new_key
+
+OIDC_ROLE_MAP = json.dumps({"appliance-admins": "admin", "appliance-auditors": "auditor"})
+OIDC_LOCAL_ADMIN = ("local-admin", "violet-Tangerine-87-harbour")  # a local user of `sso_server`
+NO_MODEL = {"APPLIANCE_MODELS__DEFAULT": "none-needed-here"}  # sign-in tests need /healthz only, no model loaded
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -78,3 +85,38 @@ def start_server(server_factory: Callable[..., Running]) -> Iterator[Callable[..
     for running in mine:
         if running.process is not None:
             running.process.stop()
+
+
+@pytest.fixture(scope="session")
+def oidc_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIdProvider]:
+    """The OpenID Provider (npm oidc-provider on Node, tests/oidc_provider.py); skips without node and npm."""
+    if reason := node_missing():
+        pytest.skip(reason)
+    install()
+    provider = OpenIdProvider("appliance", "test-client-secret-" + "k" * 24,
+                              tmp_path_factory.mktemp("oidc") / "provider.log").start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="session")
+def sso_server(server_factory: Callable[..., Running], oidc_provider: OpenIdProvider) -> Running:
+    """An appliance signing in at `oidc_provider` as a confidential client (its secret set with `appliance oidc
+    set-secret`), local passwords on (with the local admin OIDC_LOCAL_ADMIN), default role `user`; no model."""
+
+    def prepare(data: Path) -> None:
+        appliance("oidc", "set-secret", data_dir=data, input=oidc_provider.client_secret + "\n")
+        appliance("users", "create", OIDC_LOCAL_ADMIN[0], "--role", "admin", "--password-stdin", data_dir=data,
+                  input=OIDC_LOCAL_ADMIN[1] + "\n")
+
+    env = oidc_provider.env(role_map=OIDC_ROLE_MAP, default_role="user")
+    return server_factory({**env, **NO_MODEL}, wait_ready=False, prepare=prepare)
+
+
+@pytest.fixture(scope="session")
+def sso_only_server(server_factory: Callable[..., Running], oidc_provider: OpenIdProvider) -> Running:
+    """An appliance signing in at `oidc_provider` as a public client (no secret: PKCE alone), local passwords off,
+    no default role, the provider shown as "Staff Login"; no model."""
+    env = oidc_provider.env(role_map=OIDC_ROLE_MAP, default_role="", local_passwords="false",
+                            provider_name="Staff Login", client_id=oidc_provider.client_id + "-public")
+    return server_factory({**env, **NO_MODEL}, wait_ready=False)

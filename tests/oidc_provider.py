@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
-from html.parser import HTMLParser
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -65,8 +65,8 @@ def install() -> Path:
 
 
 class OpenIdProvider:
-    """tests/oidc/provider.mjs on a free loopback port. Accounts: alice (groups appliance-admins, staff), bob
-    (staff), carol (appliance-auditors), local (preferred_username local-admin)."""
+    """tests/oidc/provider.mjs on a free loopback port. Accounts: alice and dave (group appliance-admins; alice also
+    staff), bob (staff), carol (appliance-auditors), local (preferred_username local-admin)."""
 
     def __init__(self, client_id: str, client_secret: str, log_path: Path) -> None:
         self.client_id = client_id

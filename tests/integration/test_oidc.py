@@ -11,55 +11,29 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
 
+from tests.conftest import OIDC_LOCAL_ADMIN
 from tests.integration.conftest import Running
-from tests.oidc_provider import OpenIdProvider, error_code, install, node_missing, sign_in, signed_out_at_provider
-from tests.server import appliance
+from tests.oidc_provider import OpenIdProvider, error_code, sign_in, signed_out_at_provider
 
 COOKIE = "appliance_session"
-PASSWORD = "violet-Tangerine-87-harbour"
-ROLE_MAP = json.dumps({"appliance-admins": "admin", "appliance-auditors": "auditor"})
-NO_MODEL = {"APPLIANCE_MODELS__DEFAULT": "none-needed-here"}  # /healthz is enough: nothing here loads a model
+NAME, PASSWORD = OIDC_LOCAL_ADMIN
 
 
 @pytest.fixture(scope="module")
-def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIdProvider]:
-    if reason := node_missing():
-        pytest.skip(reason)
-    install()
-    started = OpenIdProvider("appliance", "test-client-secret-" + "k" * 24,
-                             tmp_path_factory.mktemp("oidc") / "provider.log").start()
-    yield started
-    started.stop()
-
-
-def _prepare(provider: OpenIdProvider) -> Callable[[Path], None]:
-    def prepare(data: Path) -> None:
-        appliance("oidc", "set-secret", data_dir=data, input=provider.client_secret + "\n")
-        appliance("users", "create", "local-admin", "--role", "admin", "--password-stdin", data_dir=data,
-                  input=PASSWORD + "\n")
-    return prepare
+def sso(sso_server: Running) -> Running:
+    return sso_server
 
 
 @pytest.fixture(scope="module")
-def sso(start_server: Callable[..., Running], provider: OpenIdProvider) -> Running:
-    return start_server({**provider.env(role_map=ROLE_MAP, default_role="user"), **NO_MODEL}, wait_ready=False,
-                        prepare=_prepare(provider))
-
-
-@pytest.fixture(scope="module")
-def sso_only(start_server: Callable[..., Running], provider: OpenIdProvider) -> Running:
-    """Local passwords off, no default role, and a public client (no secret: PKCE alone)."""
-    env = provider.env(role_map=ROLE_MAP, default_role="", local_passwords="false", provider_name="Staff Login",
-                       client_id=provider.client_id + "-public")
-    return start_server({**env, **NO_MODEL}, wait_ready=False)
+def sso_only(sso_only_server: Running) -> Running:
+    return sso_only_server
 
 
 @pytest.fixture
@@ -87,11 +61,11 @@ def me(site: Running, http: httpx.Client) -> httpx.Response:
 
 
 def test_first_sign_in_creates_the_user_with_the_mapped_role_in_a_password_like_session(
-        sso: Running, provider: OpenIdProvider, browser: httpx.Client) -> None:
+        sso: Running, oidc_provider: OpenIdProvider, browser: httpx.Client) -> None:
     start = browser.get(sso.url + "/api/auth/oidc/login")
     assert start.status_code == 302
     query = parse_qs(urlsplit(start.headers["location"]).query)
-    assert start.headers["location"].startswith(provider.issuer + "/auth?")
+    assert start.headers["location"].startswith(oidc_provider.issuer + "/auth?")
     assert query["code_challenge_method"] == ["S256"] and len(query["code_challenge"][0]) == 43  # PKCE
     assert query["redirect_uri"] == [sso.url + "/api/auth/oidc/callback"] and "nonce" in query
     assert set(query["scope"][0].split()) == {"openid", "profile", "email", "groups"}
@@ -140,7 +114,7 @@ def test_users_without_a_mapped_group_get_the_default_role_and_the_role_follows_
     assert changed["details"]["previous_role"] == "auditor"
 
 
-def test_sign_out_ends_the_session_here_and_at_the_provider(sso: Running, provider: OpenIdProvider,
+def test_sign_out_ends_the_session_here_and_at_the_provider(sso: Running, oidc_provider: OpenIdProvider,
                                                              browser: httpx.Client) -> None:
     sign_in(browser, sso.url, "alice")
     csrf = me(sso, browser).json()["csrf_token"]
@@ -149,7 +123,7 @@ def test_sign_out_ends_the_session_here_and_at_the_provider(sso: Running, provid
     assert "max-age=0" in out.headers["set-cookie"].lower()
     url = out.json()["end_session_url"]
     query = parse_qs(urlsplit(url).query)
-    assert url.startswith(provider.issuer + "/session/end?") and query["client_id"] == ["appliance"]
+    assert url.startswith(oidc_provider.issuer + "/session/end?") and query["client_id"] == ["appliance"]
     assert query["post_logout_redirect_uri"] == [sso.url + "/ui/"] and query["id_token_hint"][0].count(".") == 2
     assert me(sso, browser).status_code == 401
 
@@ -160,7 +134,7 @@ def test_sign_out_ends_the_session_here_and_at_the_provider(sso: Running, provid
     page = browser.get(start.headers["location"], follow_redirects=True)
     assert 'name="login"' in page.text
 
-    password = httpx.post(sso.url + "/api/auth/login", json={"username": "local-admin", "password": PASSWORD})
+    password = httpx.post(sso.url + "/api/auth/login", json={"username": NAME, "password": PASSWORD})
     assert password.status_code == 200
     out = httpx.post(sso.url + "/api/auth/logout", cookies={COOKIE: password.cookies[COOKIE]},
                      headers={"X-CSRF-Token": password.json()["csrf_token"]})
@@ -212,7 +186,7 @@ def test_a_tampered_state_cookie_or_nonce_is_refused(sso: Running, browser: http
 def test_a_local_user_of_the_same_name_is_not_taken_over(sso: Running, browser: httpx.Client) -> None:
     refused = sign_in(browser, sso.url, "local")  # preferred_username 'local-admin', the local admin's name
     assert error_code(refused) == "oidc_name_taken" and COOKIE not in browser.cookies
-    password = httpx.post(sso.url + "/api/auth/login", json={"username": "local-admin", "password": PASSWORD})
+    password = httpx.post(sso.url + "/api/auth/login", json={"username": NAME, "password": PASSWORD})
     assert password.status_code == 200 and password.json()["user"]["role"] == "admin"
 
 

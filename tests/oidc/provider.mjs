@@ -22,6 +22,7 @@ const ACCOUNTS = {
   bob: { preferred_username: "bob", name: "Bob Builder", email: "bob@example.test", groups: ["staff"] },
   carol: { preferred_username: "carol", name: "Carol Auditor", email: "carol@example.test",
            groups: ["appliance-auditors"] },
+  dave: { preferred_username: "dave", name: "Dave Admin", email: "dave@example.test", groups: ["appliance-admins"] },
   // a name that a local user of the appliance already has: signing in must not take that account over
   local: { preferred_username: "local-admin", name: "Not The Local Admin", groups: ["appliance-admins"] },
 };

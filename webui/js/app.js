@@ -29,16 +29,82 @@ function logo() {
   return svg;
 }
 
-function signInView(message) {
+// Why single sign-on sent the browser back here (`?signin_error=<code>` from /api/auth/oidc/callback); the audit log
+// has the details.
+const SSO_ERRORS = {
+  oidc_state_mismatch: "The sign-in could not be completed: it was not started in this browser, or its answer was "
+    + "changed on the way. Try again.",
+  oidc_expired: "The sign-in took too long. Try again.",
+  oidc_denied: "The identity provider ended the sign-in without signing you in.",
+  oidc_invalid_token: "The identity provider's answer could not be verified. Try again, and tell an admin if it "
+    + "happens again.",
+  oidc_token_refused: "The identity provider refused this appliance's request. An admin should check the single "
+    + "sign-on settings.",
+  oidc_unavailable: "The identity provider did not answer. Try again later.",
+  oidc_no_role: "Your account has no access to this appliance. Ask an admin for access.",
+  oidc_name_taken: "A local user with your name already exists on this appliance. Ask an admin to sort it out.",
+  oidc_no_username: "The identity provider sent no user name. Ask an admin.",
+  user_disabled: "Your user is disabled on this appliance. Ask an admin.",
+};
+
+// What this appliance offers: {password: bool, sso: {name, url} | null}; password alone if the answer fails.
+async function signInMethods() {
+  try {
+    return await api("/api/auth/methods");
+  } catch {
+    return { password: true, sso: null };
+  }
+}
+
+// A message for the sign-in page from the address (an SSO refusal, or back from signing out at the provider), and
+// the address cleaned of it.
+function messageFromAddress() {
+  const params = new URLSearchParams(location.search);
+  const code = params.get("signin_error");
+  let message = null;
+  if (code) message = { text: SSO_ERRORS[code] || "Single sign-on failed. Try again.", kind: "bad" };
+  else if (params.has("state")) message = { text: "You signed out.", kind: "info" };
+  if (message) history.replaceState(null, "", "/ui/");
+  return message;
+}
+
+async function signInView(message, kind = "info") {
   session.me = null;
   session.csrf = null;
   document.title = "Sign in · Appliance";
+  const methods = await signInMethods();
+  const status = h("div", { role: "alert", class: message ? `alert ${kind}` : "hidden" }, message || "");
+  const parts = [status];
+  let first = null;
+  if (methods.sso) {
+    const sso = h("button", { type: "button", class: "sso" }, `Sign in with ${methods.sso.name}`);
+    sso.addEventListener("click", () => {
+      sso.disabled = true;
+      sso.textContent = `Opening ${methods.sso.name}…`;
+      location.assign(methods.sso.url);
+    });
+    parts.push(sso);
+    first = sso;
+  }
+  if (methods.password) {
+    if (methods.sso) parts.push(h("p", { class: "divider" }, h("span", {}, "or with a local account")));
+    parts.push(passwordForm(status));
+    first = first || parts[parts.length - 1].querySelector("input");
+  } else {
+    parts.push(h("p", { class: "muted small-print" }, "Password sign-in is turned off on this appliance."));
+  }
+  clear(root, h("main", { class: "signin", id: "main" },
+    h("div", { class: "panel" }, h("h1", {}, logo(), "Appliance"),
+      h("p", { class: "muted" }, "Sign in to manage this appliance and chat with its models."), parts)));
+  first?.focus();
+}
+
+function passwordForm(status) {
   const name = h("input", { type: "text", name: "username", autocomplete: "username", required: true,
     autocapitalize: "none", spellcheck: "false" });
   const password = h("input", { type: "password", name: "password", autocomplete: "current-password", required: true });
-  const status = h("div", { role: "alert", class: message ? "alert info" : "hidden" }, message || "");
   const submit = h("button", { type: "submit" }, "Sign in");
-  const form = h("form", { novalidate: true }, status, field("Username", name), field("Password", password), submit);
+  const form = h("form", { novalidate: true }, field("Username", name), field("Password", password), submit);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     status.className = "hidden";
@@ -64,10 +130,7 @@ function signInView(message) {
       submit.disabled = false;
     }
   });
-  clear(root, h("main", { class: "signin", id: "main" },
-    h("div", { class: "panel" }, h("h1", {}, logo(), "Appliance"),
-      h("p", { class: "muted" }, "Sign in to manage this appliance and chat with its models."), form)));
-  name.focus();
+  return form;
 }
 
 function shell() {
@@ -90,9 +153,15 @@ function shell() {
   });
   const signOut = h("button", { class: "secondary small" }, "Sign out");
   signOut.addEventListener("click", async () => {
-    try { await api("/api/auth/logout", { method: "POST" }); } catch { /* ended already */ }
-    signInView("You signed out.");
+    let reply = null;
+    try { reply = await api("/api/auth/logout", { method: "POST" }); } catch { /* ended already */ }
+    if (reply?.end_session_url) {
+      // the session began at the identity provider: sign out there too; it sends the browser back to /ui/
+      location.assign(reply.end_session_url);
+      return;
+    }
     history.replaceState(null, "", "/ui/");
+    signInView("You signed out.");
   });
   const main = h("main", { id: "main", tabindex: "-1" });
   clear(root,
@@ -164,7 +233,8 @@ async function start() {
     session.csrf = session.me.csrf_token || session.csrf;
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) {
-      signInView("");
+      const message = messageFromAddress();
+      signInView(message?.text || "", message?.kind);
       return;
     }
     clear(root, h("main", { class: "signin", id: "main" }, h("h1", {}, "Appliance"),
