@@ -388,6 +388,23 @@ ensure_prometheus() {
     fi
 }
 
+# The single sign-on tests run a real OpenID Provider, the npm package oidc-provider (pinned by tests/oidc/package.json
+# and its lock), on the machine's Node: install it once per lock file into .venv/oidc-provider/ (the tests would do it
+# on first use too). Without node and npm those tests skip, saying so; the argument is the log for npm's output.
+ensure_oidc_provider() {
+    local venv=$1 log=$2
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        step "node and npm not found: the single sign-on tests will skip (apt-get install nodejs npm to run them)"
+        return 0
+    fi
+    step "installing the OpenID Provider for the single sign-on tests (oidc-provider from npm; log: $log)"
+    if ! "$venv/bin/python" -m tests.oidc_provider install >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        die "installing oidc-provider failed (last 20 lines above; full log: $log); check the network to the npm" \
+            "registry and run ./install.sh --test again"
+    fi
+}
+
 # Mode 3: dev install into ./.venv and the whole test suite; the exit code is pytest's.
 test_install() {
     local venv=$SRC/.venv rc=0
@@ -401,6 +418,7 @@ test_install() {
     install_vllm_engine "$SRC/.venv-vllm" "$venv/install-vllm.log"
     ensure_chromium "$venv/install-chromium.log"
     ensure_prometheus "$venv/install-prometheus.log"
+    ensure_oidc_provider "$venv" "$venv/install-oidc-provider.log"
     step "running the test suite: python -m pytest $*"
     "$venv/bin/python" -m pytest "$@" || rc=$?
     if ((rc == 5)); then

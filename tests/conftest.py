@@ -100,7 +100,7 @@ def oidc_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIdPr
 
 
 @pytest.fixture(scope="session")
-def sso_server(server_factory: Callable[..., Running], oidc_provider: OpenIdProvider) -> Running:
+def sso_server(oidc_provider: OpenIdProvider, server_factory: Callable[..., Running]) -> Running:
     """An appliance signing in at `oidc_provider` as a confidential client (its secret set with `appliance oidc
     set-secret`), local passwords on (with the local admin OIDC_LOCAL_ADMIN), default role `user`; no model."""
 
@@ -114,7 +114,7 @@ def sso_server(server_factory: Callable[..., Running], oidc_provider: OpenIdProv
 
 
 @pytest.fixture(scope="session")
-def sso_only_server(server_factory: Callable[..., Running], oidc_provider: OpenIdProvider) -> Running:
+def sso_only_server(oidc_provider: OpenIdProvider, server_factory: Callable[..., Running]) -> Running:
     """An appliance signing in at `oidc_provider` as a public client (no secret: PKCE alone), local passwords off,
     no default role, the provider shown as "Staff Login"; no model."""
     env = oidc_provider.env(role_map=OIDC_ROLE_MAP, default_role="", local_passwords="false",

@@ -24,8 +24,6 @@ from urllib.parse import urljoin
 
 import httpx
 
-from tests.server import free_port
-
 HERE = Path(__file__).parent / "oidc"
 NO_NODE = ("the single sign-on tests run the OpenID Provider `oidc-provider` on Node.js: install node and npm "
            "(apt-get install nodejs npm), then ./install.sh --test installs the package")
@@ -69,6 +67,8 @@ class OpenIdProvider:
     staff), bob (staff), carol (appliance-auditors), local (preferred_username local-admin)."""
 
     def __init__(self, client_id: str, client_secret: str, log_path: Path) -> None:
+        from tests.server import free_port  # not at import: `python -m tests.oidc_provider install` stays quick
+
         self.client_id = client_id
         self.client_secret = client_secret
         self.port = free_port()
