@@ -55,6 +55,7 @@ LEEWAY_SECONDS = 60  # clock skew allowed between the provider and this box for 
 _SEAL_LABEL = b"appliance/oidc-state/v1"
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._@-]+")
+ASYMMETRIC = ("RS", "PS", "ES", "EdDSA", "Ed25519", "Ed448")  # JWS algorithm names an ID token may be signed with
 
 
 class SignInRefused(ApplianceError):
@@ -272,10 +273,13 @@ class OidcSignIn:
                                 "(`appliance oidc set-secret`), then start again", code="oidc_token_refused")
         return body
 
-    async def _id_token_claims(self, tokens: Mapping[str, Any], nonce: str) -> dict[str, Any]:
+    async def validate_id_token(self, tokens: Mapping[str, Any], nonce: str) -> dict[str, Any]:
+        """The ID token's claims once its signature (by the provider's published keys, an asymmetric algorithm
+        it lists), iss, aud, exp, iat, nonce, azp and at_hash hold; SignInRefused otherwise."""
         metadata = (await self.discovery()).metadata
-        algorithms = metadata.get("id_token_signing_alg_values_supported") or ["RS256"]
-        registry = JWSRegistry(algorithms=[a for a in algorithms if a != "none"])
+        listed = metadata.get("id_token_signing_alg_values_supported") or ["RS256"]
+        # never 'none', nor HS*: a token MACed with the client secret is not one the provider's keys vouch for
+        registry = JWSRegistry(algorithms=[a for a in listed if isinstance(a, str) and a.startswith(ASYMMETRIC)])
         try:
             try:
                 token = jwt.decode(tokens["id_token"], await self._keys(), registry=registry)
@@ -331,7 +335,7 @@ class OidcSignIn:
         if not params.get("code"):
             raise SignInRefused("the identity provider's answer has no authorization code", code="oidc_denied")
         tokens = await self._tokens(params["code"], pending)
-        claims = await self._id_token_claims(tokens, pending.nonce)
+        claims = await self.validate_id_token(tokens, pending.nonce)
         if any(c not in claims for c in (self.settings.role_claim, self.settings.username_claim)):
             claims = {**await self._userinfo(tokens, claims["sub"]), **claims}
         user = self._user(claims)

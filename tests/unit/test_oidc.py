@@ -1,14 +1,29 @@
-"""The pure parts of single sign-on (appliance/auth/oidc.py): claims to a role and a user name, the sealed pending
-sign-in, and the `[oidc]` settings refused at start. The flow itself runs against a real provider in
-tests/integration/test_oidc.py."""
+"""The parts of single sign-on (appliance/auth/oidc.py) that need no provider running: claims to a role and a user
+name, the sealed pending sign-in, the `[oidc]` settings refused at start, and each check of the ID token against
+keys this test publishes (tokens a real provider would never issue). The flow itself runs against a real provider
+in tests/integration/test_oidc.py."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 
+import httpx
 import pytest
+from joserfc import jwt
+from joserfc.jwk import OctKey, RSAKey
 
-from appliance.auth.oidc import PendingSignIn, SignInRefused, check_settings, role_for, seal, unseal, username_for
+from appliance.auth.oidc import (
+    OidcSignIn,
+    PendingSignIn,
+    SignInRefused,
+    check_settings,
+    role_for,
+    seal,
+    unseal,
+    username_for,
+)
 from appliance.config import ConfigError, OidcSettings
 
 ROLES = ("admin", "operator", "user", "auditor")
@@ -82,3 +97,74 @@ def test_working_settings_pass() -> None:
     check_settings(OidcSettings(), ROLES)  # no single sign-on at all
     check_settings(MAPPED, ROLES)
     check_settings(OidcSettings(issuer="http://127.0.0.1:9000", client_id="c", default_role="user"), ROLES)
+
+
+# ---- the ID token's validation, against keys this test publishes (the real provider runs in the integration tests)
+ISSUER = "https://login.example.com"
+
+
+class Published:
+    """A provider's discovery document and JWKS served through httpx.MockTransport; `keys` may change (rotation)."""
+
+    def __init__(self, *keys: RSAKey) -> None:
+        self.keys = list(keys)
+        self.jwks_fetches = 0
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/.well-known/openid-configuration":
+            return httpx.Response(200, json={
+                "issuer": ISSUER, "authorization_endpoint": ISSUER + "/auth", "token_endpoint": ISSUER + "/token",
+                "jwks_uri": ISSUER + "/jwks", "id_token_signing_alg_values_supported": ["RS256", "HS256", "none"]})
+        self.jwks_fetches += 1
+        return httpx.Response(200, json={"keys": [k.as_dict(private=False) for k in self.keys]})
+
+
+def signed(key: RSAKey | OctKey, alg: str = "RS256", **overrides: object) -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": "u1", "aud": "appliance", "iat": now, "exp": now + 300, "nonce": "n-1",
+              **overrides}
+    header = {"alg": alg, **({"kid": key.kid} if key.kid else {})}
+    return jwt.encode(header, {k: v for k, v in claims.items() if v is not None}, key,
+                      algorithms=[alg])
+
+
+def validator(published: Published) -> OidcSignIn:
+    settings = OidcSettings(issuer=ISSUER, client_id="appliance", default_role="user")
+    return OidcSignIn(settings, "client-secret-value-0123456789", b"k" * 32, None, None,  # type: ignore[arg-type]
+                      transport=httpx.MockTransport(published.handle))
+
+
+KEY = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+
+
+def test_a_valid_id_token_gives_its_claims() -> None:
+    claims = asyncio.run(validator(Published(KEY)).validate_id_token({"id_token": signed(KEY)}, "n-1"))
+    assert claims["sub"] == "u1" and claims["aud"] == "appliance"
+
+
+@pytest.mark.parametrize("token", [
+    pytest.param(lambda: signed(RSAKey.generate_key(2048, parameters={"kid": "k1"})), id="signed by another key"),
+    pytest.param(lambda: signed(KEY, aud="someone-else"), id="another audience"),
+    pytest.param(lambda: signed(KEY, iss="https://evil.example.com"), id="another issuer"),
+    pytest.param(lambda: signed(KEY, exp=int(time.time()) - 600), id="expired"),
+    pytest.param(lambda: signed(KEY, exp=None), id="no exp"),
+    pytest.param(lambda: signed(KEY, nonce="n-2"), id="another nonce"),
+    pytest.param(lambda: signed(KEY, nonce=None), id="no nonce"),
+    pytest.param(lambda: signed(OctKey.import_key(b"client-secret-value-0123456789"), "HS256"),
+                 id="MACed with the client secret"),
+    pytest.param(lambda: signed(KEY)[:-4] + "AAAA", id="signature bytes changed"),
+])
+def test_an_id_token_that_fails_any_check_is_refused(token: Callable[[], str]) -> None:
+    with pytest.raises(SignInRefused) as info:
+        asyncio.run(validator(Published(KEY)).validate_id_token({"id_token": token()}, "n-1"))
+    assert info.value.code == "oidc_invalid_token"
+
+
+def test_keys_are_fetched_again_when_the_provider_rotated_them() -> None:
+    published = Published(KEY)
+    oidc = validator(published)
+    asyncio.run(oidc.validate_id_token({"id_token": signed(KEY)}, "n-1"))
+    rotated = RSAKey.generate_key(2048, parameters={"kid": "k2"})
+    published.keys = [rotated]
+    claims = asyncio.run(oidc.validate_id_token({"id_token": signed(rotated)}, "n-1"))
+    assert claims["sub"] == "u1" and published.jwks_fetches == 2
