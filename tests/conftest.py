@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.oidc_provider import OpenIdProvider, install, node_missing
@@ -106,11 +107,14 @@ def sso_server(oidc_provider: OpenIdProvider, server_factory: Callable[..., Runn
 
     def prepare(data: Path) -> None:
         appliance("oidc", "set-secret", data_dir=data, input=oidc_provider.client_secret + "\n")
-        appliance("users", "create", OIDC_LOCAL_ADMIN[0], "--role", "admin", "--password-stdin", data_dir=data,
-                  input=OIDC_LOCAL_ADMIN[1] + "\n")
 
     env = oidc_provider.env(role_map=OIDC_ROLE_MAP, default_role="user")
-    return server_factory({**env, **NO_MODEL}, wait_ready=False, prepare=prepare)
+    running = server_factory({**env, **NO_MODEL}, wait_ready=False, prepare=prepare)
+    name, password = OIDC_LOCAL_ADMIN  # through the admin API: quicker than one more CLI process
+    created = httpx.post(running.url + "/api/users", json={"name": name, "role": "admin", "password": password},
+                         headers=running.headers, timeout=30)
+    assert created.status_code == 201, created.text
+    return running
 
 
 @pytest.fixture(scope="session")
