@@ -27,7 +27,7 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import msgspec
@@ -247,14 +247,16 @@ class OidcSignIn:
     async def _tokens(self, code: str, pending: PendingSignIn) -> dict[str, Any]:
         metadata = (await self.discovery()).metadata
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": pending.redirect_uri,
-                "code_verifier": pending.verifier, "client_id": self.settings.client_id}
+                "code_verifier": pending.verifier}
         auth: tuple[str, str] | None = None
-        if self.client_secret:
-            methods = metadata.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
-            if "client_secret_basic" in methods:
-                auth = (self.settings.client_id, self.client_secret)
-            else:
-                form["client_secret"] = self.client_secret
+        methods = metadata.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if self.client_secret and "client_secret_basic" in methods:
+            # RFC 6749 section 2.3.1: both form-urlencoded before they go into the Basic header
+            auth = (quote(self.settings.client_id, safe=""), quote(self.client_secret, safe=""))
+        elif self.client_secret:
+            form.update(client_id=self.settings.client_id, client_secret=self.client_secret)
+        else:  # a public client: PKCE alone
+            form["client_id"] = self.settings.client_id
         try:
             async with self._http() as http:
                 response = await http.post(metadata["token_endpoint"], data=form, auth=auth)  # type: ignore[arg-type]
