@@ -178,7 +178,8 @@ class Services:
         self.privacy.retention.register(FeedbackStore(self.conn))
         self.privacy.retention.register(ServedResponseStore(self.conn))
         # versions: a worker per version (`name@N`), aliases and canaries resolved per request, canaries watched
-        self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit)
+        self.rollout = RolloutService(self.registry, self.pool, settings.rollout, self.audit, self.metrics.registry)
+        self.feedback.on_rating = self.rollout.rated  # ratings move bandits and judge canaries
         self.pool.key = self.registry.versions.worker_key
         self.pool.on_request = self.rollout.observe
         self.completions.rollout = self.rollout
@@ -398,6 +399,7 @@ async def readyz(state: State) -> Response[dict[str, str]]:
 async def metrics(state: State) -> bytes:
     services: Services = state.services
     await services.telemetry.refresh()  # vLLM workers' own metrics, read over their sockets
+    services.rollout.refresh_metrics()  # bandit aliases' shares (SQLite is read here, on the event loop)
     return await asyncio.to_thread(services.metrics.render)  # NVML reads may take milliseconds
 
 

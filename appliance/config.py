@@ -259,6 +259,27 @@ class RolloutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         float, _doc("How long after a response its receiver may rate it (POST /api/feedback); 0 takes no ratings.",
                     ge=0)
     ] = 7 * 86400.0
+    quality_alpha: Annotated[
+        float, _doc("Canaries judged on quality: the error rate of the sequential test (mSPRT) that rolls a canary "
+                    "back when its share of -1 ratings is worse than production's: a canary as good as production "
+                    "is rolled back with at most this probability, however long it runs.", gt=0, lt=1)
+    ] = 0.05
+    quality_min_ratings: Annotated[
+        int, _doc("Ratings the canary and production each need (since the canary split was set) before the quality "
+                  "test is read.", ge=1)
+    ] = 20
+    quality_margin: Annotated[
+        float, _doc("How much higher a canary's share of -1 ratings may be than production's before it counts as "
+                    "worse (0: any worse rate the test can establish).", ge=0, lt=1)
+    ] = 0.0
+    quality_tau: Annotated[
+        float, _doc("The quality test's mixture scale: the size of difference in -1 rates it finds fastest (larger "
+                    "differences are found sooner still; much smaller ones take longer).", gt=0, le=1)
+    ] = 0.1
+    bandit_floor: Annotated[
+        float, _doc("Bandit aliases: the share of traffic every target keeps for exploration, whatever its ratings "
+                    "(an alias may set its own `floor`); at most 1/targets.", ge=0, le=0.5)
+    ] = 0.05
 
 
 class RagSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

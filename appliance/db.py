@@ -264,6 +264,15 @@ MIGRATIONS: Sequence[str] = (
     CREATE UNIQUE INDEX users_oidc ON users(oidc_issuer, oidc_subject) WHERE oidc_subject IS NOT NULL;
     ALTER TABLE sessions ADD COLUMN id_token TEXT;
     """,
+    # 15: bandit aliases (appliance/registry/bandit.py). An alias's `strategy` is 'static' (its target, or a canary
+    # split by `weights`) or 'bandit': Thompson sampling over `targets` (a JSON list of models and `name@N`
+    # versions; `model`/`version` then name the first target) with an exploration `floor` (NULL: the setting).
+    """
+    ALTER TABLE model_aliases ADD COLUMN strategy TEXT NOT NULL DEFAULT 'static'
+        CHECK (strategy IN ('static', 'bandit'));
+    ALTER TABLE model_aliases ADD COLUMN targets TEXT;
+    ALTER TABLE model_aliases ADD COLUMN floor REAL;
+    """,
 )
 
 

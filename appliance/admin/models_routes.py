@@ -24,13 +24,22 @@ class Promotion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class AliasBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    target: str  # a model (its production version) or `name@N`
+    target: str | None = None  # a model (its production version) or `name@N`
     canary: int | None = None  # a version that gets `weight` percent of the alias's traffic
     weight: int = 10
+    strategy: str = "static"  # or "bandit": `targets` share the traffic by their ratings
+    targets: list[str] | None = None
+    floor: float | None = None  # a bandit target's least share (default: rollout.bandit_floor)
 
 
-def _alias(alias: Alias) -> dict[str, Any]:
-    return {**msgspec.to_builtins(alias), "weights": {str(v): w for v, w in (alias.weights or {}).items()} or None}
+ALIAS_EXAMPLE = ('{"target": "my-model", "canary": 2, "weight": 10} or {"strategy": "bandit", "targets": '
+                 '["my-model@1", "my-model@2"]}')
+
+
+def _alias(alias: Alias, rollout: RolloutService | None) -> dict[str, Any]:
+    """An alias with its split, and what it is doing: a bandit's shares per target, a canary's quality test."""
+    return {**msgspec.to_builtins(alias), "weights": {str(v): w for v, w in (alias.weights or {}).items()} or None,
+            **(rollout.alias_status(alias) if rollout is not None else {})}
 
 
 def _versions(versions: list[ModelVersion], rollout: RolloutService, state: State) -> list[dict[str, Any]]:
@@ -53,7 +62,7 @@ async def list_models(rollout: NamedDependency[RolloutService], state: State) ->
         production = next((v.version for v in own if v.stage == "production"), None)
         data.append({**msgspec.to_builtins(record), "production_version": production,
                      "versions": _versions(own, rollout, state),
-                     "aliases": [_alias(a) for a in aliases if a.model == record.name]})
+                     "aliases": [_alias(a, rollout) for a in aliases if a.model == record.name]})
     return {"object": "list", "data": data}
 
 
@@ -81,26 +90,28 @@ async def rollback(request: Request[Any, Any, Any], name: FromPath[str],
     return (await rollout.rollback(name, actor=actor_of(request))).to_dict()
 
 
-@get("/api/aliases", summary="Model aliases and their canary splits", opt=permission("models:read"),
-     tags=["Admin"])
+@get("/api/aliases", summary="Model aliases: canary splits with their quality test, bandits with their shares",
+     opt=permission("models:read"), tags=["Admin"])
 async def list_aliases(rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
-    return {"object": "list", "data": [_alias(a) for a in rollout.versions.aliases()]}
+    return {"object": "list", "data": [_alias(a, rollout) for a in rollout.versions.aliases()]}
 
 
-@put("/api/aliases/{alias:str}", summary="Point an alias at a model or version, optionally with a canary split",
+@put("/api/aliases/{alias:str}", summary="Point an alias at a model or version, optionally with a canary split; or "
+     "make it a bandit over targets ({strategy: bandit, targets, floor?})",
      opt=permission("models:manage"), tags=["Admin"])
 async def set_alias(request: Request[Any, Any, Any], alias: FromPath[str],
                     rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
-    body = decode_body(await request.body(), AliasBody, '{"target": "my-model", "canary": 2, "weight": 10}')
+    body = decode_body(await request.body(), AliasBody, ALIAS_EXAMPLE)
     return _alias(rollout.set_alias(alias, body.target, canary=body.canary, weight=body.weight,
-                                    actor=actor_of(request)))
+                                    strategy=body.strategy, targets=body.targets, floor=body.floor,
+                                    actor=actor_of(request)), rollout)
 
 
 @delete("/api/aliases/{alias:str}", summary="Remove an alias", status_code=200, opt=permission("models:manage"),
         tags=["Admin"])
 async def remove_alias(request: Request[Any, Any, Any], alias: FromPath[str],
                        rollout: NamedDependency[RolloutService]) -> dict[str, Any]:
-    return _alias(rollout.remove_alias(alias, actor=actor_of(request)))
+    return _alias(rollout.remove_alias(alias, actor=actor_of(request)), None)
 
 
 ROUTES = [list_models, list_versions, promote, rollback, list_aliases, set_alias, remove_alias]

@@ -53,6 +53,9 @@ def cmd_models_versions(args: argparse.Namespace, loaded: LoadedSettings) -> int
         print(f"{v.ref}\t{v.stage}\t{v.format}\t{v.quantisation or '-'}\tctx {v.context_length or '-'}\t"
               f"{v.size_bytes / 2**20:.1f} MiB\t{v.licence or '-'}\t{v.created_at}\t{v.sha256[:16]}\t{v.source}")
     for a in rollout.versions.aliases_of(args.name):
+        if a.targets:
+            print(f"alias {a.alias} -> bandit over {', '.join(a.targets)}")
+            continue
         split = ", ".join(f"@{v}: {w}%" for v, w in sorted(a.weights.items())) if a.weights else ""
         print(f"alias {a.alias} -> {args.name}{f'@{a.version}' if a.version else ''}{f' ({split})' if split else ''}")
     return 0

@@ -2,7 +2,8 @@
 holder of `privacy:admin`) within `rollout.feedback_window_seconds` of it, stored against the version that served
 it (`appliance.feedback.ledger`). Rating again replaces the rating. The comment passes through the privacy policy's
 `conversations` surface; an entity that surface blocks refuses the comment (400). Counts per version feed
-`GET /api/models/{name}/versions` and the `appliance_feedback_total` counter of /metrics."""
+`GET /api/models/{name}/versions` and the `appliance_feedback_total` counter of /metrics; each rating also reaches
+the rollout (`on_rating`), where it moves bandit aliases and judges canaries on quality."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from appliance.auth.guards import effective_permissions
 from appliance.auth.rbac import Rbac
 from appliance.errors import ApplianceError, InvalidRequest, NotFound
 from appliance.feedback.ledger import ResponseLedger, principal_ids
+from appliance.logs import get_logger
 from appliance.privacy.service import Privacy
+
+log = get_logger(__name__)
 
 ADMIN_PERMISSION = "privacy:admin"
 MAX_COMMENT_CHARS = 2000
@@ -53,6 +57,7 @@ class FeedbackService:
         self.rbac = rbac
         self.window = timedelta(seconds=window_seconds)
         self.now = now
+        self.on_rating: Callable[[str, int], None] | None = None  # (model, version): the rollout's quality loop
         self.ratings = Counter("appliance_feedback", "Ratings of responses received, by the model version that "
                                "served them and rating (up, down).", ["model", "version", "rating"],
                                registry=registry)
@@ -76,6 +81,11 @@ class FeedbackService:
         self.conn.execute(_UPSERT, (served.id, served.owner, served.user_id, served.model, served.version,
                                     body.rating, comment, self.now().isoformat(timespec="seconds")))
         self.ratings.labels(served.model, str(served.version), RATINGS[body.rating]).inc()
+        if self.on_rating is not None and served.version:
+            try:
+                self.on_rating(served.model, served.version)
+            except Exception:  # the rating is stored; judging it must not fail the request
+                log.exception("feedback.on_rating_failed", model=served.model, version=served.version)
         return {"object": "feedback", "response_id": served.id, "served_model": served.served,
                 "rating": body.rating, "comment": comment or None}
 

@@ -14,6 +14,15 @@ the canary's worker is drained, and the audit log records `model.rollback` by `s
 version's window starts afresh when it becomes a canary, so that it is judged on its canary traffic alone. Every
 transition is audited.
 
+Canaries are judged on quality too: every rating (`rated`, from POST /api/feedback) reads a sequential test
+(appliance.registry.quality) of the canary's share of -1 ratings against its stable version's, both counted since
+the split was set; when the canary is worse, it is rolled back as above (`model.rollback` by `supervisor`, with
+`trigger` 'quality', the counts, the e-value and its threshold). The test's state shows in GET /api/aliases.
+
+Bandit aliases (appliance.registry.bandit) route each request by Thompson sampling over their targets' ratings since
+the alias was set (read from the `feedback` table again after each rating) and failed requests (observed here, in
+memory); their shares show in GET /api/aliases and as the `appliance_alias_share` gauge.
+
 Without a running server (the CLI), a promote or rollback is only the switch: the next request loads the version."""
 
 from __future__ import annotations
@@ -28,13 +37,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import numpy as np
+from prometheus_client import CollectorRegistry, Gauge
 
 from appliance.audit import AuditLog, audited
 from appliance.config import RolloutSettings
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
 from appliance.logs import get_logger
+from appliance.registry import bandit
+from appliance.registry.quality import QualityTest, QualityVerdict, Ratings
 from appliance.registry.service import ModelRegistry, valid_model_name
-from appliance.registry.versions import Alias, ModelVersion, ModelVersions, Route, split_ref, version_ref
+from appliance.registry.versions import Alias, ModelVersion, ModelVersions, Route, Strategy, split_ref, version_ref
 from appliance.supervisor.pool import WorkerPool
 
 log = get_logger(__name__)
@@ -75,6 +88,15 @@ class WindowStats:
                 "p95_seconds": self.p95_seconds}
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One target of a bandit alias as routed now: the version it names and what its responses got."""
+
+    target: str
+    route: Route
+    stats: bandit.ArmStats
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)] if ordered else 0.0
@@ -82,7 +104,8 @@ def p95(values: list[float]) -> float:
 
 class RolloutService:
     def __init__(self, registry: ModelRegistry, pool: WorkerPool | None, settings: RolloutSettings,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, metrics: CollectorRegistry | None = None,
+                 rng: np.random.Generator | None = None) -> None:
         self.registry = registry
         self.versions: ModelVersions = registry.versions
         self.pool = pool
@@ -93,9 +116,26 @@ class RolloutService:
         self._judged: frozenset[str] = frozenset()  # the canaries as last found (a new one starts a fresh window)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()  # one transition at a time
+        self.quality = QualityTest(settings.quality_alpha, settings.quality_tau, settings.quality_margin,
+                                   settings.quality_min_ratings)
+        self.rng = rng or np.random.default_rng()
+        self._bandits_seen: tuple[float, dict[str, Alias]] = (-math.inf, {})
+        self._ratings_generation = 0  # bumped by every rating: bandits read their counts again
+        self._arms: dict[str, tuple[int, float, list[tuple[str, Route, Ratings]]]] = {}  # alias -> routed targets
+        self._arm_errors: dict[str, dict[str, int]] = {}  # bandit alias -> version -> failed requests since set
+        self._share_gauge = Gauge("appliance_alias_share", "A bandit alias's expected share of traffic per target "
+                                  "(Thompson sampling on ratings, with the exploration floor).", ["alias", "target"],
+                                  registry=metrics) if metrics is not None else None
 
     def route(self, name: str, principal: Any = None) -> Route:
-        """The version that serves `name` for this principal (canary splits stick to its subject)."""
+        """The version that serves `name` for this principal (canary splits stick to its subject; a bandit alias
+        draws per request)."""
+        found = self._bandits().get(name)
+        if found is not None:
+            arms = self.bandit_arms(found)
+            if arms:
+                arm = arms[bandit.pick([a.stats for a in arms], self.floor_of(found, len(arms)), self.rng)]
+                return Route(arm.route.ref, arm.route.model, arm.route.version, name)
         return self.versions.resolve(name, getattr(principal, "subject", None))
 
     # blue-green
@@ -174,18 +214,36 @@ class RolloutService:
         current = self.versions.production(model)
         if current is not None and current.version == version:
             return True
-        return any(a.version == version or (a.weights and version in a.weights)
-                   for a in self.versions.aliases_of(model))
+        return bool(self.versions.routes_to(model, version))
 
     # aliases and canaries
 
-    def set_alias(self, alias: str, target: str, *, canary: int | None = None, weight: int = 10,
+    def set_alias(self, alias: str, target: str | None = None, *, canary: int | None = None, weight: int = 10,
+                  strategy: str = "static", targets: list[str] | None = None, floor: float | None = None,
                   actor: str) -> Alias:
         """Point `alias` at `target` (a model: its production version; or `name@N`); with `canary`, send `weight`
-        percent of its traffic (sticky per subject) to that version instead."""
+        percent of its traffic (sticky per subject) to that version instead. With strategy 'bandit', share its
+        traffic between `targets` by their ratings instead (`floor`: each target's least share). A change of
+        strategy is in the audit record (`strategy`, `from_strategy`)."""
+        previous = self.versions.alias(alias)
+        bandit_alias = strategy == "bandit"
         with audited(self.audit, actor, "model.alias", alias, to=target, canary=canary,
-                     weight=weight if canary is not None else None) as event:
+                     weight=weight if canary is not None else None, strategy=strategy,
+                     from_strategy=previous.strategy if previous else None,
+                     **({"targets": targets, "floor": floor} if bandit_alias else {})) as event:
             valid_model_name(alias)
+            _check_strategy(strategy, target, canary, targets, floor)
+            if bandit_alias:
+                assert targets is not None
+                if floor is not None and floor > bandit.max_floor(len(targets)):
+                    raise InvalidRequest(f"a floor of {floor} for {len(targets)} targets leaves nothing to learn: each "
+                                         f"target's least share can be at most 1/{len(targets)}", param="floor",
+                                         code="invalid_floor")
+                with event.commit():
+                    found = self.versions.set_bandit(alias, targets, floor, _now())
+                self._forget_bandit(alias)
+                return found
+            assert target is not None
             model, pinned = split_ref(target)
             weights = None
             if canary is not None:
@@ -205,11 +263,14 @@ class RolloutService:
         if canary is not None:
             self._windows.pop(version_ref(model, canary), None)  # a fresh window for the new canary
         self._canaries_seen = (-math.inf, frozenset())
+        self._forget_bandit(alias)
         return found
 
     def remove_alias(self, alias: str, *, actor: str) -> Alias:
         with audited(self.audit, actor, "model.unalias", alias) as event, event.commit():
-            return self.versions.remove_alias(alias)
+            removed = self.versions.remove_alias(alias)
+        self._forget_bandit(alias)
+        return removed
 
     def _canaries(self, model: str) -> list[Alias]:
         return [a for a in self.versions.aliases_of(model) if a.weights]
@@ -280,6 +341,8 @@ class RolloutService:
         if window is None:
             window = self._windows[key] = deque(maxlen=WINDOW_CAP)
         window.append((now, failed, seconds))
+        if failed:
+            self._count_error(key)
         if not canary:
             return
         s = self.settings
@@ -298,16 +361,118 @@ class RolloutService:
                                       if a.weights and version in a.weights):
             return  # not a canary: thresholds judge canaries only
         window.clear()
-        self._spawn(self._auto_rollback(model, version, reason, rate, latency))
+        self._spawn(self._auto_rollback(model, version, reason, trigger="errors" if rate > s.max_error_rate
+                                        else "latency", error_rate=round(rate, 4), p95_seconds=round(latency, 3),
+                                        window_seconds=self.settings.window_seconds))
 
-    async def _auto_rollback(self, model: str, version: int, reason: str, rate: float, latency: float) -> None:
+    async def _auto_rollback(self, model: str, version: int, reason: str, **details: Any) -> None:
         async with self._lock:
+            if not any(version != self._stable(a) for a in self._canaries(model) if a.weights and version in a.weights):
+                return  # ended meanwhile (another breach, an admin)
             try:
                 await self._end_canaries(model, actor="supervisor", reason=f"canary {reason}", version=version,
-                                         automatic=True, error_rate=round(rate, 4), p95_seconds=round(latency, 3),
-                                         window_seconds=self.settings.window_seconds)
+                                         automatic=True, **details)
             except Exception:  # logged: the split stays, and the next breach tries again
                 log.exception("model.auto_rollback_failed", model=model, version=version)
+
+    # canaries judged on quality
+
+    def rated(self, model: str, version: int) -> None:
+        """A response served by `model@version` was rated (POST /api/feedback): bandits read their counts again, and
+        when that version is a canary, the quality test is read and a worse canary rolled back."""
+        self._ratings_generation += 1
+        verdict = self.quality_verdict(model, version)
+        if verdict is None or verdict.decision != "worse":
+            return
+        c, p = verdict.canary, verdict.production
+        reason = (f"share of -1 ratings {c.down}/{c.total} is worse than production's {p.down}/{p.total} "
+                  f"(e-value {verdict.e_value:.1f} >= {self.quality.threshold:g})")
+        log.warning("model.canary_worse", model=model, version=version, e_value=verdict.e_value)
+        try:
+            self._spawn(self._auto_rollback(model, version, reason, trigger="quality", **_quality_details(verdict)))
+        except RuntimeError:  # no event loop (a script): the next rating in a server tries again
+            log.warning("model.auto_rollback_skipped", model=model, version=version)
+
+    def quality_verdict(self, model: str, version: int) -> QualityVerdict | None:
+        """The quality test of canary `model@version` against its alias's stable version, on the ratings of both
+        since the split was set (None when it is no canary)."""
+        splits = [a for a in self._canaries(model) if a.weights and version in a.weights and version != self._stable(a)]
+        if not splits:
+            return None
+        stable = self._stable(splits[0])
+        ratings = self._ratings_since(min(a.updated_at for a in splits))
+        return self.quality.judge(ratings.get((model, version), Ratings()),
+                                  ratings.get((model, stable or 0), Ratings()))
+
+    def _ratings_since(self, since: str) -> dict[tuple[str, int], Ratings]:
+        """Ratings per version given since `since` (to the second: a rating's time has no fraction)."""
+        rows = self.versions.conn.execute("SELECT model, version, SUM(rating = 1), SUM(rating = -1) FROM feedback "
+                                          "WHERE created_at >= ? GROUP BY model, version", (since[:19],))
+        return {(r[0], int(r[1])): Ratings(int(r[2]), int(r[3])) for r in rows}
+
+    # bandits
+
+    def _bandits(self) -> dict[str, Alias]:
+        """The bandit aliases, read at most once a second (one set by the CLI is noticed within that)."""
+        at, found = self._bandits_seen
+        if time.monotonic() - at >= 1.0:
+            found = {a.alias: a for a in self.versions.aliases() if a.strategy == "bandit"}
+            self._bandits_seen = (time.monotonic(), found)
+        return found
+
+    def _forget_bandit(self, alias: str) -> None:
+        self._bandits_seen = (-math.inf, {})
+        self._arms.pop(alias, None)
+        self._arm_errors.pop(alias, None)
+
+    def floor_of(self, alias: Alias, arms: int) -> float:
+        floor = self.settings.bandit_floor if alias.floor is None else alias.floor
+        return min(floor, bandit.max_floor(arms))
+
+    def bandit_arms(self, alias: Alias) -> list[Arm]:
+        """The alias's targets that route somewhere now, each with its ratings since the alias was set (read again
+        after any rating, and at least once a second, when a production version may have changed) and failures."""
+        now = time.monotonic()
+        cached = self._arms.get(alias.alias)
+        if cached is None or cached[0] != self._ratings_generation or now - cached[1] >= 1.0:
+            ratings = self._ratings_since(alias.updated_at)
+            routed = [(t, r) for t in alias.targets or () if (r := self.versions.target_route(t)) is not None]
+            cached = (self._ratings_generation, now,
+                      [(t, r, ratings.get((r.model, r.version), Ratings())) for t, r in routed])
+            self._arms[alias.alias] = cached
+        errors = self._arm_errors.get(alias.alias, {})
+        return [Arm(t, r, bandit.ArmStats(rated.up, rated.down, errors.get(r.ref, 0))) for t, r, rated in cached[2]]
+
+    def _count_error(self, key: str) -> None:
+        """A failed request of worker `key` counts against every bandit arm it serves."""
+        for alias, (_, _, arms) in self._arms.items():
+            if any(r.ref == key for _, r, _ in arms):
+                errors = self._arm_errors.setdefault(alias, {})
+                errors[key] = errors.get(key, 0) + 1
+
+    def alias_status(self, alias: Alias) -> dict[str, Any]:
+        """What GET /api/aliases adds to an alias: a bandit's arms and shares, a canary's quality test."""
+        if alias.strategy == "bandit":
+            arms = self.bandit_arms(alias)
+            floor = self.floor_of(alias, max(1, len(arms)))
+            shares = bandit.shares([a.stats for a in arms], floor, self.rng)
+            return {"floor": floor, "shares": {a.target: round(x, 4) for a, x in zip(arms, shares, strict=True)},
+                    "arms": [{"target": a.target, "served": a.route.ref, "up": a.stats.up, "down": a.stats.down,
+                              "errors": a.stats.errors, "share": round(x, 4)}
+                             for a, x in zip(arms, shares, strict=True)]}
+        stable = self._stable(alias)
+        canaries = [v for v in alias.weights or {} if v != stable]
+        verdicts = {v: self.quality_verdict(alias.model, v) for v in canaries}
+        return {"quality": {str(v): q.to_dict() for v, q in verdicts.items() if q is not None}} if canaries else {}
+
+    def refresh_metrics(self) -> None:
+        """Set the share gauge from the bandits' current state (before /metrics renders)."""
+        if self._share_gauge is None:
+            return
+        self._share_gauge.clear()
+        for alias in self._bandits().values():
+            for target, share in self.alias_status(alias)["shares"].items():
+                self._share_gauge.labels(alias.alias, target).set(share)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -318,3 +483,38 @@ class RolloutService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _quality_details(verdict: QualityVerdict) -> dict[str, Any]:
+    return {"canary_ratings": {"up": verdict.canary.up, "down": verdict.canary.down},
+            "production_ratings": {"up": verdict.production.up, "down": verdict.production.down},
+            "difference": round(verdict.difference or 0.0, 4), "e_value": round(verdict.e_value, 3),
+            "threshold": verdict.test.threshold, "alpha": verdict.test.alpha, "margin": verdict.test.margin}
+
+
+def _check_strategy(strategy: str, target: str | None, canary: int | None, targets: list[str] | None,
+                    floor: float | None) -> None:
+    """The fields an alias body may combine: a target (with an optional canary) for 'static', targets (with an
+    optional floor) for 'bandit'."""
+    strategies: tuple[Strategy, ...] = ("static", "bandit")
+    if strategy not in strategies:
+        raise InvalidRequest(f"strategy must be 'static' (a target, optionally with a canary) or 'bandit' (targets "
+                             f"shared by their ratings), not {strategy!r}", param="strategy", code="invalid_strategy")
+    if strategy == "bandit":
+        if target is not None or canary is not None:
+            raise InvalidRequest("a bandit alias takes `targets` (and an optional `floor`), not `target` or `canary`; "
+                                 'send e.g. {"strategy": "bandit", "targets": ["my-model@1", "my-model@2"]}',
+                                 param="target" if target is not None else "canary", code="invalid_body")
+        if targets is None:
+            raise InvalidRequest('a bandit alias needs `targets`, e.g. {"strategy": "bandit", "targets": '
+                                 '["my-model@1", "my-model@2"]}', param="targets", code="invalid_targets")
+        if floor is not None and not 0 <= floor <= 1:
+            raise InvalidRequest(f"floor is each target's least share of the traffic, between 0 and 1/targets, not "
+                                 f"{floor}", param="floor", code="invalid_floor")
+        return
+    if targets is not None or floor is not None:
+        raise InvalidRequest("`targets` and `floor` belong to a bandit alias; add \"strategy\": \"bandit\", or name "
+                             "one `target`", param="targets" if targets is not None else "floor", code="invalid_body")
+    if target is None:
+        raise InvalidRequest('an alias needs a `target`, e.g. {"target": "my-model"}, or {"strategy": "bandit", '
+                             '"targets": [...]}', param="target", code="invalid_body")

@@ -190,8 +190,7 @@ class ModelRegistry:
             if version.stage == "production":
                 raise RegistryError(f"{ref} is in production; promote another version first, or remove '{model}' "
                                     "with all its versions", code="version_in_production")
-            if routed := [a.alias for a in self.versions.aliases_of(model)
-                          if a.version == version.version or (a.weights and version.version in a.weights)]:
+            if routed := self.versions.routes_to(model, version.version):
                 raise RegistryError(f"{ref} is routed to by the alias {', '.join(routed)}; point it elsewhere first",
                                     code="version_in_use")
             event.details.update(source=version.source, sha256=version.sha256, size_bytes=version.size_bytes)

@@ -10,8 +10,11 @@ what the bare name serves, mirrored in the `models` table), `staging` (pulled, n
   weights {1: 90, 2: 10}. The split is sticky: a subject (the principal's `key:<id>` or `user:<id>`) always lands
   on the same version while the weights stay, so one client does not see answers alternate between versions.
 
-An alias named like its own model splits that model's traffic (a canary on the bare name). Every version is served
-by its own worker, keyed `name@N` (`ModelVersion.ref`)."""
+An alias named like its own model splits that model's traffic (a canary on the bare name). An alias may instead be
+a bandit (`strategy` 'bandit'): its `targets`, models or `name@N` versions, share its traffic by Thompson sampling on
+their ratings (appliance.registry.bandit, routed by appliance.registry.rollout); outside a request (`/v1/models`,
+the stable worker) it names its first target. Every version is served by its own worker, keyed `name@N`
+(`ModelVersion.ref`)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import msgspec
 from appliance.errors import InvalidRequest, ModelNotFound
 
 Stage = Literal["staging", "production", "archived"]
+Strategy = Literal["static", "bandit"]
+MAX_TARGETS = 16
 STAGES: tuple[Stage, ...] = ("staging", "production", "archived")
 _COLUMNS = ("model, version, source, format, sha256, size_bytes, licence, quantisation, context_length, created_at, "
             "stage, promoted_at")
@@ -65,6 +70,9 @@ class Alias(msgspec.Struct, frozen=True):
     version: int | None  # None: the model's production version
     weights: dict[int, int] | None  # version -> share of the traffic; None: all to the target
     updated_at: str
+    strategy: Strategy = "static"  # 'bandit': `targets` share the traffic by their ratings
+    targets: tuple[str, ...] | None = None  # a bandit's targets: models (their production version) and `name@N`
+    floor: float | None = None  # a bandit's exploration floor; None: the `rollout.bandit_floor` setting
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,12 @@ def quantisation_of(metadata: dict[str, object]) -> str:
     if isinstance(file_type, int) and not isinstance(file_type, bool):
         return FILE_TYPES.get(file_type, f"type {file_type}")
     return ""
+
+
+def _target_not_found(target: str) -> ModelNotFound:
+    return ModelNotFound(f"the target '{target}' names no servable model or version; `appliance models list` shows "
+                         "the models and `appliance models versions NAME` their versions", param="targets",
+                         code="model_not_found")
 
 
 def _not_found(name: str) -> ModelNotFound:
@@ -214,6 +228,8 @@ class ModelVersions:
     def remove_model(self, model: str) -> None:
         """Forget every version of `model` and the aliases that route to it (in the caller's transaction)."""
         self.conn.execute("DELETE FROM model_versions WHERE model = ?", (model,))
+        for bandit in self.bandits_of(model):  # a bandit that loses an arm goes with it
+            self.conn.execute("DELETE FROM model_aliases WHERE alias = ?", (bandit.alias,))
         self.conn.execute("DELETE FROM model_aliases WHERE model = ?", (model,))
 
     def digest_in_use(self, sha256: str) -> bool:
@@ -235,8 +251,10 @@ class ModelVersions:
     @staticmethod
     def _alias(row: sqlite3.Row) -> Alias:
         weights = json.loads(row["weights"]) if row["weights"] else None
+        targets = tuple(json.loads(row["targets"])) if row["targets"] else None
         return Alias(row["alias"], row["model"], row["version"],
-                     {int(v): int(w) for v, w in weights.items()} if weights else None, row["updated_at"])
+                     {int(v): int(w) for v, w in weights.items()} if weights else None, row["updated_at"],
+                     row["strategy"], targets, row["floor"])
 
     def set_alias(self, alias: str, model: str, version: int | None, weights: dict[int, int] | None,
                   now: str) -> Alias:
@@ -270,10 +288,68 @@ class ModelVersions:
     def _write_alias(self, alias: str, model: str, version: int | None, weights: dict[int, int] | None,
                      now: str) -> None:
         encoded = json.dumps({str(v): w for v, w in sorted(weights.items())}) if weights else None
-        self.conn.execute("INSERT INTO model_aliases(alias, model, version, weights, updated_at) VALUES (?,?,?,?,?) "
-                          "ON CONFLICT(alias) DO UPDATE SET model = excluded.model, version = excluded.version, "
-                          "weights = excluded.weights, updated_at = excluded.updated_at",
-                          (alias, model, version, encoded, now))
+        self._upsert(alias, model, version, encoded, now, "static", None, None)
+
+    def _upsert(self, alias: str, model: str, version: int | None, weights: str | None, now: str,
+                strategy: Strategy, targets: str | None, floor: float | None) -> None:
+        self.conn.execute("INSERT INTO model_aliases(alias, model, version, weights, updated_at, strategy, targets, "
+                          "floor) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(alias) DO UPDATE SET model = excluded.model, "
+                          "version = excluded.version, weights = excluded.weights, updated_at = excluded.updated_at, "
+                          "strategy = excluded.strategy, targets = excluded.targets, floor = excluded.floor",
+                          (alias, model, version, weights, now, strategy, targets, floor))
+
+    def set_bandit(self, alias: str, targets: builtins.list[str], floor: float | None, now: str) -> Alias:
+        """Make `alias` a bandit over `targets` (models or `name@N`, at least two, each servable), checked here;
+        the floor is checked by the caller (it knows the setting)."""
+        if not isinstance(targets, builtins.list) or not 2 <= len(targets) <= MAX_TARGETS:
+            raise InvalidRequest(f"a bandit needs between 2 and {MAX_TARGETS} targets (models or name@N versions), "
+                                 'e.g. {"strategy": "bandit", "targets": ["my-model@1", "my-model@2"]}',
+                                 param="targets", code="invalid_targets")
+        if len(set(targets)) != len(targets):
+            raise InvalidRequest(f"the targets {targets} name one more than once; name each once",
+                                 param="targets", code="invalid_targets")
+        models = []
+        for target in targets:
+            try:
+                model, pinned = split_ref(target)
+            except ModelNotFound:
+                raise _target_not_found(target) from None
+            if self.production(model) is None:
+                raise _target_not_found(target)
+            if pinned is not None:
+                if self.find(model, pinned) is None:
+                    raise _target_not_found(target)
+                self._servable(model, pinned)
+            models.append(model)
+        if alias not in models and self.conn.execute("SELECT 1 FROM models WHERE name = ?", (alias,)).fetchone():
+            raise InvalidRequest(f"'{alias}' is a model's name; an alias may share a name only with a model it routes "
+                                 "to", param="alias", code="alias_is_a_model")
+        first_model, first_version = split_ref(targets[0])
+        self._upsert(alias, first_model, first_version, None, now, "bandit", json.dumps(targets), floor)
+        found = self.alias(alias)
+        assert found is not None
+        return found
+
+    def target_route(self, target: str) -> Route | None:
+        """Where a bandit target sends a request now: a model's production version, or `name@N` unless archived
+        or gone (None)."""
+        model, pinned = split_ref(target)
+        found = self.production(model) if pinned is None else self.find(model, pinned)
+        if found is None or found.stage == "archived":
+            return None
+        return Route(found.ref, model, found.version)
+
+    def routes_to(self, model: str, version: int) -> builtins.list[str]:
+        """The aliases that name `model@version` itself: pinned to it, splitting traffic to it, or a bandit target."""
+        ref = version_ref(model, version)
+        return [a.alias for a in self.aliases()
+                if (a.model == model and a.strategy == "static"
+                    and (a.version == version or (a.weights and version in a.weights)))
+                or ref in (a.targets or ())]
+
+    def bandits_of(self, model: str) -> builtins.list[Alias]:
+        """Bandit aliases with a target of `model` (bare or a version of it)."""
+        return [a for a in self.aliases() if a.targets and any(split_ref(t)[0] == model for t in a.targets)]
 
     def remove_alias(self, alias: str) -> Alias:
         found = self.alias(alias)
