@@ -69,12 +69,17 @@ export async function render(container, { signal }) {
     const aliases = models.flatMap((m) => m.aliases.map((a) => ({ ...a, versions: m.versions })));
     const rows = table([
       { label: "Alias", value: (a) => h("strong", {}, a.alias) },
-      { label: "Target", value: (a) => `${a.model}${a.version ? `@${a.version}` : " (production)"}` },
-      { label: "Split", value: (a) => (a.weights ? Object.entries(a.weights).map(([v, w]) => `@${v}: ${w}%`).join(", ") : "all to the target") },
-      { label: "Canary vs production (live)", class: "wrap", value: (a) => (a.weights ? Object.keys(a.weights).map((v) => {
+      { label: "Target", value: (a) => (a.strategy === "bandit" ? `bandit over ${a.targets.join(", ")}`
+        : `${a.model}${a.version ? `@${a.version}` : " (production)"}`) },
+      { label: "Split", value: (a) => (a.strategy === "bandit"
+        ? Object.entries(a.shares || {}).map(([t, s]) => `${t}: ${Math.round(s * 100)}%`).join(", ") + ` (by ratings, floor ${Math.round(a.floor * 100)}%)`
+        : a.weights ? Object.entries(a.weights).map(([v, w]) => `@${v}: ${w}%`).join(", ") : "all to the target") },
+      { label: "Canary vs production (live)", class: "wrap", value: (a) => (a.weights ? [...Object.keys(a.weights).map((v) => {
         const ver = a.versions.find((x) => String(x.version) === v);
         return h("div", {}, `@${v} `, stats(ver?.stats));
-      }) : "—") },
+      }), ...Object.entries(a.quality || {}).map(([v, q]) => h("div", {},
+        `@${v} ratings: ${q.decision} (-1: ${q.canary.down}/${q.canary.up + q.canary.down} vs ${q.production.down}/${q.production.up + q.production.down})`))]
+        : a.arms ? a.arms.map((arm) => h("div", {}, `${arm.target}: +${arm.up} / -${arm.down}, ${arm.errors} failed`)) : "—") },
       { label: "Updated", value: (a) => timeEl(a.updated_at) },
       { label: "Actions", value: (a) => (manage ? h("button", { class: "danger small", "aria-label": `Remove alias ${a.alias}`,
         onclick: async (e) => {
