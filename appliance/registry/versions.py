@@ -331,11 +331,11 @@ class ModelVersions:
         return found
 
     def target_route(self, target: str) -> Route | None:
-        """Where a bandit target sends a request now: a model's production version, or `name@N` unless archived
-        or gone (None)."""
+        """Where a bandit target sends a request now: a model's production version, or `name@N` (archived since
+        the alias was set: still served, as a pinned alias is; None when gone)."""
         model, pinned = split_ref(target)
         found = self.production(model) if pinned is None else self.find(model, pinned)
-        if found is None or found.stage == "archived":
+        if found is None:
             return None
         return Route(found.ref, model, found.version)
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import gguf
+import httpx
 import openai
 import pytest
 from playwright.sync_api import Page, expect
@@ -162,6 +163,21 @@ def test_a_version_pulled_in_the_browser_is_promoted_there(page: Page, server: U
     expect(staged).to_have_count(1)
     version = re.search(r"@(\d+)", staged.inner_text())
     assert version is not None
+    # a bandit alias over both versions shows its targets and shares
+    targets = [f"{DEFAULT_MODEL}@1", f"{DEFAULT_MODEL}@{version.group(1)}"]
+    put = httpx.put(f"{server.url}/api/aliases/arena", headers=server.headers, timeout=30,
+                    json={"strategy": "bandit", "targets": targets})
+    assert put.status_code == 200, put.text
+    page.reload()
+    alias_row = page.get_by_role("row", name=re.compile(r"^arena bandit over"))
+    expect(alias_row).to_contain_text(f"bandit over {', '.join(targets)}")
+    expect(alias_row).to_contain_text(re.compile(rf"{re.escape(targets[0])}: \d+%"))
+    expect(alias_row).to_contain_text("+0 / -0, 0 failed")
+    assert_accessible(page, "models with a bandit alias")
+    shot(page, "flow-models-bandit")
+    assert httpx.delete(f"{server.url}/api/aliases/arena", headers=server.headers, timeout=30).status_code == 200
+    page.reload()
+    staged = page.get_by_role("row", name=re.compile(r"staging"))
     staged.get_by_role("button", name=re.compile("Promote")).click()
     page.get_by_role("dialog", name="Promote").get_by_role("button", name="Promote").click()
     expect(page.get_by_text(f"{DEFAULT_MODEL}@{version.group(1)} is now in production")).to_be_visible(
