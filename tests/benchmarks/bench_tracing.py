@@ -10,11 +10,13 @@ its own llama.cpp worker (one thread, one SSE event per token: the relay loop ru
   on      this checkout, [telemetry] endpoint = the receiver (every request sampled and exported)
   before  the tree of REV (default: the commit before tracing came, f2535c7~1) run from a `git archive` of it
           through PYTHONPATH, with the same interpreter and packages
-Rounds alternate: each round every contender streams --requests chats (temperature 0, not cached), starting one
-further along the list each round. Per round and contender: the gateway's own CPU time (user + system of the
-server process, not its worker) over the completion tokens its usage reported. The ratios are per round; their
-medians are the figures. Targets: on/off <= 1.03; off/before not measurable (within the rounds' spread).
-Idle servers use no CPU, so they do not disturb the one being measured; the box's load average is printed.
+Each round every contender streams --requests chats (temperature 0, not cached), all contenders at the same time
+(on a shared box the load changes from minute to minute, and contenders measured in turn would see different loads;
+`--one-at-a-time` streams them in turn, starting one further along the list each round). Per round and contender:
+the gateway's own CPU time (every thread of the server process, not its worker) over the completion tokens its usage
+reported. The ratios are per round; their medians are the figures. Targets: on/off <= 1.03; off/before not
+measurable (within the rounds' spread).
+The box's load average is printed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +144,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--before", default="f2535c7~1", help="the revision without tracing ('' = leave it out)")
     parser.add_argument("--no-before", dest="before", action="store_const", const="")
+    parser.add_argument("--one-at-a-time", dest="together", action="store_false",
+                        help="contenders stream in turn (default: at the same time, so that a round's contenders share "
+                             "the same load of a shared box; each server's CPU is its own either way)")
     args = parser.parse_args()
     load_start = os.getloadavg()
     with OtlpReceiver() as receiver, tempfile.TemporaryDirectory(prefix="bench-tracing-") as tmp, \
@@ -148,6 +154,11 @@ def main() -> int:
         for contender in contenders:  # warm-up: the first requests load code paths and caches
             contender.stream(client, 8)
         for r in range(args.rounds):
+            if args.together:  # all at once: each round's contenders share the same load of the box
+                with ThreadPoolExecutor(len(contenders)) as pool:
+                    for done in [pool.submit(c.round, client, args.requests, args.max_tokens) for c in contenders]:
+                        done.result()
+                continue
             for contender in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
                 contender.round(client, args.requests, args.max_tokens)
         spans = len(receiver.spans)
