@@ -50,7 +50,7 @@ def passphrase_from_env_or_prompt() -> str:
                        "terminal to ask on; set it (e.g. in the service's credentials) and try again")
 
 
-def _derive(passphrase: str, params: dict[str, object]) -> bytes:
+def derive_key(passphrase: str, params: dict[str, object]) -> bytes:
     return Argon2id(salt=bytes.fromhex(str(params["salt"])), length=KEY_LEN, iterations=int(str(params["iterations"])),
                     lanes=int(str(params["lanes"])), memory_cost=int(str(params["memory_cost"]))).derive(
         passphrase.encode())
@@ -108,7 +108,7 @@ class KeyRing:
                                    "backup")
             return key
         params = json.loads(path.read_text())
-        key = _derive(self._get_passphrase(), params)
+        key = derive_key(self._get_passphrase(), params)
         try:
             AESGCM(key).decrypt(bytes.fromhex(params["check_nonce"]), bytes.fromhex(params["check"]),
                                 f"kek-v{version}".encode())
@@ -132,7 +132,7 @@ class KeyRing:
             params: dict[str, object] = {"kdf": "argon2id", "salt": os.urandom(16).hex(),
                                          "iterations": ARGON2_ITERATIONS, "lanes": ARGON2_LANES,
                                          "memory_cost": ARGON2_MEMORY_KIB}
-            key = _derive(self._get_passphrase(), params)
+            key = derive_key(self._get_passphrase(), params)
             nonce = os.urandom(12)
             params.update(check_nonce=nonce.hex(), check=AESGCM(key).encrypt(nonce, _CHECK, f"kek-v{version}".encode())
                           .hex())

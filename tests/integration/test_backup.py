@@ -1,9 +1,12 @@
 """Backup and restore (issue 18, item 5): a backup taken from a running server that is answering requests,
 verified, tampered with (verify names the file), and restored on a fresh data dir where a server started on it
-still knows the keys, users, collections, models and usage, and the audit chain and model blobs verify."""
+still knows the keys, users, collections, models and usage, and the audit chain and model blobs verify. The key
+ring travels only sealed with a passphrase (stdin or APPLIANCE_BACKUP_PASSPHRASE): a wrong or missing one
+restores nothing."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +17,8 @@ import httpx
 from tests.server import Running, ServerProcess, appliance
 
 PASSWORD = "correct horse battery staple 18"
+PASSPHRASE = "backup passphrase: seven random words"
+WITH_PASSPHRASE = {"APPLIANCE_BACKUP_PASSPHRASE": PASSPHRASE}
 
 
 def test_backup_under_load_restores_on_a_fresh_data_dir(
@@ -44,34 +49,61 @@ def test_backup_under_load_restores_on_a_fresh_data_dir(
     worker.start()
     try:
         backup = tmp_path / "backup"
-        taken = appliance("backup", str(backup), data_dir=data)
+        taken = appliance("backup", "--passphrase-stdin", str(backup), data_dir=data, input=PASSPHRASE + "\n")
     finally:
         stop.set()
         worker.join()
     assert answered, "no request finished while the backup ran"
-    assert "with the key ring" in taken.stdout, taken.stdout
-    assert appliance("backup", "verify", str(backup), data_dir=data).returncode == 0
+    assert "key ring sealed with the passphrase" in taken.stdout, taken.stdout
+    assert not (backup / "keys").exists()
+    secrets = [p.read_bytes() for p in (data / "keys").rglob("*") if p.is_file()]
+    for copied in (p for p in backup.rglob("*") if p.is_file()):  # no key file's bytes in it, plain or base64
+        content = copied.read_bytes()
+        assert not any(s in content or base64.b64encode(s) in content for s in secrets), copied
+    assert appliance("backup", "verify", str(backup), data_dir=data).returncode == 0  # structure only
+    assert appliance("backup", "verify", str(backup), "--passphrase-stdin", data_dir=data,
+                     input=PASSPHRASE + "\n").returncode == 0
+    wrong = appliance("backup", "verify", str(backup), data_dir=data, check=False,
+                      env={"APPLIANCE_BACKUP_PASSPHRASE": "not the passphrase"})
+    assert wrong.returncode == 1 and "keys.sealed: the passphrase does not open" in wrong.stderr, wrong.stderr
 
-    # A damaged copy does not verify and is not restored.
+    # The key ring goes in sealed, left out, or unwrapped only when asked for.
+    refused = appliance("backup", str(tmp_path / "plain"), data_dir=data, check=False)
+    assert refused.returncode == 1 and "--passphrase-stdin" in refused.stderr, refused.stderr
+    assert not (tmp_path / "plain").exists()
+
+    # A damaged copy (this one without the keys) does not verify and is not restored.
     damaged = tmp_path / "damaged"
-    appliance("backup", str(damaged), data_dir=data)
+    assert "WITHOUT the key ring" in appliance("backup", "--no-keys", str(damaged), data_dir=data).stdout
+    assert not (damaged / "keys").exists() and not (damaged / "keys.sealed").exists()
     blob = next((damaged / "models").iterdir())
     content = bytearray(blob.read_bytes())
     content[len(content) // 2] ^= 0xFF
     blob.write_bytes(bytes(content))
     refused = appliance("backup", "verify", str(damaged), data_dir=data, check=False)
     assert refused.returncode == 1 and f"models/{blob.name}" in refused.stderr, refused.stderr
-    assert appliance("restore", str(damaged), data_dir=tmp_path / "never", check=False).returncode == 1
-    assert not (tmp_path / "never" / "appliance.db").exists()
-    # Nor does restore overwrite a data dir in use.
-    assert appliance("restore", str(backup), data_dir=data, check=False).returncode == 1
+    assert appliance("restore", str(damaged), data_dir=tmp_path / "never", check=False,
+                     env=WITH_PASSPHRASE).returncode == 1
+    assert not (tmp_path / "never").exists()
+    # Nor does restore overwrite a data dir in use, or restore without the right passphrase.
+    assert appliance("restore", str(backup), data_dir=data, check=False, env=WITH_PASSPHRASE).returncode == 1
+    missing = appliance("restore", str(backup), data_dir=tmp_path / "never", check=False)
+    assert missing.returncode == 1 and "sealed with a passphrase" in missing.stderr, missing.stderr
+    mistyped = appliance("restore", str(backup), "--passphrase-stdin", data_dir=tmp_path / "never", check=False,
+                         input=PASSPHRASE[:-1] + "\n")
+    assert mistyped.returncode == 1 and "does not open" in mistyped.stderr, mistyped.stderr
+    assert not (tmp_path / "never").exists()
 
     usage_before = api.get("/api/usage").json()["data"]
     api.close()
     running.process.stop()  # one server at a time on the test box
 
     fresh = tmp_path / "fresh" / "data"
-    appliance("restore", str(backup), data_dir=fresh)
+    restored_keys = appliance("restore", str(backup), "--passphrase-stdin", data_dir=fresh, input=PASSPHRASE + "\n")
+    assert "key ring sealed" in restored_keys.stdout, restored_keys.stdout
+    assert sorted(p.relative_to(fresh).as_posix() for p in (fresh / "keys").rglob("*") if p.is_file()) == sorted(
+        p.relative_to(data).as_posix() for p in (data / "keys").rglob("*") if p.is_file())
+    assert (fresh / "keys").stat().st_mode & 0o777 == 0o700
     appliance("audit", "verify", data_dir=fresh)
     appliance("models", "verify", data_dir=fresh)
     restored = ServerProcess(fresh)
