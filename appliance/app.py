@@ -151,7 +151,7 @@ class Services:
                                parallel=settings.llamacpp.parallel, on_event=self.audit_model_event)
         # memory fit: estimated from the GGUF header, read through the store (only its first segments decrypted)
         self.pool.placement = Placement(settings.models, GgufMemoryEstimator(
-            self.registry.get, self.store._plaintext, settings.llamacpp, gpu=lambda: bool(self.gpus)))
+            self.registry.get, self.store.gguf_header, settings.llamacpp, gpu=lambda: bool(self.gpus)))
         self.quotas = QuotaService(self.conn)
         self.embeddings = EmbeddingService(settings.rag, self.data.cache / "embeddings", self.metrics,
                                            imported=self.imported_folder)

@@ -142,7 +142,7 @@ class ModelRegistry:
         if fmt != "gguf":
             return "", 0
         try:
-            info = gguf_check.read_gguf_stream(self.store._plaintext(sha256), size)
+            info = self.store.gguf_header(sha256, size)
         except RegistryError:
             return "", 0
         return quantisation_of(info.metadata), info.arch_int("context_length")

@@ -38,6 +38,7 @@ from appliance.crypto.streaming import (
 from appliance.datadir import DataDir
 from appliance.errors import ModelUnavailable, RegistryError
 from appliance.logs import get_logger
+from appliance.registry.gguf_check import GgufInfo, read_gguf_stream
 
 log = get_logger(__name__)
 CHUNK = 1 << 20
@@ -163,6 +164,11 @@ class ModelStore:
             header, data_key = self._open_key(sha256, fh)
             fh.seek(HEADER_LEN)
             yield from decrypt_segments(data_key, header, fh, os.fstat(fh.fileno()).st_size - HEADER_LEN)
+
+    def gguf_header(self, sha256: str, size_bytes: int) -> GgufInfo:
+        """The validated header of a stored GGUF of `size_bytes` (plaintext) bytes, decrypted in memory: only the
+        segments the header spans are read. Raises RegistryError (InvalidGguf) when it is not a valid GGUF."""
+        return read_gguf_stream(self._plaintext(sha256), size_bytes)
 
     @contextlib.contextmanager
     def open_for_load(self, sha256: str, into: Literal["memfd", "tmpfs"] = "memfd") -> Iterator[LoadableWeights]:

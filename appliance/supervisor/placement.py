@@ -13,7 +13,7 @@ import psutil
 
 from appliance.config import LlamaCppSettings, ModelSettings
 from appliance.errors import ModelUnavailable
-from appliance.registry.gguf_check import GgufInfo, read_gguf_stream
+from appliance.registry.gguf_check import GgufInfo
 
 GIB = float(1 << 30)
 CONTEXT_CAP = 8192  # the llama.cpp engine's cap when n_ctx = 0 (its trained length, at most this)
@@ -101,10 +101,10 @@ class GgufMemoryEstimator:
     """The need of a registered model, from its GGUF header (read through the store, so it works on encrypted
     blobs: only the first segments are decrypted). Cached per digest: a file's header never changes."""
 
-    def __init__(self, find: Callable[[str], ModelRecordLike], plaintext: Callable[[str], Iterable[bytes]],
+    def __init__(self, find: Callable[[str], ModelRecordLike], read_header: Callable[[str, int], GgufInfo],
                  llamacpp: LlamaCppSettings, gpu: Callable[[], bool] = lambda: False) -> None:
         self.find = find
-        self.plaintext = plaintext
+        self.read_header = read_header  # (sha256, size) -> the GGUF's header: ModelStore.gguf_header
         self.llamacpp = llamacpp
         self.gpu = gpu
         self._headers: dict[str, GgufInfo] = {}
@@ -117,7 +117,7 @@ class GgufMemoryEstimator:
             return MemoryNeed(record.size_bytes, 0, BASE_OVERHEAD, on_gpu=self.gpu())
         info = self._headers.get(record.sha256)
         if info is None:
-            info = await asyncio.to_thread(read_gguf_stream, self.plaintext(record.sha256), record.size_bytes)
+            info = await asyncio.to_thread(self.read_header, record.sha256, record.size_bytes)
             self._headers[record.sha256] = info
         need = estimate_gguf(info, n_ctx=self.llamacpp.n_ctx, parallel=parallel, n_batch=self.llamacpp.n_batch)
         # offloaded layers (any: a partial offload is counted as whole, the safe side for the GPU)

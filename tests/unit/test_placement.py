@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,7 +13,7 @@ import pytest
 from appliance.config import GatewaySettings, LlamaCppSettings, ModelSettings, SupervisorSettings
 from appliance.errors import InvalidRequest
 from appliance.observability.metrics import Metrics
-from appliance.registry.gguf_check import read_gguf
+from appliance.registry.gguf_check import GgufInfo, read_gguf
 from appliance.supervisor.placement import (
     BASE_OVERHEAD,
     GgufMemoryEstimator,
@@ -97,14 +96,12 @@ def test_estimator_reads_the_header_through_the_store_once(tmp_path: Path) -> No
     path = make_gguf(tmp_path / "m.gguf")
     opened: list[str] = []
 
-    def plaintext(sha256: str) -> Iterator[bytes]:
+    def read_header(sha256: str, size: int) -> GgufInfo:
         opened.append(sha256)
-        with path.open("rb") as fh:
-            while chunk := fh.read(1000):
-                yield chunk
+        return read_gguf(path)
 
     record = type("R", (), {"sha256": "ab" * 32, "format": "gguf", "size_bytes": path.stat().st_size})()
-    estimator = GgufMemoryEstimator(lambda name: record, plaintext, LlamaCppSettings(n_ctx=64))
+    estimator = GgufMemoryEstimator(lambda name: record, read_header, LlamaCppSettings(n_ctx=64))
 
     async def main() -> None:
         first = await estimator("m", 1)
@@ -114,7 +111,7 @@ def test_estimator_reads_the_header_through_the_store_once(tmp_path: Path) -> No
 
     run(main)
     assert opened == ["ab" * 32]
-    cpu_only = GgufMemoryEstimator(lambda name: record, plaintext, LlamaCppSettings(n_gpu_layers=0), gpu=lambda: True)
+    cpu_only = GgufMemoryEstimator(lambda name: record, read_header, LlamaCppSettings(n_gpu_layers=0), gpu=lambda: True)
     assert not asyncio.run(cpu_only("m", 1)).on_gpu  # a GPU on the box, but no layers offloaded: all in RAM
 
 
