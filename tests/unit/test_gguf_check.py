@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from appliance.config import CryptoSettings
+from appliance.datadir import DataDir
+from appliance.registry.catalog import load_catalog
 from appliance.registry.gguf_check import InvalidGguf, read_gguf, validated
+from appliance.registry.store import open_model_store
+from tests.server import DEFAULT_MODEL
 from tests.unit.ggufs import kv_field_position, make_gguf, patch, tensor_field_position
 
-DEFAULT_MODEL_FILE = Path("/tmp/smol.gguf")
 OFFSET, TYPE, N_DIMS, NAME_LEN = -1, -2, 2, 0  # parts of a tensor's info
 
 
@@ -30,12 +34,18 @@ def test_a_real_file_passes_and_its_metadata_is_read(tmp_path: Path) -> None:
             info.arch_int("attention.head_count_kv"), info.arch_int("context_length")) == (3, 96, 6, 2, 256)
 
 
-@pytest.mark.skipif(not DEFAULT_MODEL_FILE.is_file(), reason="the default model's GGUF is not at /tmp/smol.gguf")
-def test_the_real_default_model_passes() -> None:
-    info = read_gguf(DEFAULT_MODEL_FILE)
+def test_the_real_default_model_passes(template_dir: Path) -> None:
+    """The default model as the suite pulls it (the session's template data dir), read through the store's public
+    header read: only the header's segments are decrypted, and the whole file is checked against the catalog."""
+    entry = load_catalog().models[DEFAULT_MODEL]
+    store = open_model_store(DataDir(template_dir), CryptoSettings())
+    assert store.stored_digests() == [entry.sha256]
+    info = store.gguf_header(entry.sha256, entry.size_bytes)
     assert info.architecture == "llama" and len(info.tensors) == 272
-    assert info.data_end == DEFAULT_MODEL_FILE.stat().st_size
+    assert info.data_end == entry.size_bytes
     assert info.arch_int("block_count") == 30
+    with pytest.raises(InvalidGguf, match="lies outside the file"):  # a size shorter than the tensors need
+        store.gguf_header(entry.sha256, entry.size_bytes - 1)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
