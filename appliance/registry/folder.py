@@ -10,9 +10,9 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import RegistryError
 from appliance.registry.sources import PICKLE_SUFFIXES
@@ -25,9 +25,32 @@ TMPFS = Path("/dev/shm")  # noqa: S108 - RAM-backed on Linux; what is made in it
 _BLOCK = tarfile.BLOCKSIZE
 
 
+def refuse_unsafe_folder(files: Sequence[str], config: Mapping[str, Any], *, allow_remote_code: bool,
+                         stored_whole: bool) -> None:
+    """The one safety check of a Hugging Face model folder, whether it lies on disk (`file:`, stored whole) or is
+    listed on the hub (`hf:`, where only its GGUF file is taken): no code of its authors' (`auto_map`,
+    `trust_remote_code`, `.py` files) unless allowed; no pickle-based weights; a stored folder holds safetensors
+    weights and nothing pickled at all. `files` are the folder's relative paths."""
+    code = [f for f in files if f.endswith(".py")]
+    asks_for_code = "auto_map" in config or bool(config.get("trust_remote_code"))
+    if (asks_for_code or code) and not allow_remote_code:
+        what = "its config asks for trust_remote_code/auto_map" if asks_for_code else f"it ships code ({code[0]})"
+        raise RegistryError(f"the folder would run its authors' own Python code when loaded: {what}; refused (set "
+                            "models.allow_remote_code = true only for code you have reviewed)", code="remote_code")
+    pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    if stored_whole and pickles:
+        raise RegistryError(f"{pickles[0]} is a pickle-based weights file, which can run code when loaded; convert "
+                            "it to safetensors first", code="unsafe_model")
+    if not has_safetensors and (stored_whole or pickles):
+        what = "are pickle-based (.bin/.pt) and can run code when loaded" if pickles else "are missing"
+        raise RegistryError(f"the folder's weights {what}: it holds no .safetensors weights; refused (use a folder "
+                            "or repository with .safetensors or .gguf files)", code="unsupported_format")
+
+
 def check_folder(folder: Path, *, allow_remote_code: bool = False) -> list[Path]:
-    """The folder's files (relative, sorted) once it is safe to serve: safetensors weights only (no pickle), no
-    links, and no custom code (`auto_map`) unless allowed."""
+    """The files (relative, sorted) of a folder on disk once it is safe to store and serve: no links, and
+    `refuse_unsafe_folder`'s rules."""
     if not (folder / "config.json").is_file():
         raise RegistryError(f"{folder} is not a Hugging Face model folder (no config.json)", code="unsupported_format")
     files = []
@@ -35,18 +58,14 @@ def check_folder(folder: Path, *, allow_remote_code: bool = False) -> list[Path]
         rel = path.relative_to(folder)
         if path.is_symlink():
             raise RegistryError(f"{rel} in {folder} is a symbolic link; copy the real file in", code="unsafe_model")
-        if path.is_dir():
-            continue
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise RegistryError(f"{rel} is a pickle-based weights file, which can run code when loaded; convert it "
-                                "to safetensors first", code="unsafe_model")
-        files.append(rel)
-    if not any(f.suffix == ".safetensors" for f in files):
-        raise RegistryError(f"{folder} holds no .safetensors weights", code="unsupported_format")
-    config = json.loads((folder / "config.json").read_text())
-    if not allow_remote_code and ("auto_map" in config or config.get("trust_remote_code")):
-        raise RegistryError(f"{folder} asks to run its own Python code (auto_map); such folders are refused",
-                            code="unsafe_model")
+        if not path.is_dir():
+            files.append(rel)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError:
+        raise RegistryError(f"{folder}/config.json is not JSON", code="unsupported_format") from None
+    refuse_unsafe_folder([f.as_posix() for f in files], config if isinstance(config, dict) else {},
+                         allow_remote_code=allow_remote_code, stored_whole=True)
     return files
 
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from appliance.errors import RegistryError
+from appliance.registry.folder import refuse_unsafe_folder
 from appliance.registry.sources import (
-    PICKLE_SUFFIXES,
     Download,
     ImportPolicy,
     Progress,
@@ -35,19 +35,6 @@ def _hub() -> Any:
         raise RegistryError("hf: sources need the huggingface_hub package; install the extra: "
                             "pip install 'appliance[hf]'", code="missing_dependency") from None
     return huggingface_hub
-
-
-def check_hf_folder(files: list[str], config: dict[str, Any], policy: ImportPolicy) -> None:
-    """Refuse a Hugging Face folder whose loading would run code: custom modelling code, or pickled weights."""
-    code = [f for f in files if f.endswith(".py")]
-    asks_for_code = "auto_map" in config or bool(config.get("trust_remote_code"))
-    if (asks_for_code or code) and not policy.allow_remote_code:
-        what = "its config asks for trust_remote_code/auto_map" if asks_for_code else f"it ships code ({code[0]})"
-        raise RegistryError(f"the folder would run its authors' Python code when loaded: {what}; refused (set "
-                            "models.allow_remote_code = true only for code you have reviewed)", code="remote_code")
-    if not any(f.endswith(".safetensors") for f in files) and any(f.endswith(PICKLE_SUFFIXES) for f in files):
-        raise RegistryError("the folder's weights are pickle-based (.bin/.pt) and can run code when loaded; "
-                            "refused: use a repository with .safetensors or .gguf files", code="unsupported_format")
 
 
 def _repo_files(hub: Any, repo: str) -> list[str]:
@@ -75,7 +62,8 @@ def pick_file(hub: Any, repo: str, policy: ImportPolicy) -> str:
     """The repository's one GGUF file; a folder is checked for code first, then refused (not storable yet)."""
     files = _repo_files(hub, repo)
     if "config.json" in files:
-        check_hf_folder(files, _config(hub, repo, policy), policy)
+        refuse_unsafe_folder(files, _config(hub, repo, policy), allow_remote_code=policy.allow_remote_code,
+                             stored_whole=False)
     ggufs = [f for f in files if f.endswith(".gguf")]
     if len(ggufs) == 1:
         return ggufs[0]

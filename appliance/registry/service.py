@@ -103,7 +103,7 @@ class ModelRegistry:
                    actor: str = "system") -> ModelRecord:
         """Store a Hugging Face model folder (packed into one blob) under `name`, format "hf" (served by vLLM)."""
         with audited(self.audit, actor, "model.add", name, source=source, format="hf") as event:
-            files = check_folder(folder)
+            files = check_folder(folder, allow_remote_code=self.policy.allow_remote_code)
             blob = self.store.put(pack_folder(folder, files))
             record = self._record(valid_model_name(name), source, "hf", blob.sha256, blob.size_bytes, licence, event)
         return record

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import RegistryError
-from appliance.registry.folder import check_folder, pack_folder, private_tmpfs_dir, unpack
+from appliance.registry.folder import check_folder, pack_folder, private_tmpfs_dir, refuse_unsafe_folder, unpack
 
 
 def make_folder(root: Path, config: dict[str, object] | None = None) -> Path:
@@ -52,6 +52,34 @@ def test_unsafe_or_incomplete_folders_are_refused(tmp_path: Path, change: object
     change(folder)  # type: ignore[operator]
     with pytest.raises(RegistryError, match=words):
         check_folder(folder)
+
+
+@pytest.mark.parametrize(("extra", "config", "code"), [
+    ("modeling_x.py", {}, "remote_code"),
+    ("", {"auto_map": {"AutoModel": "x.Model"}}, "remote_code"),
+    ("", {"trust_remote_code": True}, "remote_code"),
+    ("", {"model_type": "llama"}, None),
+])
+def test_a_folder_on_disk_and_a_hub_listing_get_the_same_check(tmp_path: Path, extra: str,
+                                                               config: dict[str, object], code: str | None) -> None:
+    """One check for `file:` folders and `hf:` repositories: the same folder is refused (or not) for the same
+    reason either way, and models.allow_remote_code lets reviewed code through both ways."""
+    folder = make_folder(tmp_path / "m", config)
+    if extra:
+        (folder / extra).write_text("import os\n")
+    listing = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    outcomes = []
+    for judge in (lambda: check_folder(folder),
+                  lambda: refuse_unsafe_folder(listing, config, allow_remote_code=False, stored_whole=False)):
+        try:
+            judge()
+        except RegistryError as exc:
+            outcomes.append((exc.code, exc.message))
+        else:
+            outcomes.append((None, ""))
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] == code, outcomes
+    assert check_folder(folder, allow_remote_code=True)  # allowed: both ways
+    refuse_unsafe_folder(listing, config, allow_remote_code=True, stored_whole=False)
 
 
 def test_a_blob_with_a_path_out_of_the_folder_is_refused(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import RegistryError
-from appliance.registry.hf import check_hf_folder
+from appliance.registry.folder import refuse_unsafe_folder
 from appliance.registry.sources import ImportPolicy, SourceSpec, check_address, fetch, open_source, parse_source
 from tests.standin_http import Route, StandIn
 
@@ -159,6 +159,11 @@ def test_file_source_must_be_a_regular_file_within_the_limit(tmp_path: Path) -> 
     link.symlink_to(path)  # the name says .bin, the target .gguf: the checked name is the resolved one
     with open_source(SourceSpec("file", str(link))) as got:
         assert b"".join(got) == BODY
+
+
+def check_hf_folder(files: list[str], config: dict[str, object], policy: ImportPolicy) -> None:
+    """The check an hf: repository's listing gets (only its GGUF file is taken from it)."""
+    refuse_unsafe_folder(files, config, allow_remote_code=policy.allow_remote_code, stored_whole=False)
 
 
 def test_hf_folder_with_remote_code_is_refused_unless_allowed() -> None:
