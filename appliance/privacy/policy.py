@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Literal, cast
 
 import msgspec
+import re2
 
+from appliance.privacy.detectors import TextPattern
 from appliance.resources import shipped
 from appliance.toml_lines import LocatedError, locate, syntax_error_line, validation_error_path
 
@@ -32,6 +34,8 @@ DEFAULT = "default"
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the reason goes back to the administrator, not to the server's stderr
 
 
 class PolicyError(LocatedError):
@@ -80,7 +84,7 @@ class PrivacyPolicy:
     surfaces: Mapping[str, Mapping[str, Action]]
     retention: Mapping[str, timedelta | None]
     purge_interval: timedelta
-    custom: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
+    custom: Mapping[str, TextPattern] = field(default_factory=dict)
     phone_regions: tuple[str, ...] = ("US",)
     ner: Literal["auto", "off"] = "auto"
     store_conversations: bool = False
@@ -184,21 +188,32 @@ def parse_policy(text: str, source: str = "privacy.toml") -> PrivacyPolicy:
     )
 
 
-def _custom_patterns(parsed: PolicyFile, text: str, source: str) -> dict[str, re.Pattern[str]]:
-    custom: dict[str, re.Pattern[str]] = {}
+def compile_custom_pattern(pattern: str) -> TextPattern:
+    """An administrator's pattern, compiled by RE2: matching takes time linear in the text whatever the pattern,
+    so no pattern can hang a request (Python's `re` backtracks: `(a+)+$` takes exponential time). ValueError
+    names what RE2 refuses, with the usual cause."""
+    try:
+        compiled = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ValueError(f"RE2, the linear-time engine for custom patterns, cannot compile it: {reason}. RE2 has "
+                         "no backreferences (\\1) and no lookaround ((?=, (?!, (?<=, (?<!); match the text itself "
+                         "instead, e.g. with \\b word boundaries") from None
+    if compiled.match(""):
+        raise ValueError("the pattern matches empty text; it would match everywhere")
+    return cast(TextPattern, compiled)
+
+
+def _custom_patterns(parsed: PolicyFile, text: str, source: str) -> dict[str, TextPattern]:
+    custom: dict[str, TextPattern] = {}
     for name, entity in parsed.custom.items():
         if not _NAME.match(name) or name in (*BUILTIN_ENTITIES, *NER_ENTITIES, DEFAULT):
             raise _fail(source, text, ["custom", name], "a custom entity needs a new lowercase name (a-z, 0-9, _) "
                         "that is not a built-in entity")
         try:
-            pattern = re.compile(entity.pattern)
-        except re.error as exc:
-            raise _fail(source, text, ["custom", name, "pattern"], f"not a valid regular expression: {exc}"
-                        ) from None
-        if pattern.match(""):
-            raise _fail(source, text, ["custom", name, "pattern"], "the pattern matches empty text; it would "
-                        "match everywhere")
-        custom[name] = pattern
+            custom[name] = compile_custom_pattern(entity.pattern)
+        except ValueError as exc:
+            raise _fail(source, text, ["custom", name, "pattern"], str(exc)) from None
     return custom
 
 

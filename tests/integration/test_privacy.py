@@ -135,6 +135,18 @@ def test_policy_changes_are_validated_versioned_and_audited(box: Running) -> Non
     httpx.put(url, json={"policy": current["policy"]}, headers=box.headers).raise_for_status()
 
 
+def test_a_custom_pattern_re2_cannot_run_is_a_400_naming_the_problem(box: Running) -> None:
+    url = box.url + "/api/privacy/policy"
+    current = httpx.get(url, headers=box.headers).json()
+    backreference = current["policy"] + '\n[custom.twice]\npattern = "(\\\\w+) \\\\1"\n'
+    refused = httpx.put(url, json={"policy": backreference}, headers=box.headers)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "custom.twice.pattern" in error["message"] and "no backreferences" in error["message"], error
+    assert httpx.get(url, headers=box.headers).json()["version"] == current["version"]  # nothing changed
+
+
 def test_report_and_erasure_leave_nothing_of_the_subject(box: Running) -> None:
     assert box.process is not None
     appliance("users", "create", "erin", "--role", "user", "--password-stdin", input=PASSWORD + "\n",

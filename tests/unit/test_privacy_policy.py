@@ -3,10 +3,12 @@ line that is wrong."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
 
+from appliance.privacy.detectors import Entity, PatternDetector
 from appliance.privacy.policy import SHIPPED_PRIVACY, PolicyError, load_policy, parse_duration, parse_policy
 
 GOOD = """\
@@ -62,10 +64,35 @@ def test_block_is_refused_on_records_that_are_always_written() -> None:
 def test_custom_patterns_are_entities_and_bad_ones_are_refused() -> None:
     policy = parse_policy('[custom.employee_id]\npattern = "EMP-[0-9]{6}"\n[surfaces.logs]\nemployee_id = "mask"\n')
     assert "employee_id" in policy.entities and policy.action("logs", "employee_id") == "mask"
-    with pytest.raises(PolicyError, match=r"line 2: custom\.bad\.pattern: not a valid regular expression"):
+    with pytest.raises(PolicyError, match=r"line 2: custom\.bad\.pattern: RE2, .* cannot compile it: missing \]"):
         parse_policy('[custom.bad]\npattern = "EMP-[0-9"\n')
     with pytest.raises(PolicyError, match="matches empty text"):
         parse_policy('[custom.empty]\npattern = "x*"\n')
+
+
+@pytest.mark.parametrize(("pattern", "says"), [
+    (r"(\\w+) \\1", r"invalid escape sequence: \\1\. RE2 has no backreferences"),
+    (r"(?<!x)EMP-\\d+", r"invalid perl operator: \(\?<!\. .*no lookaround"),
+    (r"EMP(?=-)", r"invalid perl operator: \(\?=\. .*no lookaround"),
+])
+def test_patterns_re2_cannot_run_are_refused_naming_the_construct(pattern: str, says: str) -> None:
+    with pytest.raises(PolicyError, match=r"line 2: custom\.bad\.pattern: RE2, the linear-time engine .*" + says):
+        parse_policy(f'[custom.bad]\npattern = "{pattern}"\n')
+
+
+def test_a_catastrophic_pattern_runs_in_linear_time() -> None:
+    """`(a+)+$` backtracks exponentially in Python's `re` (2**40 steps here: hours); on RE2 detection is instant.
+    The detection runs in a thread so that a regression fails the test instead of hanging the suite."""
+    policy = parse_policy('[custom.evil]\npattern = "(a+)+$"\n[surfaces.logs]\nevil = "redact"\n')
+    assert type(policy.custom["evil"]).__module__ == "re2"
+    detector = PatternDetector("evil", policy.custom["evil"])
+    found: list[list[Entity]] = []
+    worker = threading.Thread(target=lambda: found.append(detector.detect("a" * 40 + "b")), daemon=True)
+    worker.start()
+    worker.join(timeout=30)  # a bound for a loaded CI box, not a measurement: RE2 needs microseconds
+    assert not worker.is_alive(), "matching an administrator's pattern backtracked"
+    assert found == [[]]
+    assert detector.detect("xx aaaa") == [Entity(3, 7, "evil", "aaaa")]  # offsets in characters, as with re
 
 
 def test_toml_syntax_errors_carry_the_line() -> None:
