@@ -130,7 +130,8 @@ class Services:
         self.rbac = Rbac.load(settings.auth.rbac_file)
         self.rbac.record_if_changed(self.audit)  # an edited roles file is a policy change: audit it
         master_key = self.data.read_master_key()
-        self.privacy = PrivacyControls.build(self.conn, self.audit, master_key, settings.privacy.policy_file)
+        self.privacy = PrivacyControls.build(self.conn, self.audit, master_key, settings.privacy.policy_file,
+                                            connect=self.data.connect)
         self.privacy.record_if_changed()  # an edited privacy.toml is a policy change: audit it
         install_scrubber(lambda text: self.privacy.privacy.apply("logs", text).text)  # no PII in the logs
         self.keys = ApiKeyService(self.conn, derive_pepper(master_key), audit=self.audit, roles=self.rbac.roles)

@@ -73,7 +73,7 @@ async def put_policy(request: Request[Any, Any, Any], state: State) -> dict[str,
       opt=permission("privacy:admin"), tags=["Privacy"], status_code=200)
 async def erase_subject(request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
     body = decode_body(await request.body(), ErasureBody, '{"subject": "alice"}')
-    return {"deleted": _controls(state).retention.erase(body.subject, actor_of(request))}
+    return {"deleted": await _controls(state).retention.erase_apart(body.subject, actor_of(request))}
 
 
 @post("/api/privacy/purge", summary="Delete everything past its retention now (the periodic job, on demand); with "
@@ -83,7 +83,7 @@ async def purge_now(request: Request[Any, Any, Any], state: State,
     retention = _controls(state).retention
     if dry_run:
         return {"dry_run": True, "would_delete": retention.due()}
-    return {"deleted": retention.purge(actor_of(request))}
+    return {"deleted": await retention.purge_apart(actor_of(request))}
 
 
 @post("/api/privacy/detect", summary="Run the policy's PII detectors on a sample: what they find and what each "

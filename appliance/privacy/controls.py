@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.audit import AuditLog
@@ -26,15 +27,16 @@ class PrivacyControls:
 
     @classmethod
     def build(cls, conn: sqlite3.Connection, audit: AuditLog, master_key: bytes,
-              policy_file: str = "") -> PrivacyControls:
+              policy_file: str = "", connect: Callable[[], sqlite3.Connection] | None = None) -> PrivacyControls:
         """Load the policy in force (PolicyError naming the line when it is invalid), hook the `audit` surface into
-        the audit log, and register the core's stores for retention and erasure."""
+        the audit log, and register the core's stores for retention and erasure. `connect` opens a connection of
+        its own for the purge and erasure that the server runs in a worker thread."""
         versions = PolicyVersions(conn, audit)
         policy, version = versions.active(policy_file)
         privacy = Privacy(policy, derive_pseudonym_key(master_key))
         audit.scrub = lambda details: privacy.scrub("audit", details)
         retention = Retention(lambda: privacy.policy, audit, subject_resolver(conn, privacy.pseudonym),
-                              privacy.pseudonym)
+                              privacy.pseudonym, connect=connect)
         for store in core_stores(conn, audit):
             retention.register(store)
         return cls(privacy, versions, retention, GatewayPrivacy(privacy), policy_file, version)

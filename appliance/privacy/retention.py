@@ -15,8 +15,11 @@ itself is audited under the subject's pseudonym, never the name or address."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import dataclasses
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -287,9 +290,12 @@ class Retention:
 
     def __init__(self, policy: Callable[[], PrivacyPolicy], audit: AuditLog,
                  resolve: Callable[[str], Subject], pseudonym: Callable[[str, str], str],
-                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 connect: Callable[[], sqlite3.Connection] | None = None) -> None:
         self._policy = policy
         self.audit = audit
+        self._connect = connect  # a private connection for the jobs off the event loop (`purge_apart`)
+        self._one_job = threading.Lock()  # one purge or erasure at a time
         self._resolve = resolve
         self._pseudonym = pseudonym
         self.now = now
@@ -311,18 +317,47 @@ class Retention:
                 yield store, now - age
 
     def purge(self, actor: str = "supervisor") -> dict[str, int]:
-        """Delete what is past its class's maximum age in every store, then compact; audited."""
+        """Delete what is past its class's maximum age in every store, then compact; audited. Runs on the caller's
+        thread and connection (the CLI); the server uses `purge_apart`."""
+        with self._one_job:
+            return self._purge(self.stores, self.audit, actor)
+
+    async def purge_apart(self, actor: str = "supervisor") -> dict[str, int]:
+        """`purge` in a worker thread on a connection of its own: a purge of millions of rows, its VACUUM and its
+        checkpoint never hold up the event loop, and the loop's connection stays free for requests."""
+        return await asyncio.to_thread(self._apart, lambda stores, audit: self._purge(stores, audit, actor))
+
+    def _purge(self, stores: Sequence[ErasableStore], audit: AuditLog, actor: str) -> dict[str, int]:
         policy, now = self._policy(), self.now()
         counts: dict[str, int] = {}
-        for store, cutoff in self._aged(policy, now):
-            with self.audit.transaction():
-                counts[store.data_class] = counts.get(store.data_class, 0) + store.purge_older_than(cutoff)
-        self._compact(store for store in self.stores if counts.get(store.data_class))
+        for store in stores:
+            age = policy.retention.get(store.data_class)
+            if age is None:
+                continue
+            with _transaction_for(store, audit):
+                counts[store.data_class] = counts.get(store.data_class, 0) + store.purge_older_than(now - age)
+        self._compact(store for store in stores if counts.get(store.data_class))
         self.last_purge = now
         self.next_purge = now + policy.purge_interval
         if any(counts.values()):
-            self.audit.record(actor, "privacy.purge", "", "ok", deleted=counts)
+            audit.record(actor, "privacy.purge", "", "ok", deleted=counts)
         return counts
+
+    def _apart(self, job: Callable[[Sequence[ErasableStore], AuditLog], dict[str, int]]) -> dict[str, int]:
+        """Run `job` (in a worker thread) over the stores rebound to a private connection: a store that holds the
+        shared connection or audit log gets a copy holding the private ones; stores with connections of their own
+        (the RAG indexes, the cache) are used as they are. Without `connect` (tests), the shared ones."""
+        with self._one_job:
+            if self._connect is None:
+                return job(self.stores, self.audit)
+            conn = self._connect()
+            try:
+                audit = AuditLog(conn)
+                audit.scrub = self.audit.scrub
+                return job([_rebound(store, {id(self.audit.conn): conn, id(self.audit): audit})
+                            for store in self.stores], audit)
+            finally:
+                conn.close()
 
     def due(self) -> dict[str, int]:
         """What a purge now would delete, per data class; deletes nothing (a dry run)."""
@@ -336,15 +371,27 @@ class Retention:
 
     def erase(self, subject_text: str, actor: str) -> dict[str, int]:
         """Delete everything held about a user (by name) or a person (by email) from every store, then compact.
-        The audit record names the subject by pseudonym only."""
+        The audit record names the subject by pseudonym only. On the caller's thread (the CLI); the server uses
+        `erase_apart`."""
         subject = self._resolve(subject_text)
+        with self._one_job:
+            return self._erase(self.stores, self.audit, subject, subject_text, actor)
+
+    async def erase_apart(self, subject_text: str, actor: str) -> dict[str, int]:
+        """`erase` in a worker thread on a connection of its own (the subject is resolved first, on the loop)."""
+        subject = self._resolve(subject_text)
+        return await asyncio.to_thread(
+            self._apart, lambda stores, audit: self._erase(stores, audit, subject, subject_text, actor))
+
+    def _erase(self, stores: Sequence[ErasableStore], audit: AuditLog, subject: Subject, subject_text: str,
+               actor: str) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for store in self.stores:
-            with self.audit.transaction():
+        for store in stores:
+            with _transaction_for(store, audit):
                 counts[store.data_class] = counts.get(store.data_class, 0) + store.erase_subject(subject)
-        self._compact(store for store in self.stores if counts.get(store.data_class))
-        self.audit.record(actor, "privacy.erase", self._pseudonym("subject", subject_text.strip().lower()), "ok",
-                          deleted=counts)
+        self._compact(store for store in stores if counts.get(store.data_class))
+        audit.record(actor, "privacy.erase", self._pseudonym("subject", subject_text.strip().lower()), "ok",
+                     deleted=counts)
         return counts
 
     @staticmethod
@@ -376,13 +423,34 @@ class Retention:
         await asyncio.sleep(first_delay)
         while True:
             try:
-                counts = self.purge()
+                counts = await self.purge_apart()
                 if any(counts.values()):
                     log.info("privacy.purged", deleted=counts)
             except (sqlite3.Error, OSError, ValueError) as exc:
                 log.warning("privacy.purge_failed", error=str(exc))
                 self.next_purge = self.now() + self._policy().purge_interval
             await asyncio.sleep(self._policy().purge_interval.total_seconds())
+
+
+def _transaction_for(store: ErasableStore, audit: AuditLog) -> contextlib.AbstractContextManager[None]:
+    """One transaction of the appliance's database around a store that lives in it (it holds the connection or the
+    audit log); none around a store with a database of its own (RAG, the cache), which would only hold the
+    database's write lock, and the requests' writes with it, for as long as that store takes."""
+    held = {id(audit), id(audit.conn)}
+    if any(id(value) in held for value in vars(store).values()):
+        return audit.transaction()
+    return contextlib.nullcontext()
+
+
+def _rebound(store: ErasableStore, replacements: dict[int, object]) -> ErasableStore:
+    """A shallow copy of `store` whose attributes that are keys of `replacements` (by identity) are replaced."""
+    swapped = {name: replacements[id(value)] for name, value in vars(store).items() if id(value) in replacements}
+    if not swapped:
+        return store
+    clone = copy.copy(store)
+    for name, value in swapped.items():
+        setattr(clone, name, value)
+    return clone
 
 
 def _retention_text(age: timedelta | None, known: bool) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -117,6 +119,55 @@ class ListStore:
 
     def compact(self) -> None:
         self.compacted += 1
+
+
+class GateStore(ListStore):
+    """A store with storage of its own whose purge holds until the test lets it go: the purge is surely running
+    while the test looks at the event loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def purge_older_than(self, cutoff: datetime) -> int:
+        self.thread = threading.current_thread()
+        self.entered.set()
+        self.release.wait(timeout=20)  # a bound for a broken build, whose purge would hold the loop itself
+        return super().purge_older_than(cutoff)
+
+
+def test_a_purge_runs_off_the_event_loop_on_a_connection_of_its_own(
+        data: DataDir, conn: sqlite3.Connection, audit: AuditLog) -> None:
+    controls = PrivacyControls.build(conn, audit, data.read_master_key(), connect=data.connect)
+    retention = controls.retention
+    gate = GateStore()
+    retention.register(gate)
+    conn.executemany("INSERT INTO quota_usage(subject, requests, tokens, at, day, day_tokens) "
+                     "VALUES (?, 1, 1, 0, '2000-01-01', 1)", [(f"key:{i}",) for i in range(20_000)])
+    for i in range(50):
+        audit.record("cli:test", "thing.do", str(i))
+    retention.now = lambda: datetime.now(UTC) + timedelta(days=500)  # everything is past its age
+    seen_during: dict[str, object] = {}
+
+    async def main() -> dict[str, int]:
+        purge = asyncio.create_task(retention.purge_apart(actor="cli:test"))
+        await asyncio.to_thread(gate.entered.wait, 20)  # the purge is inside the last store now, and held there
+        # the loop runs, and the shared connection serves reads and writes (no transaction of the purge holds it)
+        seen_during["purge_done"] = purge.done()
+        seen_during["usage_left"] = conn.execute("SELECT COUNT(*) FROM quota_usage").fetchone()[0]
+        audit.record("cli:test", "during.purge", "x")
+        gate.release.set()
+        return await purge
+
+    counts = asyncio.run(main())
+    assert seen_during == {"purge_done": False, "usage_left": 0}  # the big delete was done, on the other connection
+    assert gate.thread is not None and gate.thread is not threading.main_thread()
+    assert counts["usage"] == 20_000 and counts["audit"] >= 50 and counts["cache_entries"] == 2
+    actions = [r["action"] for r in audit.export()]
+    assert actions == ["during.purge", "privacy.purge"], actions  # both logs append to one chain
+    result = audit.verify()
+    assert result.ok, result.reason
 
 
 def test_registered_stores_join_purge_erasure_and_report(controls: PrivacyControls) -> None:
