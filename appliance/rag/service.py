@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import threading
 import time
 import uuid
@@ -56,6 +57,13 @@ def owner_of(principal: Any) -> str:
     """The subject that owns what a principal creates: the user behind a key or session, else the key."""
     owner_user = getattr(principal, "owner_user_id", None)
     return f"user:{owner_user}" if owner_user else str(principal.subject)
+
+
+def name_unavailable(name: str) -> Conflict:
+    """The answer for a name held by a collection the caller may not see (or one being deleted): it says the name
+    can't be had, never that a collection has it, whose it is, or anything else about it."""
+    return Conflict(f"the name '{name}' is not available for a new collection; pick another name", param="name",
+                    code="name_unavailable")
 
 
 def collection_not_found(name: str) -> NotFound:
@@ -177,10 +185,18 @@ class RagService:
             if not _SUBJECT.match(subject):
                 raise InvalidRequest(f"{subject!r} is not a subject: use user:ID, key:ID, role:NAME or *",
                                      param="readers", code="invalid_value")
-        if self.index.collection(name) is not None:
+        # Names are one namespace: a taken name can't be had, but only a caller who may see the collection is told
+        # that it exists; anyone else gets the same answer as for a name held by a collection being deleted.
+        taken = self.index.collection(name)
+        if taken is not None and self._may(principal, taken, write=False):
             raise Conflict(f"a collection named '{name}' exists already; pick another name", param="name")
-        collection = await asyncio.to_thread(self.index.create_collection, name, owner_of(principal), readers,
-                                             writers, self.embeddings.version)
+        if taken is not None:
+            raise name_unavailable(name)
+        try:
+            collection = await asyncio.to_thread(self.index.create_collection, name, owner_of(principal), readers,
+                                                 writers, self.embeddings.version)
+        except sqlite3.IntegrityError:  # a collection being deleted still holds it, or a create that just won
+            raise name_unavailable(name) from None
         self._record(principal, "rag.collection.create", name, readers=len(readers), writers=len(writers))
         return self._view(collection)
 

@@ -257,6 +257,14 @@ def test_collections_are_private_unless_shared(api: httpx.Client, rag: Running) 
         assert response.status_code == 404, (method, path, response.text)
         assert response.json()["error"]["code"] == "collection_not_found"
     assert "alice-notes" not in [c["name"] for c in api.get("/api/collections", headers=as_bob).json()["data"]]
+    # Taking her name is refused without saying that a collection has it: the answer is the one for a name held
+    # by a collection being deleted. Alice, who sees it, is told it exists.
+    hidden = api.post("/api/collections", json={"name": "alice-notes"}, headers=as_bob)
+    assert hidden.status_code == 409 and hidden.json()["error"] == {
+        "message": "the name 'alice-notes' is not available for a new collection; pick another name",
+        "type": "invalid_request_error", "param": "name", "code": "name_unavailable"}
+    own = api.post("/api/collections", json={"name": "alice-notes"}, headers=as_alice)
+    assert own.status_code == 409 and "exists already" in own.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         rag.client(bob).chat.completions.create(model="smollm2-135m-instruct", max_tokens=4, messages=[
             {"role": "user", "content": "recipe?"}], extra_body={"rag": {"collections": ["alice-notes"]}})
