@@ -93,6 +93,7 @@ from appliance.observability.tracing import Tracing
 from appliance.privacy.controls import PrivacyControls
 from appliance.rag.chat import RagChat
 from appliance.rag.embeddings import EmbeddingService
+from appliance.rag.jobs import JobStore
 from appliance.rag.retention import RagDocumentStore
 from appliance.rag.service import RagService
 from appliance.registry.catalog import load_catalog, tool_call_parser
@@ -158,6 +159,7 @@ class Services:
                                            imported=self.imported_folder)
         self.embeddings_api = EmbeddingsEndpoint(self.embeddings, self.quotas)
         self.rag = RagService(settings.rag, self.data.rag, self.embeddings, self.rbac, self.metrics, self.audit)
+        self.rag.job_store = JobStore(self.conn)  # ingestion jobs outlive a restart
         self.rag.privacy = self.privacy.privacy  # the `rag` surface at ingestion
         self.privacy.retention.register(RagDocumentStore(self.rag))  # retention, erasure and compaction
         self.response_cache = build_response_cache(settings.cache, self.data.cache, self.metrics,
@@ -417,7 +419,8 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
                           hint=f"run `appliance models pull {default}`; /readyz stays 503 until then")
             else:
                 services.pool.start_loading(default)
-            rag_open = asyncio.create_task(asyncio.to_thread(lambda: services.rag.index))  # repairs after a crash
+            # open the RAG indexes (repairing after a crash), then run again the ingestion jobs a stop interrupted
+            rag_open = asyncio.create_task(services.rag.resume_jobs())
             purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
             sampling = asyncio.create_task(services.dashboard.run())  # the dashboard's TTFT window
             alerting = asyncio.create_task(services.alerts.run())  # the alert rules, delivery, audit chain checks

@@ -273,6 +273,28 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE model_aliases ADD COLUMN targets TEXT;
     ALTER TABLE model_aliases ADD COLUMN floor REAL;
     """,
+    # 16: RAG ingestion jobs (appliance/rag/jobs.py), so that they outlive a restart: `documents` holds what the job
+    # carries (msgpack) until it ends; `actor` is the principal that submitted it (its audit records name it);
+    # `attempts` counts its starts. `created` is a UNIX time.
+    """
+    CREATE TABLE ingestion_jobs (
+        id            TEXT PRIMARY KEY,
+        owner         TEXT NOT NULL,
+        actor         TEXT NOT NULL,
+        collection    TEXT NOT NULL,
+        collection_id TEXT NOT NULL,
+        document_id   TEXT NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+        stage         TEXT NOT NULL,
+        done          INTEGER NOT NULL DEFAULT 0,
+        total         INTEGER NOT NULL DEFAULT 0,
+        error         TEXT,
+        documents     BLOB,
+        attempts      INTEGER NOT NULL DEFAULT 1,
+        created       REAL NOT NULL
+    );
+    CREATE INDEX ingestion_jobs_state ON ingestion_jobs(state, created);
+    """,
 )
 
 

@@ -12,8 +12,9 @@ from litestar.params import FromPath, FromQuery
 from appliance.admin.keys_routes import decode_body
 from appliance.auth.guards import permission
 from appliance.errors import InvalidRequest
+from appliance.rag.jobs import Incoming
 from appliance.rag.parsers import detect_kind
-from appliance.rag.service import DocumentBatch, DocumentBody, Incoming, NewCollection, QueryRequest, RagService
+from appliance.rag.service import DocumentBatch, DocumentBody, NewCollection, QueryRequest, RagService
 
 TAGS = ["RAG"]
 DOCUMENT_EXAMPLE = '{"id": "handbook", "text": "...", "metadata": {"source": "intranet"}, "format": "markdown"}'

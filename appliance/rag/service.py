@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +34,7 @@ from appliance.privacy.service import Privacy
 from appliance.rag.chunking import Chunk, chunk_blocks
 from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.index import CheckReport, Hit, NewDocument, RagIndex, StoredChunk
+from appliance.rag.jobs import MAX_ATTEMPTS, Incoming, Job, JobStore, failure
 from appliance.rag.parsers import Block, Kind, parse
 
 log = get_logger(__name__)
@@ -71,36 +72,6 @@ def collection_not_found(name: str) -> NotFound:
                     code="collection_not_found", param="collection")
 
 
-@dataclass
-class Job:
-    id: str
-    owner: str
-    collection: str
-    document_id: str
-    state: Literal["queued", "running", "done", "failed"] = "queued"
-    stage: str = "queued"
-    done: int = 0
-    total: int = 0
-    error: dict[str, Any] | None = None
-    created: float = field(default_factory=time.time)
-
-    def view(self) -> dict[str, Any]:
-        progress = round(self.done / self.total, 3) if self.total else (1.0 if self.state == "done" else 0.0)
-        return {"id": self.id, "object": "ingestion.job", "state": self.state, "stage": self.stage,
-                "collection": self.collection, "document_id": self.document_id, "done": self.done,
-                "total": self.total, "progress": progress, "error": self.error}
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A document as it arrives: its id, bytes, format and metadata."""
-
-    id: str
-    data: bytes
-    kind: Kind
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class Result:
     chunk: StoredChunk
@@ -125,7 +96,8 @@ class RagService:
         self.rbac = rbac
         self.metrics = metrics
         self.audit = audit
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job] = {}  # the jobs this process runs; `job_store` keeps every job (the server's)
+        self.job_store: JobStore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.crash_hook: Callable[[str], None] | None = None  # tests: kill the process at a named step
         self.privacy: Privacy | None = None  # the `rag` surface of the privacy policy, applied at ingestion
@@ -171,8 +143,11 @@ class RagService:
         return collection
 
     def _record(self, principal: Any, action: str, target: str, **details: Any) -> None:
+        self._record_as(str(principal.subject), action, target, **details)
+
+    def _record_as(self, actor: str, action: str, target: str, **details: Any) -> None:
         if self.audit is not None:
-            self.audit.record(str(principal.subject), action, target[:200], "ok", **details)
+            self.audit.record(actor, action, target[:200], "ok", **details)
 
     # collections
 
@@ -246,33 +221,74 @@ class RagService:
         label = documents[0].id if len(documents) == 1 else f"{len(documents)} documents"
         job = Job(uuid.uuid4().hex, owner_of(principal), name, label)
         if sum(len(d.data) for d in documents) <= self.settings.job_threshold_bytes:
-            await self._ingest(job, principal, collection, documents)
+            await self._ingest(job, str(principal.subject), collection, documents)
             if len(documents) == 1:
                 return {"object": "document", "id": documents[0].id, "collection": name, "chunks": job.total}
             return {"object": "list", "collection": name, "data": [{"object": "document", "id": d.id}
                                                                     for d in documents], "chunks": job.total}
-        self.jobs[job.id] = job
-        task = asyncio.create_task(self._run_job(job, principal, collection, documents))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self.job_store is not None:  # written before the 202: an acknowledged job survives a restart
+            self.job_store.add(job, collection["id"], str(principal.subject), documents)
+        self._start_job(job, str(principal.subject), collection, documents)
         return job.view()
 
-    async def _run_job(self, job: Job, principal: Any, collection: dict[str, Any],
+    def _start_job(self, job: Job, actor: str, collection: dict[str, Any], documents: Sequence[Incoming]) -> None:
+        self.jobs[job.id] = job
+        task = asyncio.create_task(self._run_job(job, actor, collection, documents))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _save(self, job: Job) -> None:
+        if self.job_store is not None:
+            self.job_store.save(job)
+
+    async def _run_job(self, job: Job, actor: str, collection: dict[str, Any],
                        documents: Sequence[Incoming]) -> None:
         try:
-            await self._ingest(job, principal, collection, documents)
+            await self._ingest(job, actor, collection, documents)
         except ApplianceError as exc:
             job.state, job.error = "failed", exc.to_body()["error"]
         except Exception as exc:
             log.exception("rag.job_failed", job=job.id)
             job.state = "failed"
-            job.error = {"message": f"ingestion failed ({type(exc).__name__}); see the server log", "type":
-                         "server_error", "param": None, "code": "ingestion_failed"}
+            job.error = failure(f"ingestion failed ({type(exc).__name__}); see the server log", "ingestion_failed")
+        self._save(job)
 
-    async def _ingest(self, job: Job, principal: Any, collection: dict[str, Any],
+    async def resume_jobs(self) -> list[str]:
+        """Run again the jobs a stop or crash interrupted (after the index has repaired what they left), or mark
+        them failed with the reason; returns their ids. Called once at server start."""
+        if self.job_store is None:
+            return []
+        index = await asyncio.to_thread(lambda: self.index)
+        self.job_store.forget_finished()
+        resumed = []
+        for found in self.job_store.interrupted():
+            job = found.job
+            collection = await asyncio.to_thread(index.collection, job.collection)
+            if collection is None or collection["id"] != found.collection_id:
+                job.state, job.error = "failed", failure(
+                    f"collection '{job.collection}' was deleted while the server was stopped; nothing was added",
+                    "collection_not_found")
+            elif found.attempts > MAX_ATTEMPTS:
+                job.state, job.error = "failed", failure(
+                    f"the server stopped during this job {MAX_ATTEMPTS} times; send the documents again in smaller "
+                    "parts or see the server log", "ingestion_interrupted")
+            else:
+                job.state, job.stage, job.done, job.total = "queued", "queued", 0, 0
+                self._save(job)
+                self._start_job(job, found.actor, collection, found.documents)
+                resumed.append(job.id)
+                continue
+            self._save(job)
+            log.warning("rag.job_not_resumed", job=job.id, reason=job.error["message"] if job.error else "")
+        if resumed:
+            log.info("rag.jobs_resumed", jobs=resumed, why="the server stopped while they ran")
+        return resumed
+
+    async def _ingest(self, job: Job, actor: str, collection: dict[str, Any],
                       documents: Sequence[Incoming]) -> None:
         s = self.settings
         job.state, job.stage = "running", "parsing"
+        self._save(job)
         chunked: list[list[Chunk]] = []
         for d in documents:
             blocks: list[Block] = await asyncio.to_thread(parse, d.data, d.kind, f"document '{d.id}'")
@@ -285,11 +301,13 @@ class RagService:
             chunked.append(chunks)
         texts = [c.indexed_text for chunks in chunked for c in chunks]
         job.stage, job.total = "embedding", len(texts)
+        self._save(job)
         parts = []
         step = s.embedding_batch * 8
         for start in range(0, len(texts), step):
             parts.append((await self.embeddings.embed(texts[start : start + step])).vectors)
             job.done = min(start + step, len(texts))
+            self._save(job)
         vectors = np.vstack(parts)
         ready = []
         offset = 0
@@ -297,12 +315,12 @@ class RagService:
             ready.append(NewDocument(d.id, chunks, vectors[offset : offset + len(chunks)], d.metadata, len(d.data)))
             offset += len(chunks)
         job.stage = "indexing"
-        await asyncio.to_thread(self.index.put_documents, collection["id"], ready, owner_of(principal),
-                                self.crash_hook)
+        self._save(job)
+        await asyncio.to_thread(self.index.put_documents, collection["id"], ready, job.owner, self.crash_hook)
         self.metrics.rag_chunks.inc(len(texts))
         job.state, job.stage = "done", "done"
         for added in ready:
-            self._record(principal, "rag.document.add", f"{collection['name']}/{added.id}", chunks=len(added.chunks))
+            self._record_as(actor, "rag.document.add", f"{collection['name']}/{added.id}", chunks=len(added.chunks))
 
     async def delete_document(self, principal: Any, name: str, document_id: str) -> None:
         collection = self._collection(principal, name, write=True)
@@ -324,9 +342,10 @@ class RagService:
 
     def job(self, principal: Any, job_id: str) -> dict[str, Any]:
         job = self.jobs.get(job_id)
+        if job is None and self.job_store is not None:
+            job = self.job_store.find(job_id)
         if job is None or (job.owner != owner_of(principal) and not self._is_admin(principal)):
-            raise NotFound(f"no ingestion job '{job_id}' (jobs are kept in memory until the server restarts)",
-                           code="job_not_found")
+            raise NotFound(f"no ingestion job '{job_id}' (finished jobs are kept for 7 days)", code="job_not_found")
         return job.view()
 
     # retrieval

@@ -45,7 +45,8 @@ from appliance.privacy.service import Privacy
 from appliance.rag.chunking import Chunk
 from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.index import NewDocument
-from appliance.rag.service import Incoming, RagService
+from appliance.rag.jobs import Incoming
+from appliance.rag.service import RagService
 from appliance.resources import shipped
 
 BENCH = Path(__file__).resolve().parents[2] / ".bench"

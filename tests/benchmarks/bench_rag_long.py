@@ -53,7 +53,8 @@ from appliance.auth.rbac import Rbac
 from appliance.config import RagSettings
 from appliance.observability.metrics import Metrics
 from appliance.rag.embeddings import EmbeddingService
-from appliance.rag.service import Incoming, RagService
+from appliance.rag.jobs import Incoming
+from appliance.rag.service import RagService
 from appliance.resources import shipped
 from tests.benchmarks.bench_rag import ME, MODES, corpus, percentile, rank_of
 

@@ -4,7 +4,9 @@ three modes, jobs, access control, chat with citations, no network, and kill -9 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -321,38 +323,63 @@ def test_zz_nothing_reached_for_the_network(rag: Running, net_log: Path, corpus:
     assert not net_log.exists() or net_log.read_text() == ""
 
 
-def test_kill_during_ingestion_leaves_documents_whole_or_absent(start_server: Callable[..., Running]) -> None:
+def test_kill_during_an_ingestion_job_repairs_and_runs_the_job_again(start_server: Callable[..., Running]) -> None:
+    """SIGKILL half way through writing a job's document (vectors written, keywords not): the next start removes
+    the half-written document, then runs the acknowledged job again from its stored copy; GET /api/jobs/{id}
+    answers across the restart."""
     env = {"PYTHONPATH": os.pathsep.join([SITE, os.environ.get("PYTHONPATH", "")]),
-           "APPLIANCE_TEST_RAG_CRASH_DOC": "doomed", "APPLIANCE_TEST_RAG_CRASH_AT": "vectors"}
+           "APPLIANCE_TEST_RAG_CRASH_DOC": "doomed", "APPLIANCE_TEST_RAG_CRASH_AT": "vectors",
+           "APPLIANCE_RAG__JOB_THRESHOLD_BYTES": "100"}  # every document here is a job
     server = start_server(env)
     assert server.process is not None
     headers = server.headers
     api = httpx.Client(base_url=server.url, headers=headers, timeout=120)
     api.post("/api/collections", json={"name": "durable"})
-    assert api.post("/api/collections/durable/documents", json={"id": "keep", "text": DOCS["chess"],
-                                                                "format": "markdown"}).status_code == 201
-    with pytest.raises(httpx.TransportError):  # the server dies half way: vectors written, keywords not
-        api.post("/api/collections/durable/documents", json={"id": "doomed", "text": DOCS["volcanoes"],
-                                                             "format": "markdown"})
+    kept = api.post("/api/collections/durable/documents", json={"id": "keep", "text": DOCS["chess"],
+                                                                 "format": "markdown"})
+    assert kept.status_code == 202, kept.text
+    assert wait_for_job(api, kept.json()["id"])["state"] == "done"
+    started = api.post("/api/collections/durable/documents", json={"id": "doomed", "text": DOCS["volcanoes"],
+                                                                    "format": "markdown"})
+    assert started.status_code == 202, started.text  # acknowledged; the server dies in the job's indexing
+    job_id = started.json()["id"]
     api.close()
-    assert server.process.proc is not None and server.process.proc.wait(30) == -9
+    assert server.process.proc is not None and server.process.proc.wait(60) == -9
 
     data_dir = server.process.data_dir
+    with contextlib.closing(sqlite3.connect(data_dir / "appliance.db")) as db:
+        assert db.execute("SELECT state, stage FROM ingestion_jobs WHERE id = ?", (job_id,)).fetchone() == (
+            "running", "indexing")
     found = appliance("rag", "check", data_dir=data_dir, check=False)
     assert found.returncode == 1 and '"doomed"' in found.stdout, found.stdout + found.stderr
-    again = ServerProcess(data_dir).start()  # the start repairs (the CLI's --repair would too)
+    again = ServerProcess(data_dir).start()  # the start repairs (the CLI's --repair would too), then resumes
     while_running = appliance("rag", "check", data_dir=data_dir, check=False)
     assert while_running.returncode == 1 and "in use by another process" in while_running.stderr
     try:
         with httpx.Client(base_url=again.url, headers=headers, timeout=120) as api:
+            job = wait_for_job(api, job_id)
+            assert job["state"] == "done" and job["document_id"] == "doomed" and job["progress"] == 1.0, job
+            assert wait_for_job(api, kept.json()["id"])["state"] == "done"  # a finished job answers too
             docs = api.get("/api/collections/durable/documents").json()["data"]
-            assert [d["id"] for d in docs] == ["keep"]
+            assert sorted(d["id"] for d in docs) == ["doomed", "keep"]
             assert api.post("/api/rag/check").json()["consistent"] is True
             for mode in ("keyword", "vector", "hybrid"):
-                assert top_document(api, "durable", "volcano lava magma eruption", mode) in (None, "keep")
+                assert top_document(api, "durable", "volcano lava magma eruption", mode) == "doomed"
             assert top_document(api, "durable", "chess pieces", "hybrid") == "keep"
+        with contextlib.closing(sqlite3.connect(data_dir / "appliance.db")) as db:  # its documents are gone
+            assert db.execute("SELECT documents FROM ingestion_jobs WHERE id = ?", (job_id,)).fetchone() == (None,)
     finally:
         again.stop()
+
+
+def wait_for_job(api: httpx.Client, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        job = api.get(f"/api/jobs/{job_id}")
+        assert job.status_code == 200, job.text
+        if job.json()["state"] in ("done", "failed") or time.monotonic() > deadline:
+            return dict(job.json())
+        time.sleep(0.2)
 
 
 def test_many_documents_in_one_request(api: httpx.Client) -> None:
