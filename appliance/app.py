@@ -93,7 +93,7 @@ from appliance.observability.tracing import Tracing
 from appliance.privacy.controls import PrivacyControls
 from appliance.rag.chat import RagChat
 from appliance.rag.embeddings import EmbeddingService
-from appliance.rag.jobs import JobStore
+from appliance.rag.jobs import IngestionJobStore, JobStore
 from appliance.rag.retention import RagDocumentStore
 from appliance.rag.service import RagService
 from appliance.registry.catalog import load_catalog, tool_call_parser
@@ -160,6 +160,7 @@ class Services:
         self.embeddings_api = EmbeddingsEndpoint(self.embeddings, self.quotas)
         self.rag = RagService(settings.rag, self.data.rag, self.embeddings, self.rbac, self.metrics, self.audit)
         self.rag.job_store = JobStore(self.conn)  # ingestion jobs outlive a restart
+        self.privacy.retention.register(IngestionJobStore(self.conn))  # ... under the `uploads` retention
         self.rag.privacy = self.privacy.privacy  # the `rag` surface at ingestion
         self.privacy.retention.register(RagDocumentStore(self.rag))  # retention, erasure and compaction
         self.response_cache = build_response_cache(settings.cache, self.data.cache, self.metrics,

@@ -1,6 +1,7 @@
 """Ingestion jobs that outlive the server (migration 16's `ingestion_jobs`): a job is written, with the documents
 it carries, before its 202 is sent; its progress is written as it goes; the documents are dropped once it ends
-(done or failed), the row stays for `GET /api/jobs/{id}` for `KEEP_FINISHED`. At start, jobs a stop or crash
+(done or failed), the row stays for `GET /api/jobs/{id}` until the privacy policy's `uploads` retention removes it
+(`IngestionJobStore`; an erasure removes a subject's jobs, documents and all). At start, jobs a stop or crash
 interrupted run again from the start (re-adding a document replaces it), up to `MAX_ATTEMPTS` starts; after
 that, or when their collection is gone, they are marked failed with the reason."""
 
@@ -11,15 +12,15 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
 
+from appliance.privacy.retention import StoreReport, Subject, compact_sqlite
 from appliance.rag.parsers import Kind
 
 MAX_ATTEMPTS = 3
-KEEP_FINISHED = timedelta(days=7)
 
 
 @dataclass
@@ -108,10 +109,42 @@ class JobStore:
             found.append(Interrupted(_job(row), row["collection_id"], row["actor"], row["attempts"] + 1, documents))
         return found
 
-    def forget_finished(self, now: float | None = None) -> int:
-        cutoff = (now if now is not None else time.time()) - KEEP_FINISHED.total_seconds()
-        return self.conn.execute("DELETE FROM ingestion_jobs WHERE state IN ('done', 'failed') AND created < ?",
-                                 (cutoff,)).rowcount
+
+
+class IngestionJobStore:
+    """Ingestion jobs under the privacy policy (`appliance.privacy.retention.ErasableStore`, data class
+    `uploads`): finished jobs go by age; an erasure removes every job a subject sent, with the documents a running
+    one still carries."""
+
+    data_class = "uploads"
+    _FINISHED = "state IN ('done', 'failed') AND created < ?"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def purge_older_than(self, cutoff: datetime) -> int:
+        return self.conn.execute(f"DELETE FROM ingestion_jobs WHERE {self._FINISHED}",  # noqa: S608
+                                 (cutoff.timestamp(),)).rowcount
+
+    def count_older_than(self, cutoff: datetime) -> int:
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM ingestion_jobs WHERE {self._FINISHED}",  # noqa: S608
+                                     (cutoff.timestamp(),)).fetchone()[0])
+
+    def erase_subject(self, subject: Subject) -> int:
+        ids = sorted(subject.principals)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        return self.conn.execute(f"DELETE FROM ingestion_jobs WHERE owner IN ({marks}) OR actor IN ({marks})",  # noqa: S608
+                                 [*ids, *ids]).rowcount
+
+    def report(self) -> StoreReport:
+        count, oldest = self.conn.execute("SELECT COUNT(*), MIN(created) FROM ingestion_jobs").fetchone()
+        return StoreReport(self.data_class, count, datetime.fromtimestamp(oldest, UTC) if oldest else None,
+                           "RAG ingestion jobs and the documents a running one carries")
+
+    def compact(self) -> None:
+        compact_sqlite(self.conn)
 
 
 def _job(row: sqlite3.Row) -> Job:

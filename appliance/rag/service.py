@@ -259,7 +259,6 @@ class RagService:
         if self.job_store is None:
             return []
         index = await asyncio.to_thread(lambda: self.index)
-        self.job_store.forget_finished()
         resumed = []
         for found in self.job_store.interrupted():
             job = found.job
@@ -345,7 +344,8 @@ class RagService:
         if job is None and self.job_store is not None:
             job = self.job_store.find(job_id)
         if job is None or (job.owner != owner_of(principal) and not self._is_admin(principal)):
-            raise NotFound(f"no ingestion job '{job_id}' (finished jobs are kept for 7 days)", code="job_not_found")
+            raise NotFound(f"no ingestion job '{job_id}' (finished jobs are kept for the privacy policy's `uploads` "
+                           "retention)", code="job_not_found")
         return job.view()
 
     # retrieval

@@ -1,12 +1,14 @@
 """Ingestion jobs in SQLite (appliance.rag.jobs, migration 14): what a job carries survives until it ends, its
-progress is kept, interrupted jobs come back counted, finished ones are forgotten after a week."""
+progress is kept, interrupted jobs come back counted; under the privacy policy (`uploads`) finished jobs go by age
+and an erasure takes a subject's jobs, running ones with their documents."""
 
 from __future__ import annotations
 
 import sqlite3
-import time
+from datetime import UTC, datetime, timedelta
 
-from appliance.rag.jobs import KEEP_FINISHED, Incoming, Job, JobStore
+from appliance.privacy.retention import Subject
+from appliance.rag.jobs import Incoming, IngestionJobStore, Job, JobStore
 
 
 def test_a_job_and_its_documents_come_back_after_a_restart(conn: sqlite3.Connection) -> None:
@@ -28,6 +30,20 @@ def test_a_job_and_its_documents_come_back_after_a_restart(conn: sqlite3.Connect
     assert store.interrupted() == []
     assert conn.execute("SELECT documents FROM ingestion_jobs").fetchone()[0] is None  # dropped once finished
     assert store.find("j1") == job and store.find("nope") is None
-    assert store.forget_finished(now=time.time()) == 0
-    assert store.forget_finished(now=time.time() + KEEP_FINISHED.total_seconds() + 1) == 1
-    assert store.find("j1") is None
+
+
+def test_retention_takes_finished_jobs_by_age_and_erasure_takes_a_subjects_jobs(conn: sqlite3.Connection) -> None:
+    store, privacy = JobStore(conn), IngestionJobStore(conn)
+    for job_id, owner, state in [("done", "user:u1", "done"), ("running", "user:u1", "running"),
+                                 ("other", "user:u2", "failed")]:
+        job = Job(job_id, owner, "notes", "doc")
+        store.add(job, "c1", owner, [Incoming("doc", b"a canary document", "text")])
+        job.state = state  # type: ignore[assignment]
+        store.save(job)
+    later = datetime.now(UTC) + timedelta(days=1)
+    assert privacy.count_older_than(later) == 2 and privacy.report().count == 3
+    assert privacy.purge_older_than(datetime.now(UTC) - timedelta(days=1)) == 0  # young: kept
+    assert privacy.purge_older_than(later) == 2  # finished ones go; the running one stays
+    assert [i.job.id for i in store.interrupted()] == ["running"]
+    assert privacy.erase_subject(Subject("alice", user_id="u1")) == 1  # documents and all
+    assert conn.execute("SELECT COUNT(*) FROM ingestion_jobs").fetchone()[0] == 0
