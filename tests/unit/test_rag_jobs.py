@@ -4,11 +4,15 @@ and an erasure takes a subject's jobs, running ones with their documents."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+from appliance.config import RagSettings
 from appliance.privacy.retention import Subject
-from appliance.rag.jobs import Incoming, IngestionJobStore, Job, JobStore
+from appliance.rag.jobs import MAX_ATTEMPTS, Incoming, IngestionJobStore, Job, JobStore
+from appliance.rag.service import RagService
 
 
 def test_a_job_and_its_documents_come_back_after_a_restart(conn: sqlite3.Connection) -> None:
@@ -47,3 +51,27 @@ def test_retention_takes_finished_jobs_by_age_and_erasure_takes_a_subjects_jobs(
     assert [i.job.id for i in store.interrupted()] == ["running"]
     assert privacy.erase_subject(Subject("alice", user_id="u1")) == 1  # documents and all
     assert conn.execute("SELECT COUNT(*) FROM ingestion_jobs").fetchone()[0] == 0
+
+
+def test_jobs_that_cannot_run_again_fail_with_the_reason(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    """At start: a job whose collection was deleted (or replaced by another of the same name) and a job the server
+    kept dying in are marked failed with a reason a person can act on; nothing is started."""
+    rag = RagService(RagSettings(), tmp_path / "rag", embeddings=None, rbac=None, metrics=None)  # type: ignore[arg-type]
+    rag.job_store = store = JobStore(conn)
+    kept = rag.index.create_collection("kept", "user:u1", [], [], "test-model")
+    store.add(Job("gone", "user:u1", "deleted", "a"), "c-deleted", "key:k1", [Incoming("a", b"x", "text")])
+    store.add(Job("replaced", "user:u1", "kept", "b"), "c-older", "key:k1", [Incoming("b", b"x", "text")])
+    store.add(Job("dying", "user:u1", "kept", "c"), kept["id"], "key:k1", [Incoming("c", b"x", "text")])
+    conn.execute("UPDATE ingestion_jobs SET attempts = ? WHERE id = 'dying'", (MAX_ATTEMPTS,))
+    try:
+        assert asyncio.run(rag.resume_jobs()) == []
+        failed = {job_id: store.find(job_id) for job_id in ("gone", "replaced", "dying")}
+        assert all(job is not None and job.state == "failed" for job in failed.values())
+        errors = {job_id: job.error for job_id, job in failed.items() if job is not None and job.error}
+        assert errors["gone"]["code"] == errors["replaced"]["code"] == "collection_not_found"
+        assert "was deleted while the server was stopped" in errors["gone"]["message"]
+        assert errors["dying"]["code"] == "ingestion_interrupted" and "3 times" in errors["dying"]["message"]
+        assert rag.jobs == {}  # nothing started
+        assert conn.execute("SELECT COUNT(*) FROM ingestion_jobs WHERE documents IS NOT NULL").fetchone()[0] == 0
+    finally:
+        rag.close()
