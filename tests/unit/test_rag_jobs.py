@@ -1,4 +1,4 @@
-"""Ingestion jobs in SQLite (appliance.rag.jobs, migration 14): what a job carries survives until it ends, its
+"""Ingestion jobs in SQLite (appliance.rag.jobs, migration 16): what a job carries survives until it ends, its
 progress is kept, interrupted jobs come back counted; under the privacy policy (`uploads`) finished jobs go by age
 and an erasure takes a subject's jobs, running ones with their documents."""
 
