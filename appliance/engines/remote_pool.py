@@ -292,7 +292,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
             try:
                 upstream = await self.pool.take(tried)
             except NoUpstream:
-                if refused is not None and len(tried) == len(self.pool.upstreams):
+                if refused is not None:  # an upstream's own answer says more than ours would
                     return refused
                 raise
             tried.add(upstream)
