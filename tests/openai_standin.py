@@ -26,6 +26,7 @@ def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> byte
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms wait for an ACK
     server: _Server
 
     def log_message(self, *args: Any) -> None:

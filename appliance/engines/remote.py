@@ -14,7 +14,7 @@ import httpx
 
 from appliance.config import RemoteSettings
 from appliance.crypto.secret_files import SecretFiles
-from appliance.engines.remote_pool import PoolTransport, UpstreamPool
+from appliance.engines.remote_pool import PoolClient, PoolTransport, UpstreamPool
 from appliance.errors import RegistryError
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
@@ -62,10 +62,8 @@ class RemoteWorker:
         self.stopping = False
         self._error = ""
         self.pool = UpstreamPool(model, spec, keys, settings, queue_timeout=queue_timeout, metrics=metrics)
-        self.client = httpx.AsyncClient(
-            transport=PoolTransport(self.pool), base_url="http://upstream",
-            timeout=httpx.Timeout(request_timeout, connect=settings.connect_timeout), trust_env=False,
-        )
+        self.client: httpx.AsyncClient = PoolClient(PoolTransport(self.pool),
+                                                    httpx.Timeout(request_timeout, connect=settings.connect_timeout))
 
     def failure(self) -> str:
         return self._error or "no error"

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -52,9 +52,19 @@ class Upstream:
     last_error: str = ""
     since: float = field(default_factory=time.time)  # when `up` last changed (wall clock, for people)
     current: int = 0  # smooth weighted round robin between upstreams equally loaded
+    _urls: dict[str, httpx.URL] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.base = httpx.URL(self.spec.url)
+
+    def url_for(self, path: str) -> httpx.URL:
+        """The upstream URL of a gateway path below /v1 (parsed once per path: this runs for every request)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self.base.copy_with(path=self.base.path + path)
+            if len(self._urls) < 64:
+                self._urls[path] = url
+        return url
 
     @property
     def url(self) -> str:
@@ -83,8 +93,17 @@ class UpstreamPool:
         self.upstreams = [Upstream(u, _key_for(keys, i), u.concurrency or settings.concurrency)
                           for i, u in enumerate(spec.upstreams)]
         self._freed = asyncio.Event()
+        self._waiting = 0
         self._watcher: asyncio.Task[None] | None = None
         self._probes = httpx.AsyncClient(timeout=httpx.Timeout(settings.health_timeout), trust_env=False)
+        self._series: dict[Upstream, tuple[Any, ...]] = {}  # each upstream's metric children, looked up once
+        if metrics is not None:
+            for u in self.upstreams:
+                labels = (model, u.url)
+                self._series[u] = (metrics.upstream_up.labels(*labels), metrics.upstream_outstanding.labels(*labels),
+                                   metrics.upstream_requests.labels(*labels, "ok"),
+                                   metrics.upstream_requests.labels(*labels, "error"),
+                                   metrics.upstream_failures.labels(*labels))
         for upstream in self.upstreams:
             self._gauge(upstream)
 
@@ -114,28 +133,33 @@ class UpstreamPool:
             if (upstream := self._pick(tried)) is not None:
                 upstream.outstanding += 1
                 upstream.requests += 1
-                self._gauge(upstream)
+                if series := self._series.get(upstream):
+                    series[1].set(upstream.outstanding)
                 return upstream
             if not any(u.up and u not in tried for u in self.upstreams):
                 raise self._unavailable(tried)
             deadline = deadline or time.monotonic() + self.queue_timeout
             freed = self._freed
+            self._waiting += 1
             try:
                 await asyncio.wait_for(freed.wait(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise NoUpstream(f"every upstream of model '{self.model}' stayed at its concurrency limit for "
                                  f"{self.queue_timeout:.0f}s; retry later", retry_after=1.0) from None
+            finally:
+                self._waiting -= 1
 
     def release(self, upstream: Upstream, ok: bool) -> None:
         upstream.outstanding -= 1
-        self._gauge(upstream)
-        if self.metrics is not None:
-            self.metrics.upstream_requests.labels(self.model, upstream.url, "ok" if ok else "error").inc()
+        if series := self._series.get(upstream):
+            series[1].set(upstream.outstanding)
+            series[2 if ok else 3].inc()
         self._wake()
 
     def _wake(self) -> None:
-        self._freed.set()
-        self._freed = asyncio.Event()
+        if self._waiting:
+            self._freed.set()
+            self._freed = asyncio.Event()
 
     def _unavailable(self, tried: set[Upstream]) -> NoUpstream:
         reasons = "; ".join(f"{u.url}: {'failed this request' if u in tried else 'out'}"
@@ -151,8 +175,8 @@ class UpstreamPool:
         now = time.monotonic()
         upstream.failures += 1
         upstream.last_error = reason[:300]
-        if self.metrics is not None:
-            self.metrics.upstream_failures.labels(self.model, upstream.url).inc()
+        if series := self._series.get(upstream):
+            series[4].inc()
         upstream.recent.append(now)
         while upstream.recent and upstream.recent[0] < now - self.settings.fail_timeout:
             upstream.recent.popleft()
@@ -170,9 +194,9 @@ class UpstreamPool:
         self._wake()  # requests waiting for room may go to (or give up on) it now
 
     def _gauge(self, upstream: Upstream) -> None:
-        if self.metrics is not None:
-            self.metrics.upstream_up.labels(self.model, upstream.url).set(1 if upstream.up else 0)
-            self.metrics.upstream_outstanding.labels(self.model, upstream.url).set(upstream.outstanding)
+        if series := self._series.get(upstream):
+            series[0].set(1 if upstream.up else 0)
+            series[1].set(upstream.outstanding)
 
     async def check(self, upstream: Upstream) -> str | None:
         """Active health check: None when the upstream lists the model, else what is wrong."""
@@ -276,16 +300,23 @@ class PoolTransport(httpx.AsyncBaseTransport):
             max_connections=None, max_keepalive_connections=max(20, pool.capacity)))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        content, streaming = request.content, False
-        if content and request.headers.get("content-type", "").startswith("application/json"):
+        return await self.send(request.method, request.url.path, request.url.query, request.headers.multi_items(),
+                               request.content, request.extensions)
+
+    async def send(self, method: str, path: str, query: bytes, headers: Iterable[tuple[str, str]], content: bytes,
+                   extensions: dict[str, Any]) -> httpx.Response:
+        """One request of the gateway (a path under /v1), sent to an upstream; the answer of the first upstream that
+        gives one, else the last refusal (429/5xx) of one, else NoUpstream."""
+        kept = [(k, v) for k, v in headers if k.lower() not in _DROPPED_HEADERS]
+        streaming = False
+        if content and any(k.lower() == "content-type" and v.startswith("application/json") for k, v in kept):
             body = _decoder.decode(content)
             if isinstance(body, dict):
                 streaming = body.get("stream") is True
                 if "model" in body:
                     body["model"] = self.pool.upstream_model
                     content = _encoder.encode(body)
-        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _DROPPED_HEADERS]
-        path, query = request.url.path.removeprefix("/v1"), request.url.query or None
+        path = path.removeprefix("/v1")
         tried: set[Upstream] = set()
         refused: httpx.Response | None = None  # the last 429/5xx, answered if no upstream does better
         while True:
@@ -296,10 +327,11 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     return refused
                 raise
             tried.add(upstream)
-            outgoing = httpx.Request(request.method, upstream.base.copy_with(path=upstream.base.path + path,
-                                                                             query=query),
-                                     headers=[*headers, *upstream.auth().items()], content=content,
-                                     extensions=request.extensions)
+            url = upstream.url_for(path)
+            if query:
+                url = url.copy_with(query=query)
+            outgoing = httpx.Request(method, url, headers=[*kept, *upstream.auth().items()], content=content,
+                                     extensions=extensions)
             response = await self._attempt(upstream, outgoing, streaming)
             if response is None:  # it failed: the next one
                 continue
@@ -371,3 +403,45 @@ class _Relayed(httpx.AsyncByteStream):
             self.closed = True
             self.pool.release(self.upstream, self.ok)
             await self.inner.aclose()
+
+
+class PoolClient(httpx.AsyncClient):
+    """A remote worker's `client`: the calls the gateway makes (post, get, stream) go straight to the pool's
+    transport, without httpx.AsyncClient building a request of its own first; that layer cost about as much CPU
+    per request as the upstream call itself (tests/benchmarks/bench_remote.py)."""
+
+    def __init__(self, transport: PoolTransport, timeout: httpx.Timeout) -> None:
+        super().__init__(transport=transport, base_url="http://upstream", timeout=timeout, trust_env=False)
+        self.pool_transport = transport
+        self._extensions = {"timeout": timeout.as_dict()}
+
+    async def _send(self, method: str, url: Any, kwargs: dict[str, Any]) -> httpx.Response:
+        content: bytes = kwargs.get("content") or b""
+        headers = dict(kwargs.get("headers") or {})
+        if kwargs.get("json") is not None:
+            content = _encoder.encode(kwargs["json"])
+            headers["content-type"] = "application/json"
+        timeout = kwargs.get("timeout")
+        extensions = self._extensions if timeout is None else {"timeout": httpx.Timeout(timeout).as_dict()}
+        path, _, query = str(url).partition("?")
+        return await self.pool_transport.send(method, path, query.encode(), list(headers.items()), content,
+                                              extensions)
+
+    async def post(self, url: Any, *args: Any, **kwargs: Any) -> httpx.Response:
+        response = await self._send("POST", url, kwargs)
+        await response.aread()
+        return response
+
+    async def get(self, url: Any, *args: Any, **kwargs: Any) -> httpx.Response:
+        response = await self._send("GET", url, kwargs)
+        await response.aread()
+        return response
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, url: Any, *args: Any, **kwargs: Any
+                     ) -> AsyncIterator[httpx.Response]:
+        response = await self._send(method, url, kwargs)
+        try:
+            yield response
+        finally:
+            await response.aclose()
