@@ -51,8 +51,8 @@ class Side:
 
 def request_body(model: str, stream: bool, real: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Say hi"}], "stream": stream}
-    if real:
-        body.update(max_tokens=1, temperature=0)
+    if real:  # greedy, so both sides do the same work; never from either side's response cache
+        body.update(max_tokens=1, temperature=0, cache="no-store")
     return body
 
 
