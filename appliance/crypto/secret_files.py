@@ -22,22 +22,30 @@ class SecretFiles:
         return self.folder / f"{name}.key"
 
     def save(self, name: str, secret: str) -> None:
-        secret = secret.strip()
-        if not secret or any(c.isspace() for c in secret):
+        self.save_lines(name, [secret])
+
+    def save_lines(self, name: str, secrets: list[str]) -> None:
+        """Several secrets under one name, a line each (e.g. one API key per upstream of a remote model)."""
+        secrets = [s.strip() for s in secrets]
+        if not secrets or any(not s or any(c.isspace() for c in s) for s in secrets):
             raise InvalidRequest(f"the {self.what} is empty or contains spaces", param="api_key")
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self._path(name)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(secret)
+            fh.write("\n".join(secrets))
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)
 
     def load(self, name: str) -> str | None:
+        """The secret (the first, where there are several)."""
+        return next(iter(self.load_lines(name)), None)
+
+    def load_lines(self, name: str) -> list[str]:
         path = self._path(name)
-        return path.read_text().strip() if path.is_file() else None
+        return path.read_text().split() if path.is_file() else []
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)

@@ -11,67 +11,59 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 
+from appliance.config import RemoteSettings
 from appliance.crypto.secret_files import SecretFiles
+from appliance.engines.remote_pool import PoolClient, PoolTransport, UpstreamPool
+from appliance.errors import RegistryError
+from appliance.logs import get_logger
+from appliance.observability.metrics import Metrics
+from appliance.registry.remote import RemoteSpec
 from appliance.supervisor.process import WorkerStartError
 
-_decoder = msgspec.json.Decoder()
-_encoder = msgspec.json.Encoder()
+log = get_logger(__name__)
 
 
 class RemoteCredentials(SecretFiles):
-    """Upstream API keys, one 0600 file per model in a 0700 folder (keys/remote/<model>.key)."""
+    """Upstream API keys, one 0600 file per model in a 0700 folder (keys/remote/<model>.key): one key a line, one per
+    upstream in the order of the model's URLs, or a single key for all of them (the shape an earlier version wrote)."""
 
     def __init__(self, folder: Path) -> None:
         super().__init__(folder, "upstream API key")
 
+    def save_all(self, model: str, keys: list[str]) -> None:
+        self.save_lines(model, keys)
 
-class UpstreamTransport(httpx.AsyncBaseTransport):
-    """Sends the gateway's `/v1/...` requests to the upstream's base URL, naming the upstream's model."""
+    def load_all(self, model: str) -> list[str]:
+        return self.load_lines(model)
 
-    def __init__(self, base_url: str, upstream_model: str, inner: httpx.AsyncBaseTransport | None = None) -> None:
-        self.base = httpx.URL(base_url.rstrip("/"))
-        self.upstream_model = upstream_model
-        self.inner = inner or httpx.AsyncHTTPTransport(retries=1)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path.removeprefix("/v1")
-        url = self.base.copy_with(path=self.base.path + path, query=request.url.query or None)
-        content = request.content
-        if content and request.headers.get("content-type", "").startswith("application/json"):
-            body = _decoder.decode(content)
-            if isinstance(body, dict) and "model" in body:
-                body["model"] = self.upstream_model
-                content = _encoder.encode(body)
-        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in ("host", "content-length")]
-        upstream = httpx.Request(request.method, url, headers=headers, content=content,
-                                 extensions=request.extensions)
-        return await self.inner.handle_async_request(upstream)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+def keys_from_lines(lines: list[str], upstreams: int) -> list[str]:
+    """The keys given on stdin: one a line for each upstream, or one for all; blank lines do not count."""
+    keys = [line.strip() for line in lines if line.strip()]
+    if len(keys) not in (0, 1, upstreams):
+        raise RegistryError(f"{len(keys)} API keys for {upstreams} upstreams; give one key per --url, a line each, "
+                            "or one key for all", param="api_key")
+    return keys
 
 
 class RemoteWorker:
-    """The Worker protocol over an upstream: nothing to spawn; ready once the upstream lists its model."""
+    """The Worker protocol over a pool of upstreams: nothing to spawn; ready once one of them lists the model. Its
+    `client` routes every request over the pool (`appliance.engines.remote_pool`)."""
 
     pid = None
     engine = "remote"
 
-    def __init__(self, model: str, base_url: str, upstream_model: str, api_key: str | None, *,
-                 request_timeout: float, connect_timeout: float = 10.0) -> None:
+    def __init__(self, model: str, spec: RemoteSpec, keys: list[str], settings: RemoteSettings, *,
+                 request_timeout: float, queue_timeout: float = 120.0, metrics: Metrics | None = None) -> None:
         self.model = model
-        self.base_url = base_url
-        self.upstream_model = upstream_model
+        self.spec = spec
         self.exited = asyncio.Event()
         self.stopping = False
         self._error = ""
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(
-            transport=UpstreamTransport(base_url, upstream_model), base_url="http://upstream", headers=headers,
-            timeout=httpx.Timeout(request_timeout, connect=connect_timeout), trust_env=False,
-        )
+        self.pool = UpstreamPool(model, spec, keys, settings, queue_timeout=queue_timeout, metrics=metrics)
+        self.client: httpx.AsyncClient = PoolClient(PoolTransport(self.pool),
+                                                    httpx.Timeout(request_timeout, connect=settings.connect_timeout))
 
     def failure(self) -> str:
         return self._error or "no error"
@@ -80,32 +72,25 @@ class RemoteWorker:
         return None
 
     async def wait_ready(self) -> None:
-        try:
-            listed = await self.health()
-        except (httpx.HTTPError, msgspec.DecodeError, KeyError, TypeError) as exc:
-            self._error = _describe(exc)
-            raise WorkerStartError(f"the upstream of model '{self.model}' at {self.base_url} did not answer: "
-                                   f"{self._error}; check the URL, the network and its API key "
-                                   "(appliance models add-remote sets both)") from None
-        if self.upstream_model not in listed["models"]:
-            self._error = f"it serves {', '.join(listed['models'][:10]) or 'no models'}"
-            raise WorkerStartError(f"the upstream at {self.base_url} has no model '{self.upstream_model}' "
-                                   f"({self._error}); register the model again with the right --upstream-model")
+        problems = await self.pool.start()
+        if len(problems) == len(self.spec.upstreams):
+            await self.pool.close()
+            self._error = "; ".join(problems)
+            one = len(problems) == 1
+            raise WorkerStartError(f"{'the upstream' if one else 'no upstream'} of model '{self.model}' "
+                                   f"{'did not answer as it should' if one else 'serves it'}: {self._error}; check "
+                                   "the URL, the network, its API key and --upstream-model (appliance models "
+                                   "add-remote sets them)")
+        for problem in problems:
+            log.warning("remote.upstream_not_ready", model=self.model, problem=problem)
 
     async def health(self) -> dict[str, Any]:
-        response = await self.client.get("/v1/models", timeout=10.0)
-        response.raise_for_status()
-        return {"status": "ok", "models": [m["id"] for m in response.json()["data"]]}
+        """The pool's state; never fails: upstreams that are out are the pool's to bring back, not a reason to
+        restart the worker."""
+        return self.pool.state()
 
     async def stop(self) -> None:
         self.stopping = True
+        await self.pool.close()
         await self.client.aclose()
         self.exited.set()
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, httpx.HTTPStatusError):
-        status = exc.response.status_code
-        hint = " (the API key was refused)" if status in (401, 403) else ""
-        return f"HTTP {status}{hint}"
-    return type(exc).__name__ + (f": {exc}" if str(exc) else "")

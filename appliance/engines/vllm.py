@@ -78,7 +78,7 @@ class VllmEngine:
         s, cpu = self.settings, self.build == "cpu"
         argv = [self.python, "-m", SERVER_MODULE, "--model", str(model_dir), "--served-model-name", model_name,
                 "--uds", str(socket_path), "--tensor-parallel-size", str(s.tensor_parallel_size),
-                "--disable-uvicorn-access-log"]
+                "--disable-uvicorn-access-log", "--max-num-seqs", str(s.parallel)]
         if s.max_model_len:
             argv += ["--max-model-len", str(s.max_model_len)]
         if not cpu:

@@ -341,7 +341,7 @@ class CompletionService:
                         response = await worker.client.post(path, content=_encoder.encode(body),
                                                             headers=_propagate(span, _JSON))
                     except httpx.TransportError as exc:
-                        raise WorkerFailed(_worker_failure(model, exc)) from exc
+                        raise WorkerFailed(_worker_failure(model, exc, worker)) from exc
                     if response.status_code != 200:
                         raise UpstreamError(response.status_code, response.content)
                     decoded = _decoder.decode(response.content)
@@ -389,7 +389,7 @@ class CompletionService:
                         async for event in relayed:
                             yield event
                 except httpx.TransportError as exc:
-                    failure = WorkerFailed(_worker_failure(model, exc))
+                    failure = WorkerFailed(_worker_failure(model, exc, worker))
                     log.warning("stream.failed", model=model, error=str(exc) or type(exc).__name__)
                     error = type(failure).__name__
                     if span is not None:
@@ -496,6 +496,9 @@ def _total(usage: dict[str, int]) -> int:
     return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
 
 
-def _worker_failure(model: str, exc: Exception) -> str:
+def _worker_failure(model: str, exc: Exception, worker: Worker) -> str:
+    if _engine(worker) == "remote":  # a pool fails over before the first byte; this one had started
+        return (f"the upstream serving '{model}' failed during the request ({type(exc).__name__}); retry the "
+                "request (another upstream takes it if this one is out)")
     return (f"the worker serving '{model}' failed during the request ({type(exc).__name__}); it is being "
             "restarted, retry the request")

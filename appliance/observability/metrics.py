@@ -37,6 +37,18 @@ class Metrics:
         self.worker_requests = Counter("appliance_worker_requests", "Requests a model worker held, by worker "
                                        "(name@N) and outcome (error: a server error or the worker's failure).",
                                        ["worker", "outcome"], registry=r)
+        # the upstreams of remote models, by model and upstream base URL
+        self.upstream_up = Gauge("appliance_upstream_up", "1 while an upstream of a loaded remote model is in the "
+                                 "rotation, 0 while it is out (failures or failed health checks).",
+                                 ["model", "upstream"], registry=r)
+        self.upstream_outstanding = Gauge("appliance_upstream_outstanding", "Requests in flight to an upstream.",
+                                          ["model", "upstream"], registry=r)
+        self.upstream_requests = Counter("appliance_upstream_requests", "Attempts sent to an upstream, by outcome "
+                                         "(error: it failed, refused or cut the request).",
+                                         ["model", "upstream", "outcome"], registry=r)
+        self.upstream_failures = Counter("appliance_upstream_failures", "Failures of an upstream (connection, "
+                                         "timeout, 502/503/504, a cut stream, a failed health check).",
+                                         ["model", "upstream"], registry=r)
         # the response cache: "exact" (diskcache) and "semantic" (prompt embeddings)
         self.cache_hits = Counter("appliance_cache_hits", "Requests answered from the response cache.", ["cache"],
                                   registry=r)

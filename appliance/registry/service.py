@@ -5,9 +5,9 @@ from __future__ import annotations
 import builtins
 import hashlib
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -16,6 +16,7 @@ from appliance.errors import ModelNotFound, RegistryError
 from appliance.registry import gguf_check
 from appliance.registry.catalog import Catalog
 from appliance.registry.folder import check_folder, pack_folder
+from appliance.registry.remote import remote_source
 from appliance.registry.sources import ImportPolicy, Progress, SourceSpec, open_source, parse_source
 from appliance.registry.store import ModelStore
 from appliance.registry.versions import ModelVersion, ModelVersions, quantisation_of, split_ref
@@ -108,10 +109,12 @@ class ModelRegistry:
             record = self._record(valid_model_name(name), source, "hf", blob.sha256, blob.size_bytes, licence, event)
         return record
 
-    def add_remote(self, name: str, url: str, upstream_model: str, *, actor: str = "system") -> ModelRecord:
-        """Record `name` as served by an OpenAI-compatible upstream at `url` (its key is kept by the remote engine,
-        never here). Nothing is stored; the digest is that of the source, so the record stays unique."""
-        source = remote_source(url, upstream_model)
+    def add_remote(self, name: str, urls: Sequence[str], upstream_model: str, *, weights: Sequence[int] = (),
+                   concurrency: Sequence[int] = (), actor: str = "system") -> ModelRecord:
+        """Record `name` as served by OpenAI-compatible upstreams at `urls`, routed by `weights` (their keys are kept
+        by the remote engine, never here). Nothing is stored; the digest is that of the source, so the record stays
+        unique, and a changed pool is a new version."""
+        source = remote_source(urls, upstream_model, weights, concurrency)
         with audited(self.audit, actor, "model.add", name, source=source, format="remote") as event:
             digest = hashlib.sha256(source.encode()).hexdigest()
             record = self._record(valid_model_name(name), source, "remote", digest, 0, "", event)
@@ -222,22 +225,6 @@ class ModelRegistry:
 def _as_record(version: ModelVersion) -> ModelRecord:
     return ModelRecord(version.model, version.source, version.format, version.sha256, version.size_bytes,
                        version.licence, version.created_at)
-
-
-def remote_source(url: str, upstream_model: str) -> str:
-    """`remote:<base url>#<upstream model>`, the source of a model served by an OpenAI-compatible upstream."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise RegistryError(f"{url!r} is not an upstream base URL; give one like https://host:8000/v1", param="url")
-    if not upstream_model or "#" in upstream_model:
-        raise RegistryError("name the upstream's model (--upstream-model)", param="upstream_model")
-    return f"remote:{url.rstrip('/')}#{upstream_model}"
-
-
-def parse_remote_source(source: str) -> tuple[str, str]:
-    """(base URL, upstream model) of a `remote:` source."""
-    url, _, model = source.removeprefix("remote:").rpartition("#")
-    return url, model
 
 
 def model_not_found(name: str) -> ModelNotFound:

@@ -104,6 +104,8 @@ class WorkerPool:
         self.slots: dict[str, ModelSlot] = {}
         # which worker serves a name: versions are keyed `name@N` (appliance.registry.versions.worker_key)
         self.key: Callable[[str], str] = lambda name: name
+        # requests a worker takes at once, by worker key: each engine has its own setting (the app's `admission`)
+        self.parallel_of: Callable[[str], int] = lambda _: self.parallel
         self.on_request: OnRequest | None = None  # the canary monitor (appliance.registry.rollout)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -123,7 +125,7 @@ class WorkerPool:
     def slot(self, name: str) -> ModelSlot:
         name = self.key(name)
         if name not in self.slots:
-            self.slots[name] = ModelSlot(name, self.parallel, self._pinned(name))
+            self.slots[name] = ModelSlot(name, self.parallel_of(name), self._pinned(name))
             self.metrics.worker_restarts.labels(name)  # the series exists at 0, so the first restart is an increase
         return self.slots[name]
 
@@ -247,7 +249,7 @@ class WorkerPool:
         """Reserve the model's memory: unload idle models, least recently used first, until it fits, or refuse."""
         if self.placement is None:
             return
-        need = await self.placement.need(slot.name, self.parallel)
+        need = await self.placement.need(slot.name, slot.parallel)
         while True:
             others = [s for s in self.slots.values() if s is not slot and s.need is not None]
             held = [s.need for s in others if s.need is not None]

@@ -109,7 +109,7 @@ def test_cpu_build_never_asks_for_gpu_layers() -> None:
 
 def test_vllm_launch_on_a_gpu_binds_its_own_socket_offline() -> None:
     settings = VllmSettings(python="/opt/vllm/bin/python", gpu_memory_utilization=0.5, tensor_parallel_size=2,
-                            max_model_len=4096, extra_args=["--x", "1"])
+                            max_model_len=4096, parallel=16, extra_args=["--x", "1"])
     engine = VllmEngine(settings)
     engine.build = "cuda"  # what the probe of a GPU box's engine environment finds
     spec = engine.launch(Path("/models/qwen"), "qwen", Path("/run/w.sock"))
@@ -121,6 +121,7 @@ def test_vllm_launch_on_a_gpu_binds_its_own_socket_offline() -> None:
     assert option(argv, "--gpu-memory-utilization") == "0.5"
     assert option(argv, "--tensor-parallel-size") == "2"
     assert option(argv, "--max-model-len") == "4096"
+    assert option(argv, "--max-num-seqs") == "16"  # what the gateway admits at once (vllm.parallel)
     assert "--enforce-eager" not in argv
     assert argv[-2:] == ["--x", "1"]
     assert not spec.inherit_socket

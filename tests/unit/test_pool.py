@@ -406,3 +406,23 @@ def test_a_worker_that_stops_answering_health_checks_is_replaced() -> None:
 
     run(main)
 
+
+
+def test_each_engine_admits_its_own_number_of_requests_at_once() -> None:
+    """llama.cpp's `parallel` is not the limit of a vLLM or remote model: the app's `admission` says, per worker."""
+    async def main() -> None:
+        factory = Factory()
+        pool = make_pool(factory, max_queue=0)
+        pool.parallel = 1
+        pool.parallel_of = lambda key: {"remote@1": 3}.get(key, 1)
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(3):
+                await held.enter_async_context(pool.acquire("remote@1"))
+            with pytest.raises(QueueFull):  # the fourth finds the remote model's three slots taken
+                await held.enter_async_context(pool.acquire("remote@1"))
+            await held.enter_async_context(pool.acquire("local"))
+            with pytest.raises(QueueFull):  # the llama.cpp one has its own single slot
+                await held.enter_async_context(pool.acquire("local"))
+        await pool.close()
+
+    run(main)
