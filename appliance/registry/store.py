@@ -39,9 +39,11 @@ from appliance.datadir import DataDir
 from appliance.errors import ModelUnavailable, RegistryError
 from appliance.logs import get_logger
 from appliance.registry.gguf_check import GgufInfo, read_gguf_stream
+from appliance.storage import full_disk_is
 
 log = get_logger(__name__)
 CHUNK = 1 << 20
+MODEL_STORE = "the model store"
 DEFAULT_TMPFS = Path("/dev/shm")  # noqa: S108 (a private 0700 folder is made in it, checked to be tmpfs)
 
 
@@ -98,6 +100,11 @@ class ModelStore:
 
         Only ciphertext touches the disk. On any failure nothing is left behind and an existing blob is untouched."""
         self.ring.active()  # no key (e.g. no passphrase): fail before fetching anything
+        with full_disk_is(MODEL_STORE, self.staging, hint="the import left nothing behind"):
+            return self._put(chunks, expected_sha256, check_head)
+
+    def _put(self, chunks: Iterable[bytes], expected_sha256: str | None,
+             check_head: Callable[[bytes], None] | None) -> StoredBlob:
         digest = hashlib.sha256()
         size = 0
         data_key = new_data_key()
