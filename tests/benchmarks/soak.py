@@ -91,13 +91,16 @@ class Load:
             return
         try:
             async with self.client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    self.tally.note("chat stream", response)
+                    return
                 tail = ""
                 async for line in response.aiter_lines():
                     tail = line or tail
-                if response.status_code == 200 and tail != "data: [DONE]":
+                if tail != "data: [DONE]":
                     self.tally.note("chat stream", None, "incomplete stream")
                     return
-                await response.aread()
                 self.tally.note("chat stream", response)
         except httpx.HTTPError as exc:
             self.tally.note("chat stream", None, type(exc).__name__)
@@ -136,16 +139,14 @@ class Load:
 async def client_loop(load: Load, seed: int, collection: str, deadline: float) -> None:
     rng = random.Random(seed)
     kinds = ["chat"] * 4 + ["rag"] * 3 + ["embeddings"] * 2 + ["admin"] * 2
+    calls = {"chat": load.chat, "embeddings": load.embeddings, "admin": load.admin,
+             "rag": lambda rng: load.rag(rng, collection)}
     while time.monotonic() < deadline:
         kind = rng.choice(kinds)
-        if kind == "chat":
-            await load.chat(rng)
-        elif kind == "rag":
-            await load.rag(rng, collection)
-        elif kind == "embeddings":
-            await load.embeddings(rng)
-        else:
-            await load.admin(rng)
+        try:
+            await calls[kind](rng)
+        except Exception as exc:  # a failure of the client's own is a finding too, and the run goes on
+            load.tally.note(kind, None, f"{type(exc).__name__}: {exc}"[:200])
 
 
 def kind_of(proc: psutil.Process) -> str:
