@@ -105,6 +105,7 @@ from appliance.registry.service import ModelRegistry
 from appliance.registry.sources import ImportPolicy
 from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.settings_report import SettingsReport
+from appliance.storage import StorageFull, storage_full_from
 from appliance.supervisor.placement import GgufMemoryEstimator, Placement
 from appliance.supervisor.pool import WorkerPool
 from appliance.supervisor.process import Worker, WorkerProcess
@@ -274,6 +275,8 @@ class Services:
 
 
 def error_response(exc: ApplianceError) -> Response[Any]:
+    if isinstance(exc, StorageFull):  # the operator must act: say so in the log too
+        log.error("storage.full", store=exc.store, path=exc.path)
     if isinstance(exc, UpstreamError):
         return Response(exc.body, status_code=exc.status_code, media_type="application/json")
     return Response(exc.to_body(), status_code=exc.status_code, headers=exc.headers() or None)
@@ -289,6 +292,9 @@ def http_error_response(_: Request[Any, Any, Any], exc: HTTPException) -> Respon
 
 
 def unexpected_error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    services: Services = request.app.state.services
+    if (full := storage_full_from(exc, services.data.stores())) is not None:  # met where no store named itself
+        return error_response(full)
     log.exception("request.unhandled", error_type=type(exc).__name__)
     request_id = request.scope["state"].get("request_id", "")
     body = {"error": {"message": f"internal error (request id {request_id}); see the server log",

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from appliance import db
 from appliance.errors import ApplianceError
 from appliance.logs import get_logger
+from appliance.storage import full_disk_is
 
 log = get_logger(__name__)
 
@@ -50,6 +51,7 @@ SECRET_WORDS = frozenset({"key", "secret", "password", "passwd", "token", "promp
 SECRET_PARTS = ("password", "passwd", "secret", "authorization", "credential", "api_key", "apikey")
 API_KEY_SHAPE = re.compile(r"apl_[A-Za-z0-9]{40,}")
 MAX_REASON = 500
+AUDIT_STORE = "the audit log"
 SELECT_RECORDS = "SELECT seq, at, actor, action, target, outcome, details, prev_hash, hash FROM audit_log"
 INSERT_RECORD = ("INSERT INTO audit_log(seq, at, actor, action, target, outcome, details, prev_hash, hash) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -164,7 +166,7 @@ class AuditLog:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"audit details must be plain JSON values (str, int, float, bool, None, lists, "
                              f"dicts): {exc}") from None
-        with self.transaction():
+        with full_disk_is(AUDIT_STORE, self._file, rename=True), self.transaction():
             last = self.conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
             # Continue above the high-water mark, so that records removed from the end stay a visible gap.
             seq = max(last["seq"] if last else 0, self._high_water()) + 1

@@ -56,6 +56,13 @@ class DataDir:
         """Staging area for downloads and imports, on the same filesystem as models/ for atomic renames."""
         return self.root / "tmp"
 
+    def stores(self) -> dict[str, Path]:
+        """Where each store writes, by the name a full-disk error gives it (appliance.storage)."""
+        return {"the database": self.database, "the vector index (Chroma)": self.rag / "chroma",
+                "the keyword index": self.rag / "index.db", "the response cache": self.cache / "responses",
+                "the embedding cache": self.cache / "embeddings", "the model store": self.models,
+                "the staging folder": self.tmp, "the key ring": self.keys}
+
     def initialise(self) -> bool:
         """Create what is missing, tighten modes, migrate the database. Idempotent; True if it created keys."""
         old_umask = os.umask(0o077)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+from appliance.storage import StorageFull, is_disk_full
 
 # Append only: a migration, once released, never changes; the next one fixes it.
 MIGRATIONS: Sequence[str] = (
@@ -311,9 +314,42 @@ def _statements(script: str) -> Iterator[str]:
         raise ValueError(f"incomplete SQL statement in a migration: {pending.strip()[:80]!r}")
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the database with the pragmas every connection needs."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+class DatabaseFull(StorageFull, sqlite3.OperationalError):
+    """SQLITE_FULL from a `Database`: a `StorageFull` (507) that handlers written for `sqlite3.Error` still catch
+    (the usage and quota writes that log and go on)."""
+
+
+class Database(sqlite3.Connection):
+    """A connection whose statements turn a full disk into `DatabaseFull` naming the store (`store`) and its file."""
+
+    store = "the database"
+
+    def _full(self) -> DatabaseFull:
+        path = next((row[2] for row in super().execute("PRAGMA database_list") if row[1] == "main"), None)
+        return DatabaseFull(self.store, path)
+
+    def _run(self, statement: Callable[..., sqlite3.Cursor], *args: Any) -> sqlite3.Cursor:
+        try:
+            return statement(*args)
+        except sqlite3.Error as exc:
+            if is_disk_full(exc):
+                raise self._full() from exc
+            raise
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self._run(super().execute, sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        return self._run(super().executemany, sql, parameters)
+
+    def executescript(self, script: str, /) -> sqlite3.Cursor:
+        return self._run(super().executescript, script)
+
+
+def connect(path: Path, store: str = "the database") -> sqlite3.Connection:
+    """Open the database with the pragmas every connection needs; a full disk surfaces as `DatabaseFull(store)`."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0, factory=Database)
+    conn.store = store
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA foreign_keys=ON")

@@ -52,8 +52,10 @@ def clone_data_dir(template: Path, target: Path) -> Path:
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None, own_group: bool = False) -> None:
+        """`own_group`: the server leads a process group of its own, so that `kill_tree` can kill it as a whole."""
         self.data_dir = data_dir
+        self.own_group = own_group
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_LOGGING__FORMAT": "json",
@@ -64,7 +66,8 @@ class ServerProcess:
     def start(self, wait_ready: bool = True, timeout: float = 120.0) -> ServerProcess:
         with self.log_path.open("wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(self.port)],
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=self.own_group)
         self.wait_for("/readyz" if wait_ready else "/healthz", timeout)
         return self
 
@@ -92,6 +95,24 @@ class ServerProcess:
             return [p for p in psutil.Process(self.proc.pid).children(recursive=True)
                     if WORKER_MODULE in " ".join(p.cmdline())]
         return []
+
+    def kill_tree(self) -> int:
+        """SIGKILL to the server and everything below it, one process group at a time (the workers lead sessions of
+        their own), as a power cut or the OOM killer's cgroup kill would; returns how many processes there were."""
+        assert self.own_group and self.proc is not None, "start the server with own_group=True"
+        root = psutil.Process(self.proc.pid)
+        tree = [root, *root.children(recursive=True)]
+        groups = set()
+        for proc in tree:
+            with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(proc.pid))
+        assert os.getpgid(0) not in groups, "the server shares the test's process group"
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        assert self.proc.wait(30) == -signal.SIGKILL
+        psutil.wait_procs(tree[1:], timeout=30)
+        return len(tree)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

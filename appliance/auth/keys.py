@@ -27,7 +27,9 @@ from appliance.auth.quotas import UNLIMITED, Limits
 from appliance.auth.rbac import Rbac
 from appliance.auth.restrictions import NONE, Restrictions
 from appliance.errors import Forbidden, InvalidRequest, KeyNotFound, Unauthenticated
+from appliance.logs import get_logger
 
+log = get_logger(__name__)
 PREFIX = "apl_"
 ALPHABET = string.ascii_letters + string.digits
 ID_LEN, SECRET_LEN, CHECK_LEN = 8, 32, 6
@@ -270,8 +272,11 @@ class ApiKeyService:
             raise denied
         last = row["last_used_at"]
         if last is None or now - datetime.fromisoformat(last) > LAST_USED_RESOLUTION:
-            self.conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?",
-                              (now.isoformat(timespec="seconds"), row["id"]))
+            try:
+                self.conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?",
+                                  (now.isoformat(timespec="seconds"), row["id"]))
+            except sqlite3.Error as exc:  # a full disk: the key still works, only its last use is not noted
+                log.warning("keys.last_used_not_saved", key_id=row["id"], error=str(exc)[:200])
         limits = _limits(row["rpm"], row["tpm"], row["daily_tokens"])
         owner_limits = _limits(row["owner_rpm"], row["owner_tpm"], row["owner_daily_tokens"])
         role = row["owner_role"] if row["owner_user_id"] is not None else row["role"]  # the owner's role now

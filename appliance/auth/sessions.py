@@ -149,7 +149,10 @@ class SessionService:
             self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             raise ended
         if now - last_seen >= LAST_SEEN_RESOLUTION:
-            self.conn.execute("UPDATE sessions SET last_seen_at = ? WHERE id = ?", (_iso(now), session_id))
+            try:
+                self.conn.execute("UPDATE sessions SET last_seen_at = ? WHERE id = ?", (_iso(now), session_id))
+            except sqlite3.Error as exc:  # a full disk: the session goes on, its idle clock is not moved
+                log.warning("sessions.last_seen_not_saved", error=str(exc)[:200])
         limits = Limits(row["rpm"], row["tpm"], row["daily_tokens"])
         return SessionPrincipal(row["user_id"], row["name"], row["role"], session_id, csrf_token(token),
                                 UNLIMITED if limits.unlimited else limits)

@@ -21,9 +21,11 @@ from typing import Any
 import diskcache
 import msgspec
 
+from appliance.cache.disk import Cache
 from appliance.cache.keys import key_model, key_partition
 
 MIB = 1024 * 1024
+RESPONSE_STORE = "the response cache"
 
 
 class Entry(msgspec.Struct, array_like=True, frozen=True):
@@ -94,7 +96,7 @@ class ResponseCache:
         self.size_limit_bytes = size_limit_bytes
         # a short busy timeout: the server reads on its event loop, and a lookup that waits on another process's
         # write (`appliance cache clear`) had better be a miss than a stall
-        self._cache = diskcache.Cache(str(directory), timeout=2, disk=BytesOnlyDisk, size_limit=size_limit_bytes,
+        self._cache = Cache(directory, RESPONSE_STORE, timeout=2, disk=BytesOnlyDisk, size_limit=size_limit_bytes,
                                       eviction_policy="least-recently-used", tag_index=True,
                                       statistics=False, sqlite_secure_delete=1)  # deleted entries are zeroed
         self.evictions = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,16 @@ import diskcache
 import numpy as np
 import numpy.typing as npt
 
+from appliance.cache.disk import Cache
 from appliance.config import RagSettings, physical_cores
 from appliance.errors import InvalidRequest, ModelUnavailable
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
+from appliance.storage import StorageFull
 
 log = get_logger(__name__)
 DEFAULT_MODEL = "all-minilm-l6-v2"
+EMBEDDING_STORE = "the embedding cache"
 Vectors = npt.NDArray[np.float32]
 
 
@@ -143,8 +147,8 @@ class EmbeddingService:
         self.model = EmbeddingModel(name, path, settings.embedding_threads or physical_cores())
         self.metrics = metrics
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.cache = diskcache.Cache(str(cache_dir), size_limit=settings.embedding_cache_bytes,
-                                     eviction_policy="least-recently-used")
+        self.cache = Cache(cache_dir, EMBEDDING_STORE, size_limit=settings.embedding_cache_bytes,
+                           eviction_policy="least-recently-used")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings")
         self._hits = self._lookups = 0
 
@@ -169,11 +173,29 @@ class EmbeddingService:
         embedded: Embedded = await self.run(self.embed_sync, list(texts))
         return embedded
 
+    def _cached(self, key: str) -> bytes | None:
+        """A cached vector, or None; a cache that cannot be read (or, under LRU, have its access noted: a write)
+        is a miss, never a failed request."""
+        try:
+            value = self.cache.get(key)
+        except (StorageFull, diskcache.Timeout, sqlite3.Error) as exc:
+            log.warning("embeddings.cache_unavailable", error=str(exc)[:200])
+            return None
+        return value if isinstance(value, bytes) else None
+
+    def _keep(self, vectors: dict[str, bytes]) -> None:
+        """Cache fresh vectors (raw float32 bytes: diskcache stores bytes unpickled); a full disk skips it."""
+        try:
+            for key, value in vectors.items():
+                self.cache.set(key, value)
+        except (StorageFull, diskcache.Timeout, sqlite3.Error) as exc:
+            log.warning("embeddings.cache_not_stored", error=str(exc)[:200])
+
     def embed_sync(self, texts: list[str]) -> Embedded:
         if not texts:
             return Embedded(np.zeros((0, 0), dtype=np.float32), 0)
         keys = [f"{self.version}:{hashlib.sha256(t.encode()).hexdigest()}" for t in texts]
-        found: list[bytes | None] = [self.cache.get(k) for k in keys]
+        found: list[bytes | None] = [self._cached(k) for k in keys]
         missing = [i for i, value in enumerate(found) if value is None]
         self._hits += len(texts) - len(missing)
         self._lookups += len(texts)
@@ -188,7 +210,7 @@ class EmbeddingService:
             self.metrics.embedded_texts.inc(len(missing))
             for i, vector in zip(missing, fresh.vectors, strict=True):
                 rows[i] = vector
-                self.cache.set(keys[i], vector.tobytes())  # raw float32 bytes: diskcache stores bytes unpickled
+            self._keep({keys[i]: vector.tobytes() for i, vector in zip(missing, fresh.vectors, strict=True)})
         if len(missing) < len(texts):
             limit = self.model.max_tokens
             tokens += sum(min(n + 2, limit) for n in self.model.count_tokens(

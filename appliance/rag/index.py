@@ -28,8 +28,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from appliance import db
 from appliance.errors import ApplianceError
+from appliance.logs import get_logger
 from appliance.rag.chunking import Chunk
+from appliance.storage import StorageFull, full_disk_is
+
+log = get_logger(__name__)
+VECTOR_STORE = "the vector index (Chroma)"
+KEYWORD_STORE = "the keyword index"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -179,7 +186,9 @@ class RagIndex:
                               "stop it first, or use the server's API (POST /api/rag/check)",
                               code="index_locked") from None
         self.path = root / "index.db"
+        self.chroma_path = root / "chroma"
         self._write = threading.RLock()
+        self._left_pending = False  # a refused write (full disk) left documents pending that it could not remove
         self._totals: dict[str, tuple[int, int]] = {}  # collection -> (version, chunks), for keyword pruning
         self._local = threading.local()
         self._connection().executescript(SCHEMA)
@@ -188,7 +197,7 @@ class RagIndex:
         from chromadb.config import Settings as ChromaSettings
 
         self.chroma = chromadb.PersistentClient(
-            path=str(root / "chroma"), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False))
+            path=str(self.chroma_path), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False))
         self._max_batch = self.chroma.get_max_batch_size()
 
     def close(self) -> None:
@@ -199,7 +208,8 @@ class RagIndex:
         """This thread's connection: SQLite connections are not shared across threads."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, factory=db.Database)
+            conn.store = KEYWORD_STORE
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -214,10 +224,15 @@ class RagIndex:
         conn.execute("BEGIN")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # also when COMMIT itself failed (a full disk): never leave it open
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+
+    def _chroma(self) -> contextlib.AbstractContextManager[None]:
+        """Around every Chroma write: its full disk is a `StorageFull` naming the vector index."""
+        return full_disk_is(VECTOR_STORE, self.chroma_path)
 
     def _vectors(self, collection_id: str) -> Any:
         return self.chroma.get_or_create_collection(f"c_{collection_id}", embedding_function=None,
@@ -234,7 +249,8 @@ class RagIndex:
                          (cid, name, owner, json.dumps(list(readers)), json.dumps(list(writers)), embedding_model,
                           now_iso()))
             conn.execute(FTS_TABLE.format(table=fts_table(cid)))
-        self._vectors(cid)
+        with self._chroma():
+            self._vectors(cid)
         found = self.collection(name)
         assert found is not None
         return found
@@ -281,6 +297,7 @@ class RagIndex:
         hook = crash_hook or (lambda _: None)
         ids = [d.id for d in documents]
         with self._write:
+            self._remove_left_pending()
             stamp = now_iso()
             with self._conn() as conn:
                 conn.executemany(
@@ -290,7 +307,18 @@ class RagIndex:
                     [(collection_id, d.id, json.dumps(d.metadata), added_by, d.size, uuid.uuid4().hex, stamp, stamp)
                      for d in documents])
                 keys = self._vector_keys(conn, collection_id, ids)
-            hook("pending")
+            try:
+                hook("pending")
+                self._write_both(collection_id, documents, keys, added_by, stamp, hook)
+            except StorageFull:
+                self._undo_pending(collection_id, ids)
+                raise
+
+    def _write_both(self, collection_id: str, documents: Sequence[NewDocument], keys: dict[str, str], added_by: str,
+                    stamp: str, hook: Callable[[str], None]) -> None:
+        """Vectors into Chroma, then keyword rows and `ready` in one transaction (the documents are pending)."""
+        ids = [d.id for d in documents]
+        with self._chroma():
             vectors_of = self._vectors(collection_id)
             for start in range(0, len(ids), 500):
                 vectors_of.delete(where={"doc": {"$in": [keys[i] for i in ids[start : start + 500]]}})
@@ -301,19 +329,34 @@ class RagIndex:
                 vectors_of.add(ids=[r[0] for r in part], embeddings=np.vstack([r[1] for r in part]),
                                metadatas=[r[2] for r in part])
                 hook("vectors")
-            with self._conn() as conn:
-                for d in documents:
-                    self._delete_rows(conn, collection_id, d.id)
-                    for chunk in d.chunks:
-                        key = conn.execute("INSERT INTO chunks (collection_id, document_id, position) VALUES "
-                                           "(?, ?, ?)", (collection_id, d.id, chunk.position)).lastrowid
-                        conn.execute(f"INSERT INTO {fts_table(collection_id)} (rowid, heading, body) "  # noqa: S608
-                                     "VALUES (?, ?, ?)", (key, chunk.heading_path, chunk.text))
-                    conn.execute("UPDATE documents SET state = 'ready', chunk_count = ?, metadata = ?, added_by = ?, "
-                                 "bytes = ?, updated_at = ? WHERE collection_id = ? AND document_id = ?",
-                                 (len(d.chunks), json.dumps(d.metadata), added_by, d.size, stamp, collection_id,
-                                  d.id))
-                conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
+        with self._conn() as conn:
+            for d in documents:
+                self._delete_rows(conn, collection_id, d.id)
+                for chunk in d.chunks:
+                    key = conn.execute("INSERT INTO chunks (collection_id, document_id, position) VALUES "
+                                       "(?, ?, ?)", (collection_id, d.id, chunk.position)).lastrowid
+                    conn.execute(f"INSERT INTO {fts_table(collection_id)} (rowid, heading, body) "  # noqa: S608
+                                 "VALUES (?, ?, ?)", (key, chunk.heading_path, chunk.text))
+                conn.execute("UPDATE documents SET state = 'ready', chunk_count = ?, metadata = ?, added_by = ?, "
+                             "bytes = ?, updated_at = ? WHERE collection_id = ? AND document_id = ?",
+                             (len(d.chunks), json.dumps(d.metadata), added_by, d.size, stamp, collection_id,
+                              d.id))
+            conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
+
+    def _undo_pending(self, collection_id: str, document_ids: Sequence[str]) -> None:
+        """After a write refused for a full disk: take its pending documents out of both stores, as a restart's
+        repair would; where that needs room too, the next write (or check) does it."""
+        try:
+            for document_id in document_ids:
+                self._remove_document(collection_id, document_id)
+        except StorageFull:
+            self._left_pending = True
+            log.warning("rag.undo_deferred", documents=len(document_ids), reason="disk full")
+
+    def _remove_left_pending(self) -> None:
+        if self._left_pending:
+            self.repair_unfinished()
+            self._left_pending = False
 
     @staticmethod
     def _vector_keys(conn: sqlite3.Connection, collection_id: str, document_ids: Sequence[str]) -> dict[str, str]:
@@ -329,6 +372,7 @@ class RagIndex:
 
     def delete_document(self, collection_id: str, document_id: str) -> bool:
         with self._write:
+            self._remove_left_pending()
             with self._conn() as conn:
                 changed = conn.execute("UPDATE documents SET state = 'deleting' WHERE collection_id = ? AND "
                                        "document_id = ?", (collection_id, document_id)).rowcount
@@ -341,7 +385,8 @@ class RagIndex:
         with self._conn() as conn:
             key = self._vector_keys(conn, collection_id, [document_id]).get(document_id)
         if key is not None:
-            self._vectors(collection_id).delete(where={"doc": key})
+            with self._chroma():
+                self._vectors(collection_id).delete(where={"doc": key})
         with self._conn() as conn:
             self._delete_rows(conn, collection_id, document_id)
             conn.execute("DELETE FROM documents WHERE collection_id = ? AND document_id = ?",
@@ -501,6 +546,7 @@ class RagIndex:
     def check(self, repair: bool, embed: Callable[[list[str]], Vectors] | None = None) -> CheckReport:
         report = CheckReport()
         with self._write:
+            self._remove_left_pending()  # what a refused write left is this process's own to finish, not damage
             with self._conn() as conn:
                 unfinished = conn.execute("SELECT document_id FROM documents WHERE state != 'ready' UNION ALL "
                                           "SELECT name FROM collections WHERE state = 'deleting'").fetchall()

@@ -39,9 +39,12 @@ from appliance.datadir import DataDir
 from appliance.errors import ModelUnavailable, RegistryError
 from appliance.logs import get_logger
 from appliance.registry.gguf_check import GgufInfo, read_gguf_stream
+from appliance.storage import full_disk_is
 
 log = get_logger(__name__)
 CHUNK = 1 << 20
+MODEL_STORE = "the model store"
+STAGING_PREFIX = "incoming-"
 DEFAULT_TMPFS = Path("/dev/shm")  # noqa: S108 (a private 0700 folder is made in it, checked to be tmpfs)
 
 
@@ -98,11 +101,17 @@ class ModelStore:
 
         Only ciphertext touches the disk. On any failure nothing is left behind and an existing blob is untouched."""
         self.ring.active()  # no key (e.g. no passphrase): fail before fetching anything
+        with full_disk_is(MODEL_STORE, self.staging, hint="the import left nothing behind"):
+            return self._put(chunks, expected_sha256, check_head)
+
+    def _put(self, chunks: Iterable[bytes], expected_sha256: str | None,
+             check_head: Callable[[bytes], None] | None) -> StoredBlob:
         digest = hashlib.sha256()
         size = 0
         data_key = new_data_key()
         encryptor = StreamEncryptor(data_key, StreamHeader.fresh(self.segment_size))
         fd, tmp_name = _mkstemp(self.staging)
+        lock = os.dup(fd)  # keeps the staging lock until the blob is installed (closing `out` alone would drop it)
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -131,6 +140,8 @@ class ModelStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(lock)
 
     def _install(self, staged: Path, header: bytes, data_key: bytes, sha256: str) -> None:
         """Wrapped key first, then the blob: a crash in between leaves a pair that fails closed until pulled again
@@ -322,7 +333,9 @@ class ModelStore:
 
 
 def open_model_store(data: DataDir, crypto: CryptoSettings) -> ModelStore:
-    """The store of a data dir, with its key ring as the settings say."""
+    """The store of a data dir, with its key ring as the settings say; what killed imports left in staging goes."""
+    if removed := remove_abandoned_imports(data.tmp):
+        log.warning("model.import_abandoned", removed=removed)
     return ModelStore(data.models, data.tmp, KeyRing(data.keys, crypto.key_source), data.wrapped_keys,
                       segment_size=crypto.segment_mib * MIB, tmpfs=Path(crypto.tmpfs_dir))
 
@@ -340,5 +353,35 @@ def is_tmpfs(path: Path) -> bool:
 
 
 def _mkstemp(directory: Path) -> tuple[int, str]:
+    """A staging file, locked (flock) for as long as this process is importing into it: a lock nobody holds marks a
+    file that a killed import left behind (`remove_abandoned_imports`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=directory, prefix="incoming-")
+    while True:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=STAGING_PREFIX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:  # not taken for abandoned between its creation and the lock
+            return fd, name
+        os.close(fd)
+
+
+def remove_abandoned_imports(staging: Path) -> list[str]:
+    """Remove the staging files of imports that died (SIGKILL, power cut): those whose lock no live process holds.
+    An import running in another process (`appliance models pull` beside the server) keeps its file. Returns the
+    names removed."""
+    removed = []
+    for path in staging.glob(STAGING_PREFIX + "*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # in use
+            continue
+        try:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        finally:
+            os.close(fd)
+    return removed
