@@ -1,7 +1,9 @@
 """`appliance backup PATH`, `appliance backup verify PATH` and `appliance restore PATH` (appliance.backup).
 
 The key ring's passphrase comes from stdin (`--passphrase-stdin`, one line) or APPLIANCE_BACKUP_PASSPHRASE,
-never from the command line, where other users of the box could read it."""
+never from the command line, where other users of the box could read it. Without one (and without --no-keys), the
+key ring is copied as the data dir holds it, with a warning: `appliance backup PATH` alone is a contract scripts rely
+on (DESIGN section 4)."""
 
 from __future__ import annotations
 
@@ -57,8 +59,14 @@ def cmd_backup(args: argparse.Namespace, loaded: LoadedSettings) -> int:
                   "appliance backup verify PATH [--passphrase-stdin]", file=sys.stderr)
             return 2
         keys: KeysMode = "none" if args.no_keys else "unwrapped" if args.keys_unwrapped else "sealed"
-        report = take_backup(loaded.settings.data_path, Path(words[0]), keys,
-                             _passphrase(args) if keys == "sealed" else None)
+        passphrase = _passphrase(args) if keys == "sealed" else None
+        if keys == "sealed" and not passphrase:  # `appliance backup PATH` alone keeps working (DESIGN section 4)
+            keys = "unwrapped"
+            print(f"appliance: warning: no passphrase given, so the key ring is copied as it is on disk (as safe as "
+                  f"the data dir: sealed only by the master passphrase if you set one); to seal it, pipe a "
+                  f"passphrase with --passphrase-stdin or set {PASSPHRASE_ENV}, or leave it out with --no-keys",
+                  file=sys.stderr)
+        report = take_backup(loaded.settings.data_path, Path(words[0]), keys, passphrase)
     except BackupError as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 1
@@ -89,7 +97,8 @@ def register(sub: Any, add: Add) -> None:
     keys = backup.add_mutually_exclusive_group()
     keys.add_argument("--no-keys", action="store_true", help="leave the key ring out (keep it apart yourself)")
     keys.add_argument("--keys-unwrapped", action="store_true",
-                      help="copy the key ring as plain files, without a passphrase (only onto an encrypted medium)")
+                      help="copy the key ring as the data dir holds it, without a passphrase and without the warning "
+                           "(what a backup does when no passphrase is given; only onto an encrypted medium)")
     _passphrase_option(backup)
     restore = add("restore", cmd_restore, "fill an empty data dir from a backup (verified first; a sealed key ring "
                   "needs its passphrase)")
