@@ -12,6 +12,7 @@ import llama_cpp
 from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
+from appliance.config import UBATCH
 from appliance.engines.chat_template import ChatTemplate
 from appliance.engines.llamacpp_logprobs import TokenLogprob
 from appliance.engines.tool_calls import ToolSet, ToolTraits, render_chat
@@ -99,7 +100,8 @@ class LlamaRuntime:
         n_batch = max(n_batch, parallel)  # a step holds one token of every generating sequence
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * parallel
-        params.n_batch = params.n_ubatch = n_batch
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, UBATCH)  # llama.cpp computes a long batch in micro-batches, as llama-server
         params.n_seq_max = parallel
         params.kv_unified = False  # a KV buffer per sequence: attention never scans other sequences' cells
         params.n_threads = params.n_threads_batch = n_threads

@@ -148,12 +148,13 @@ def _usage(usage: Usage) -> dict[str, Any]:
 
 
 class WorkerApp:
-    def __init__(self, runtime: LlamaRuntime, model_name: str, stream_interval: float = 0.0) -> None:
+    def __init__(self, runtime: LlamaRuntime, model_name: str, stream_interval: float = 0.0,
+                 lookup_draft: int = 0) -> None:
         self.runtime = runtime
         self.model_name = model_name
         self.busy = 0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.scheduler = Scheduler(runtime, self._deliver, stream_interval)
+        self.scheduler = Scheduler(runtime, self._deliver, stream_interval, lookup_draft)
         self.scheduler.start()
 
     def _deliver(self, items: Outbox) -> None:
@@ -366,12 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="model name reported in responses")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--n-ctx", type=int, default=0)
-    parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--n-batch", type=int, default=2048)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--flash-attn", action="store_true")
     parser.add_argument("--parallel", type=int, default=1, help="sequences decoded together (continuous batching)")
     parser.add_argument("--stream-interval-ms", type=float, default=0.0,
                         help="hand a stream's text over at most this often (0 = every token)")
+    parser.add_argument("--lookup-draft", type=int, default=0,
+                        help="most prompt-lookup draft tokens per step for a request decoding alone (0 = off)")
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
     started = time.monotonic()
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
               "was trained on (use /v1/completions or a GGUF with a template)", file=sys.stderr, flush=True)
     import uvicorn
 
-    app = WorkerApp(runtime, args.name, args.stream_interval_ms / 1000)
+    app = WorkerApp(runtime, args.name, args.stream_interval_ms / 1000, args.lookup_draft)
     config = uvicorn.Config(app, fd=args.fd, lifespan="off", access_log=False,
                             log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()
