@@ -105,12 +105,17 @@ class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                     "accumulated (2-3 tokens when one request runs alone on a fast model). Fewer SSE events leave more "
                     "CPU to the decoding on a small box; 0 = one event per token.", ge=0, le=1000)
     ] = 25.0
+    lookup: Annotated[
+        Literal["auto", "on", "off"],
+        _doc("Prompt-lookup speculative decoding: a request decoding alone drafts tokens from where its last tokens "
+             "occurred before in its prompt or output and keeps those its own sampler picks (the output is "
+             "unchanged, greedy or sampled), so answers that copy from their prompt (RAG quotes, code edits) take "
+             "fewer steps; with other requests running it is off. auto = on where verifying a drafted token costs "
+             "under 0.3 of a one-token step, measured when the model loads (a GPU; not a CPU whose kernels compute "
+             "each token apart, e.g. with Q4_1 weights, where a draft costs about what it saves).")
+    ] = "auto"
     lookup_draft: Annotated[
-        int, _doc("Prompt-lookup speculative decoding: a request decoding alone drafts up to this many tokens a step "
-                  "from where its last tokens occurred before in its prompt or output, and keeps those its own "
-                  "sampler picks (the output is unchanged, greedy or sampled). Answers that copy from their prompt "
-                  "(RAG quotes, code edits) come faster; with other requests running it is off. 0 = off.",
-                  ge=0, le=64)
+        int, _doc("Most tokens a prompt-lookup draft holds (see lookup).", ge=1, le=64)
     ] = 8
     n_gpu_layers: Annotated[
         int, _doc("Layers offloaded to the GPU; -1 = all when a GPU build is present, 0 = CPU only.", ge=-1)

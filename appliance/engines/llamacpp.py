@@ -43,7 +43,7 @@ class LlamaCppEngine:
                 "--model", str(model_path), "--name", model_name, "--threads", str(self.threads),
                 "--n-ctx", str(n_ctx), "--n-batch", str(s.n_batch), "--n-gpu-layers", str(gpu_layers),
                 "--parallel", str(parallel), "--stream-interval-ms", str(s.stream_interval_ms),
-                "--lookup-draft", str(s.lookup_draft)]
+                "--lookup-draft", str(s.lookup_draft), "--lookup", s.lookup]
         if s.flash_attn:
             argv.append("--flash-attn")
         return LaunchSpec(argv)

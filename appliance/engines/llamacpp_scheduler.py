@@ -167,7 +167,8 @@ class Scheduler:
                 "reused_prompt_tokens": self.reused_prompt_tokens,
                 "copied_prompt_tokens": self.copied_prompt_tokens,
                 "shared_prompt_tokens": self.shared_prompt_tokens, "drafted_tokens": self.drafted_tokens,
-                "accepted_draft_tokens": self.accepted_draft_tokens, "steps": self.steps}
+                "accepted_draft_tokens": self.accepted_draft_tokens, "lookup_draft": self.lookup_draft,
+                "steps": self.steps}
 
     # ------------------------------------------------------------------ the loop (scheduler thread only)
 

@@ -165,6 +165,8 @@ def appliance_server(gguf: Path, tmp: Path, args: argparse.Namespace) -> Iterato
     if not args.defaults:
         env |= {"APPLIANCE_LLAMACPP__N_CTX": str(args.n_ctx), "APPLIANCE_LLAMACPP__N_BATCH": str(args.n_batch),
                 "APPLIANCE_LLAMACPP__PARALLEL": str(max(args.concurrency)), "APPLIANCE_LLAMACPP__FLASH_ATTN": "true"}
+    if args.lookup:
+        env["APPLIANCE_LLAMACPP__LOOKUP"] = args.lookup
     if args.stream_interval_ms is not None:
         env["APPLIANCE_LLAMACPP__STREAM_INTERVAL_MS"] = str(args.stream_interval_ms)
     server = ServerProcess(data, env)
@@ -277,6 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--defaults", action="store_true", help="each side at its own defaults (see above)")
     parser.add_argument("--prompts", choices=("stories", "rag"), default="stories",
                         help="stories (default) or RAG-style answers that quote their sources")
+    parser.add_argument("--lookup", choices=("auto", "on", "off"), help="the appliance's llamacpp.lookup "
+                        "(default: its default, auto)")
     parser.add_argument("--enforce", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -27,7 +27,8 @@ def batched(start_server: Callable[..., Running]) -> Running:
     # one thread: these tests are about scheduling, and on a shared, loaded box two threads that must meet at
     # every barrier of llama.cpp's thread pool are many times slower than one
     return start_server({"APPLIANCE_LLAMACPP__PARALLEL": str(PARALLEL), "APPLIANCE_LLAMACPP__N_CTX": "2048",
-                         "APPLIANCE_LLAMACPP__N_BATCH": str(N_BATCH), "APPLIANCE_LLAMACPP__THREADS": "1"})
+                         "APPLIANCE_LLAMACPP__N_BATCH": str(N_BATCH), "APPLIANCE_LLAMACPP__THREADS": "1",
+                         "APPLIANCE_LLAMACPP__LOOKUP": "on"})  # drafts whatever they cost on this box
 
 
 def uncached(running: Running) -> openai.OpenAI:

@@ -88,6 +88,7 @@ def test_llamacpp_launch_defaults() -> None:
     assert option(argv, "--name") == "smol"
     assert option(argv, "--n-ctx") == "0" and option(argv, "--n-batch") == "2048"
     assert option(argv, "--parallel") == "4"  # automatic slots without placement's sizing: the minimum
+    assert option(argv, "--lookup") == "auto" and option(argv, "--lookup-draft") == "8"
     assert option(argv, "--n-gpu-layers") == ("-1" if gpu_offload_supported() else "0")
     assert "--flash-attn" in argv
     assert spec.inherit_socket
