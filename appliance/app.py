@@ -106,7 +106,7 @@ from appliance.registry.sources import ImportPolicy
 from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.settings_report import SettingsReport
 from appliance.storage import StorageFull, storage_full_from
-from appliance.supervisor.placement import GgufMemoryEstimator, Placement
+from appliance.supervisor.placement import GgufMemoryEstimator, Placement, system_total_ram
 from appliance.supervisor.pool import WorkerPool
 from appliance.supervisor.process import Worker, WorkerProcess
 from appliance.usage import UsageLog
@@ -156,7 +156,8 @@ class Services:
         self.pool.parallel_of = self.admission
         # memory fit: estimated from the GGUF header, read through the store (only its first segments decrypted)
         self.pool.placement = Placement(settings.models, GgufMemoryEstimator(
-            self.registry.get, self.store.gguf_header, settings.llamacpp, gpu=lambda: bool(self.gpus)))
+            self.registry.get, self.store.gguf_header, settings.llamacpp, gpu=lambda: bool(self.gpus),
+            budget=lambda: settings.models.memory_limit_bytes or system_total_ram()))
         self.quotas = QuotaService(self.conn)
         self.embeddings = EmbeddingService(settings.rag, self.data.cache / "embeddings", self.metrics,
                                            imported=self.imported_folder)
@@ -270,7 +271,8 @@ class Services:
         # decrypted into a sealed memfd only, wiped when the stack closes
         weights = self.store.open_for_load(record.sha256, "memfd")
         loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
-        launch = dataclasses.replace(self.llamacpp.launch(loaded.path, name), pass_fds=loaded.fds)
+        need = self.pool.slots[name].need if name in self.pool.slots else None  # automatic slots, as placement sized
+        launch = dataclasses.replace(self.llamacpp.launch(loaded.path, name, sized=need), pass_fds=loaded.fds)
         return WorkerProcess(name, launch, socket_path, **timeouts)
 
 

@@ -77,26 +77,46 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 256 << 20
 
 
+UBATCH = 512  # tokens llama.cpp computes at once within a step (llama-server's n_ubatch)
+
+
 class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     threads: Annotated[int, _doc("Threads for generation; 0 = the number of physical cores.", ge=0)] = 0
     n_ctx: Annotated[
         int, _doc("Context length in tokens of each parallel sequence; 0 = the model's trained length, capped at "
-                  "8192. The KV cache holds parallel x n_ctx tokens.", ge=0)
+                  "8192 (halved, down to 2048, when automatic slots would otherwise be fewer than 4). The KV cache "
+                  "holds parallel x n_ctx tokens.", ge=0)
     ] = 0
     n_batch: Annotated[
-        int, _doc("Most tokens per decoding step: one per generating sequence, the rest slices of waiting prompts "
-                  "(smaller = other streams wait less behind a long prompt).", ge=1)
-    ] = 512
+        int, _doc("Most tokens per decoding step: one per generating sequence, the rest slices of waiting prompts. "
+                  "2048, as llama-server: a burst of new chats is prefilled in one step (computed in micro-batches "
+                  f"of {UBATCH} tokens), so their first tokens come together; smaller = a running stream waits less "
+                  "behind a long prompt, but a burst's last prompt waits more steps.", ge=1)
+    ] = 2048
     parallel: Annotated[
         int, _doc("Sequences one llama.cpp worker decodes together (continuous batching); the gateway lets this "
                   "many requests per model through at once and queues the rest. The KV cache holds parallel x n_ctx "
-                  "tokens.", ge=1, le=256)
-    ] = 4
+                  "tokens. 0 = sized from the memory budget and the model's KV cache per token (GGUF layers, KV "
+                  "heads, head size): as many slots as 1/16 of models.memory_limit_bytes (else of the RAM) holds, "
+                  "4 to 16; e.g. 8 slots of 8192 tokens for SmolLM2-135M on a 24 GiB box.", ge=0, le=256)
+    ] = 0
     stream_interval_ms: Annotated[
         float, _doc("A stream's text is sent at most this often, in milliseconds: the first token at once, then what "
                     "accumulated (2-3 tokens when one request runs alone on a fast model). Fewer SSE events leave more "
                     "CPU to the decoding on a small box; 0 = one event per token.", ge=0, le=1000)
     ] = 25.0
+    lookup: Annotated[
+        Literal["auto", "on", "off"],
+        _doc("Prompt-lookup speculative decoding: a request decoding alone drafts tokens from where its last tokens "
+             "occurred before in its prompt or output and keeps those its own sampler picks (the output is "
+             "unchanged, greedy or sampled), so answers that copy from their prompt (RAG quotes, code edits) take "
+             "fewer steps; with other requests running it is off. auto = on where verifying a drafted token costs "
+             "under 0.3 of a one-token step, measured when the model loads (a GPU; not a CPU whose kernels compute "
+             "each token apart, e.g. with Q4_1 weights, where a draft costs about what it saves).")
+    ] = "auto"
+    lookup_draft: Annotated[
+        int, _doc("Most tokens a prompt-lookup draft holds (see lookup).", ge=1, le=64)
+    ] = 8
     n_gpu_layers: Annotated[
         int, _doc("Layers offloaded to the GPU; -1 = all when a GPU build is present, 0 = CPU only.", ge=-1)
     ] = -1

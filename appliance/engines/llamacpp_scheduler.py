@@ -4,7 +4,10 @@ Each step puts one token of every decoding sequence into the batch, then fills w
 waiting prompts, so a long prompt is processed a slice at a time between other streams' tokens. New requests join
 between steps; a finished or cancelled one leaves at the next step and its slot takes new work. A slot keeps the
 tokens its KV cache holds, so a request whose prompt starts the same way (a chat's next turn, a shared system
-prompt) is placed there and only its new tail is computed. An idle scheduler waits a few milliseconds for the rest
+prompt) is placed there and only its new tail is computed. When another slot's cache, busy or not, shares a longer
+prefix (many chats with one system prompt, each in its own slot), that slot's KV cells are copied
+(`LlamaRuntime.copy_sequence`) and the cells after the shared prefix dropped, so the system prompt is computed once
+rather than once per slot (`shared_prompt_tokens`). An idle scheduler waits a few milliseconds for the rest
 of a burst of requests, so that their prompts are computed together in the first step.
 
 What a step produced for every request is handed over at once (`deliver`), so the worker's event loop wakes once
@@ -16,6 +19,12 @@ The n choices of one request (`n` > 1) are n jobs; the first leads. The others, 
 time, do not compute the prompt: once the leader's prompt is decoded, its KV cells are copied to their sequences
 (`LlamaRuntime.copy_sequence`) and they sample their first token from the leader's logits row. A choice that waits
 for a slot runs as a job of its own later (its slot's cached prefix still saves most of the prompt).
+
+A sequence decoding alone drafts tokens by prompt lookup (appliance.engines.llamacpp_lookup): the tokens that
+followed the last few tokens where they occurred before in its prompt or output go into the step after its sampled
+token, each with logits, and are kept while its own sampler picks them (`_verify`), so the output is the one
+decoding without drafts gives, greedy or sampled; the rest of the draft's cells are freed. With other sequences in
+the step the batch already uses the CPU, and drafts would only take from them.
 
 A request asking for logprobs gets, with each piece of text, the entries of the tokens behind it
 (appliance.engines.llamacpp_logprobs); for the others the per-token path is unchanged."""
@@ -33,12 +42,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.engines.llamacpp_logprobs import TokenLogprob, token_logprob
+from appliance.engines.llamacpp_lookup import PromptLookup
 from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece, StopMatcher, Usage
 from appliance.engines.llamacpp_sampling import SamplerChain, SamplingParams
 from appliance.engines.tool_calls import TRIGGER, ToolPlan
 
 GATHER_QUIET = 0.003  # seconds without a new request that end the gathering of a burst (see Scheduler._gather)
 GATHER_MAX = 0.015
+# a prompt prefix at least this much longer in another slot's cache than in its own is copied from there: copying
+# moves the other slot's whole KV buffer (n_ctx cells), which costs about what computing a few dozen tokens does
+SHARE_MIN = 32
 
 Emit = Callable[[Piece | BaseException], None]
 """Told each piece of text in order (the last carries the finish reason), or the error that ended the request.
@@ -88,6 +101,8 @@ class Slot:
     output_index: int = -1  # batch entry whose logits this slot samples from after the step
     followers: list[Slot] = field(default_factory=list)  # slots waiting to copy this one's prompt (n > 1)
     logprobs: list[TokenLogprob] | None = None  # entries not yet handed over; None: the job asked for none
+    lookup: PromptLookup | None = None  # the job's tokens indexed for drafts (built when it first decodes alone)
+    draft: list[int] = field(default_factory=list)  # drafted tokens in this step, after the sampled one
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -99,8 +114,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, runtime: LlamaRuntime, deliver: Deliver | None = None, stream_interval: float = 0.0) -> None:
+    def __init__(self, runtime: LlamaRuntime, deliver: Deliver | None = None, stream_interval: float = 0.0,
+                 lookup_draft: int = 0) -> None:
         self.runtime = runtime
+        self.lookup_draft = lookup_draft  # most drafted tokens per step for a sequence decoding alone; 0 = none
         self.deliver = deliver
         self.stream_interval = stream_interval  # seconds; 0 = every token's text as soon as it is decoded
         self.outbox: Outbox = []
@@ -112,6 +129,9 @@ class Scheduler:
         self.cancelled = 0
         self.reused_prompt_tokens = 0
         self.copied_prompt_tokens = 0
+        self.shared_prompt_tokens = 0
+        self.drafted_tokens = 0
+        self.accepted_draft_tokens = 0
         self.steps = 0
         self._buffer = ctypes.create_string_buffer(64)
         self.thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
@@ -145,7 +165,10 @@ class Scheduler:
         return {"parallel": len(self.slots), "active_sequences": self.active, "queued": len(self.queue),
                 "generated_tokens": self.generated_tokens, "cancelled": self.cancelled,
                 "reused_prompt_tokens": self.reused_prompt_tokens,
-                "copied_prompt_tokens": self.copied_prompt_tokens, "steps": self.steps}
+                "copied_prompt_tokens": self.copied_prompt_tokens,
+                "shared_prompt_tokens": self.shared_prompt_tokens, "drafted_tokens": self.drafted_tokens,
+                "accepted_draft_tokens": self.accepted_draft_tokens, "lookup_draft": self.lookup_draft,
+                "steps": self.steps}
 
     # ------------------------------------------------------------------ the loop (scheduler thread only)
 
@@ -225,7 +248,10 @@ class Scheduler:
             self.runtime.forget(slot.seq_id, -1)
         else:
             keep = min(common_prefix(slot.cached, job.tokens), len(job.tokens) - 1)  # decode >= 1 token for logits
-            if not self.runtime.forget(slot.seq_id, keep):
+            shared = self._share_prefix(slot, job, keep)
+            if shared is not None:
+                keep = shared
+            elif not self.runtime.forget(slot.seq_id, keep):
                 keep = 0
                 self.runtime.forget(slot.seq_id, -1)
         slot.cached = job.tokens[:keep]
@@ -241,12 +267,32 @@ class Scheduler:
         slot.trigger = StopMatcher([TRIGGER]) if job.tools is not None else None
         slot.in_tools = False
         slot.handed = 0.0
+        slot.lookup = None
+        slot.draft = []
         job.usage.prompt_tokens = len(job.tokens)
         job.usage.cached_tokens = keep
         self.reused_prompt_tokens += keep
         slot.job = job
         if leader is not None and attached:
             leader.followers.append(slot)
+
+    def _share_prefix(self, slot: Slot, job: Job, own: int) -> int | None:
+        """Copy the KV cells of the prompt prefix another slot holds, when it is SHARE_MIN tokens longer than the
+        `own` prefix the slot holds; returns the prefix length the slot holds now (None: nothing copied)."""
+        best, length = None, 0
+        for other in self.slots:
+            if other is not slot:
+                n = min(common_prefix(other.cached, job.tokens), len(job.tokens) - 1)
+                if n > length:
+                    best, length = other, n
+        if best is None or length < own + SHARE_MIN:
+            return None
+        self.runtime.copy_sequence(best.seq_id, slot.seq_id)
+        if not self.runtime.forget(slot.seq_id, length):  # the donor's cells after the shared prefix
+            self.runtime.forget(slot.seq_id, -1)
+            return 0
+        self.shared_prompt_tokens += length
+        return length
 
     def _drop_cancelled(self) -> None:
         for slot in self.slots:
@@ -255,32 +301,8 @@ class Scheduler:
                 self._release(slot, Piece("", "cancelled"))
 
     def _step(self) -> None:
-        batch = self.runtime.batch
-        n = 0
-        for slot in self.slots:  # one token for every decoding sequence first: streams never wait on prompts
-            if slot.job is not None and slot.next_token is not None:
-                self._put(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
-                slot.cached.append(slot.next_token)
-                slot.next_token = None
-                slot.output_index = n
-                n += 1
-            else:
-                slot.output_index = -1
-        prefilling = sorted((s for s in self.slots if s.job is not None and s.pending),
-                            key=lambda s: s.job.submitted if s.job else 0.0)
-        for slot in prefilling:  # then prompt chunks, oldest request first, as far as the batch has room
-            take = min(len(slot.pending), self.runtime.n_batch - n)
-            if take <= 0:
-                break
-            start = len(slot.cached)
-            for i in range(take):
-                self._put(batch, n, slot.pending[i], start + i, slot.seq_id, False)
-                n += 1
-            slot.cached.extend(slot.pending[:take])
-            del slot.pending[:take]
-            if not slot.pending:
-                batch.logits[n - 1] = 1
-                slot.output_index = n - 1
+        n = self._put_decoding()
+        n = self._put_prompts(n)
         if n == 0:
             return
         status = self.runtime.decode(n)
@@ -294,7 +316,96 @@ class Scheduler:
                 if slot.followers:  # its prompt is decoded now: the other choices start from a copy
                     self._start_followers(slot, now)
                 assert slot.sampler is not None
-                self._take(slot, slot.sampler.sample(self.runtime.ctx, slot.output_index), now, slot.output_index)
+                if slot.draft:
+                    self._verify(slot, now)
+                else:
+                    self._take(slot, slot.sampler.sample(self.runtime.ctx, slot.output_index), now, slot.output_index)
+
+    def _put_decoding(self) -> int:
+        """One token for every decoding sequence first (streams never wait on prompts), with a draft after it for
+        a sequence decoding alone; returns the batch entries used."""
+        batch = self.runtime.batch
+        n = 0
+        alone = self.lookup_draft > 0 and self._alone()
+        for slot in self.slots:
+            if slot.job is not None and slot.next_token is not None:
+                self._put(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
+                slot.cached.append(slot.next_token)
+                slot.next_token = None
+                slot.output_index = n
+                n += 1
+                if alone:
+                    slot.draft = self._draft(slot, self.runtime.n_batch - n)
+                    for token in slot.draft:
+                        self._put(batch, n, token, len(slot.cached), slot.seq_id, True)
+                        slot.cached.append(token)
+                        n += 1
+            else:
+                slot.output_index = -1
+        return n
+
+    def _put_prompts(self, n: int) -> int:
+        """Then prompt chunks, oldest request first, as far as the batch has room after entry `n`."""
+        batch = self.runtime.batch
+        prefilling = sorted((s for s in self.slots if s.job is not None and s.pending),
+                            key=lambda s: s.job.submitted if s.job else 0.0)
+        for slot in prefilling:
+            take = min(len(slot.pending), self.runtime.n_batch - n)
+            if take <= 0:
+                break
+            start = len(slot.cached)
+            for i in range(take):
+                self._put(batch, n, slot.pending[i], start + i, slot.seq_id, False)
+                n += 1
+            slot.cached.extend(slot.pending[:take])
+            del slot.pending[:take]
+            if not slot.pending:
+                batch.logits[n - 1] = 1
+                slot.output_index = n - 1
+        return n
+
+    def _alone(self) -> bool:
+        """One sequence decoding, no prompt being computed and none waiting: the step has CPU to spare for drafts."""
+        running = [s for s in self.slots if s.job is not None]
+        return len(running) == 1 and not running[0].pending and not running[0].followers and not self.queue
+
+    def _draft(self, slot: Slot, room: int) -> list[int]:
+        """Tokens to decode after the slot's sampled one: a prompt-lookup guess within the job's token limit and
+        its context."""
+        job = slot.job
+        assert job is not None
+        if slot.lookup is None:
+            slot.lookup = PromptLookup(slot.cached, self.lookup_draft)
+        else:
+            slot.lookup.extend(slot.cached[len(slot.lookup.tokens):])
+        room = min(room, job.limit - job.usage.completion_tokens - 1, self.runtime.n_ctx - len(slot.cached) - 1)
+        return slot.lookup.draft(room)
+
+    def _verify(self, slot: Slot, now: float) -> None:
+        """Sample the rows of a step with a draft in order, as decoding token by token would: each row whose token
+        is the next drafted one keeps it (its KV cells are already computed); the first other token ends the
+        step's output and is decoded next. The cells of drafted tokens not kept are freed."""
+        draft, slot.draft = slot.draft, []
+        sampler, first = slot.sampler, slot.output_index
+        assert sampler is not None
+        kept = len(slot.cached) - len(draft)  # cells that hold the sequence so far; the draft's follow
+        accepted = 0
+        for i in range(len(draft) + 1):
+            token = sampler.sample(self.runtime.ctx, first + i)
+            self._take(slot, token, now, first + i)
+            if i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+            if slot.job is None:  # finished on a drafted token
+                break
+            slot.next_token = None  # its cells are in the cache already
+        self.drafted_tokens += len(draft)
+        self.accepted_draft_tokens += accepted
+        if not accepted and slot.lookup is not None:
+            slot.lookup.missed()
+        del slot.cached[kept + accepted:]
+        if not self.runtime.forget(slot.seq_id, kept + accepted):
+            raise RuntimeError("llama.cpp could not free a rejected draft's KV cells")
 
     def _start_followers(self, leader: Slot, now: float) -> None:
         """Copy the leader's prompt cells to each follower, which samples its first token from the leader's row

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import psutil
 
-from appliance.config import LlamaCppSettings, ModelSettings
+from appliance.config import UBATCH, LlamaCppSettings, ModelSettings
 from appliance.errors import ModelUnavailable
 from appliance.registry.gguf_check import GgufInfo
 
@@ -20,6 +20,13 @@ CONTEXT_CAP = 8192  # the llama.cpp engine's cap when n_ctx = 0 (its trained len
 KV_BYTES = 2  # f16 K and V caches, llama.cpp's default
 # the worker process (Python, llama-cpp-python, the scheduler) before any model: ~55 MiB measured, rounded up
 BASE_OVERHEAD = 96 << 20
+# Automatic slots (llamacpp.parallel = 0): the KV cache of all slots takes at most 1/KV_SHARE of the memory budget
+# (models.memory_limit_bytes, else the box's RAM), leaving the rest to other models, RAG and the page cache. On a
+# 24 GiB box that is 1.5 GiB: 8 slots of 8192 tokens for SmolLM2-135M (22.5 KiB of f16 KV per token).
+KV_SHARE = 16
+AUTO_PARALLEL_MIN = 4  # below this many slots the context is halved first (down to AUTO_CTX_MIN)
+AUTO_PARALLEL_MAX = 16  # more slots than this add little throughput on a CPU and cost their KV buffers
+AUTO_CTX_MIN = 2048
 
 
 class InsufficientMemory(ModelUnavailable):
@@ -35,6 +42,10 @@ class MemoryNeed:
     overhead: int
     on_gpu: bool = False
     """Weights and KV cache in GPU memory (llama.cpp offload, vLLM); the buffers stay in RAM either way."""
+    parallel: int = 0
+    """The slots (sequences) the estimate is for, as resolved from llamacpp.parallel (0: not a llama.cpp model)."""
+    n_ctx: int = 0
+    """The context per slot the estimate is for, in tokens (0: not a llama.cpp model)."""
 
     @property
     def total(self) -> int:
@@ -58,24 +69,53 @@ def gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB" if abs(n) >= GIB else f"{n / (1 << 20):.0f} MiB"
 
 
-def estimate_gguf(info: GgufInfo, *, n_ctx: int = 0, parallel: int = 1, n_batch: int = 512) -> MemoryNeed:
-    """What llama.cpp allocates for this model: its tensors, an f16 KV cache of parallel x n_ctx tokens over every
-    layer's KV heads, and compute buffers (logits, activations) with a base for the worker process.
-
-    Checked against the default model (n_ctx 8192, one sequence): estimated 372 MiB; a Python process that loaded
-    it with llama-cpp-python and generated had 338 MiB resident (the estimate errs on the safe side)."""
+def kv_bytes_per_token(info: GgufInfo) -> int:
+    """Bytes of f16 K and V cache one token takes over every layer's KV heads (grouped-query attention keeps
+    fewer KV heads than query heads)."""
     layers = info.arch_int("block_count")
     embd = info.arch_int("embedding_length")
     heads = info.arch_int("attention.head_count", 1) or 1
     heads_kv = info.arch_int("attention.head_count_kv", heads) or heads
     head_k = info.arch_int("attention.key_length", embd // heads)
     head_v = info.arch_int("attention.value_length", embd // heads)
-    context = n_ctx or min(info.arch_int("context_length", 4096) or 4096, CONTEXT_CAP)
-    kv = parallel * context * layers * heads_kv * (head_k + head_v) * KV_BYTES
+    return layers * heads_kv * (head_k + head_v) * KV_BYTES
+
+
+def trained_context(info: GgufInfo) -> int:
+    return min(info.arch_int("context_length", 4096) or 4096, CONTEXT_CAP)
+
+
+def auto_slots(info: GgufInfo, budget: int, *, n_ctx: int = 0, parallel: int = 0) -> tuple[int, int]:
+    """(parallel, n_ctx) for a llama.cpp model whose settings leave either at 0: as many slots of the context as
+    1/KV_SHARE of `budget` holds (AUTO_PARALLEL_MAX at most); when fewer than AUTO_PARALLEL_MIN slots of the
+    trained context fit, an automatic context is halved (not below AUTO_CTX_MIN) to serve more chats at once.
+    A value the operator set is kept."""
+    per_token = max(kv_bytes_per_token(info), 1)
+    share = budget // KV_SHARE
+    context = n_ctx or trained_context(info)
+    if parallel:
+        return parallel, context
+    if not n_ctx:
+        while context > AUTO_CTX_MIN and share // (context * per_token) < AUTO_PARALLEL_MIN:
+            context //= 2
+    slots = int(min(max(share // (context * per_token), 1), AUTO_PARALLEL_MAX))
+    return slots, context
+
+
+def estimate_gguf(info: GgufInfo, *, n_ctx: int = 0, parallel: int = 1, n_batch: int = 512) -> MemoryNeed:
+    """What llama.cpp allocates for this model: its tensors, an f16 KV cache of parallel x n_ctx tokens over every
+    layer's KV heads, and compute buffers (logits, activations) with a base for the worker process.
+
+    Checked against the default model (n_ctx 8192, one sequence): estimated 372 MiB; a Python process that loaded
+    it with llama-cpp-python and generated had 338 MiB resident (the estimate errs on the safe side)."""
+    embd = info.arch_int("embedding_length")
+    context = n_ctx or trained_context(info)
+    kv = parallel * context * kv_bytes_per_token(info)
     tokens = info.metadata.get("tokenizer.ggml.tokens", 0)  # arrays are kept as their length
     vocab = info.arch_int("vocab_size") or (tokens if isinstance(tokens, int) else 0)
-    compute = parallel * vocab * 8 + n_batch * embd * 16 + BASE_OVERHEAD  # logits + sampling, activations
-    return MemoryNeed(info.tensor_bytes, kv, compute)
+    ubatch = min(n_batch, UBATCH)  # llama.cpp computes a batch in micro-batches of at most this many tokens
+    compute = parallel * vocab * 8 + ubatch * embd * 16 + BASE_OVERHEAD  # logits + sampling, activations
+    return MemoryNeed(info.tensor_bytes, kv, compute, parallel=parallel, n_ctx=context)
 
 
 def _llamacpp_offloads() -> bool:
@@ -86,6 +126,10 @@ def _llamacpp_offloads() -> bool:
 
 def system_free_ram() -> int:
     return int(psutil.virtual_memory().available)
+
+
+def system_total_ram() -> int:
+    return int(psutil.virtual_memory().total)
 
 
 class ModelRecordLike(Protocol):
@@ -102,14 +146,17 @@ class GgufMemoryEstimator:
     blobs: only the first segments are decrypted). Cached per digest: a file's header never changes."""
 
     def __init__(self, find: Callable[[str], ModelRecordLike], read_header: Callable[[str, int], GgufInfo],
-                 llamacpp: LlamaCppSettings, gpu: Callable[[], bool] = lambda: False) -> None:
+                 llamacpp: LlamaCppSettings, gpu: Callable[[], bool] = lambda: False,
+                 budget: Callable[[], int] = system_total_ram) -> None:
         self.find = find
         self.read_header = read_header  # (sha256, size) -> the GGUF's header: ModelStore.gguf_header
         self.llamacpp = llamacpp
         self.gpu = gpu
+        self.budget = budget  # the memory that automatic slots are sized from (models.memory_limit_bytes or RAM)
         self._headers: dict[str, GgufInfo] = {}
 
     async def __call__(self, name: str, parallel: int) -> MemoryNeed:
+        """The need of model `name` with `parallel` slots (0: sized by `auto_slots`; the need says how many)."""
         record = self.find(name)
         if record.format == "remote":
             return MemoryNeed(0, 0, 0)
@@ -119,7 +166,8 @@ class GgufMemoryEstimator:
         if info is None:
             info = await asyncio.to_thread(self.read_header, record.sha256, record.size_bytes)
             self._headers[record.sha256] = info
-        need = estimate_gguf(info, n_ctx=self.llamacpp.n_ctx, parallel=parallel, n_batch=self.llamacpp.n_batch)
+        parallel, n_ctx = auto_slots(info, self.budget(), n_ctx=self.llamacpp.n_ctx, parallel=parallel)
+        need = estimate_gguf(info, n_ctx=n_ctx, parallel=parallel, n_batch=self.llamacpp.n_batch)
         # offloaded layers (any: a partial offload is counted as whole, the safe side for the GPU)
         return replace(need, on_gpu=self.llamacpp.n_gpu_layers != 0 and self.gpu() and _llamacpp_offloads())
 

@@ -17,7 +17,7 @@ from appliance.config import GatewaySettings, ModelSettings, SupervisorSettings
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable, QueueFull
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
-from appliance.supervisor.placement import MemoryNeed, Placement, gib
+from appliance.supervisor.placement import AUTO_PARALLEL_MIN, MemoryNeed, Placement, gib
 from appliance.supervisor.process import Worker
 
 log = get_logger(__name__)
@@ -75,6 +75,22 @@ class ModelSlot:
 
     def __post_init__(self) -> None:
         self.gate = asyncio.Semaphore(self.parallel)
+        self._withheld: list[asyncio.Task[object]] = []
+
+    def resize(self, parallel: int) -> None:
+        """Let `parallel` requests through at once from now on (automatic slots are known once the model's header
+        is read): more permits at once, fewer by tasks that take permits as requests give them back."""
+        while parallel > self.parallel and self._withheld:
+            task = self._withheld.pop()
+            if not task.cancel():  # it had taken its permit already
+                self.gate.release()
+            self.parallel += 1
+        while parallel > self.parallel:
+            self.gate.release()
+            self.parallel += 1
+        while parallel < self.parallel:
+            self._withheld.append(asyncio.ensure_future(self.gate.acquire()))
+            self.parallel -= 1
 
     @property
     def alive(self) -> bool:
@@ -125,7 +141,8 @@ class WorkerPool:
     def slot(self, name: str) -> ModelSlot:
         name = self.key(name)
         if name not in self.slots:
-            self.slots[name] = ModelSlot(name, self.parallel_of(name), self._pinned(name))
+            # automatic slots (0) let AUTO_PARALLEL_MIN through until placement has sized the model
+            self.slots[name] = ModelSlot(name, self.parallel_of(name) or AUTO_PARALLEL_MIN, self._pinned(name))
             self.metrics.worker_restarts.labels(name)  # the series exists at 0, so the first restart is an increase
         return self.slots[name]
 
@@ -249,7 +266,9 @@ class WorkerPool:
         """Reserve the model's memory: unload idle models, least recently used first, until it fits, or refuse."""
         if self.placement is None:
             return
-        need = await self.placement.need(slot.name, slot.parallel)
+        need = await self.placement.need(slot.name, self.parallel_of(slot.name))
+        if need.parallel:
+            slot.resize(need.parallel)
         while True:
             others = [s for s in self.slots.values() if s is not slot and s.need is not None]
             held = [s.need for s in others if s.need is not None]

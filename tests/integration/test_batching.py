@@ -8,8 +8,10 @@ import json
 import threading
 from collections.abc import Callable
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import Running
 from tests.integration.test_workers import NO_EOS, wait_until, worker_health
@@ -25,7 +27,8 @@ def batched(start_server: Callable[..., Running]) -> Running:
     # one thread: these tests are about scheduling, and on a shared, loaded box two threads that must meet at
     # every barrier of llama.cpp's thread pool are many times slower than one
     return start_server({"APPLIANCE_LLAMACPP__PARALLEL": str(PARALLEL), "APPLIANCE_LLAMACPP__N_CTX": "2048",
-                         "APPLIANCE_LLAMACPP__N_BATCH": str(N_BATCH), "APPLIANCE_LLAMACPP__THREADS": "1"})
+                         "APPLIANCE_LLAMACPP__N_BATCH": str(N_BATCH), "APPLIANCE_LLAMACPP__THREADS": "1",
+                         "APPLIANCE_LLAMACPP__LOOKUP": "on"})  # drafts whatever they cost on this box
 
 
 def uncached(running: Running) -> openai.OpenAI:
@@ -214,3 +217,39 @@ def test_usage_reports_the_prompt_tokens_a_slot_still_held(batched: Running) -> 
     cached = second.usage.prompt_tokens_details.cached_tokens or 0
     assert 60 < cached < second.usage.prompt_tokens
     assert first.usage.prompt_tokens_details is not None
+
+
+def metric(running: Running, name: str) -> float:
+    """The value of `name` for the default model's worker in /metrics (0 before it has a sample)."""
+    families = text_string_to_metric_families(httpx.get(running.url + "/metrics", headers=running.headers,
+                                                        timeout=30).text)
+    return sum(s.value for f in families for s in f.samples
+               if s.name == name and s.labels.get("model", "").partition("@")[0] == DEFAULT_MODEL)
+
+
+def test_a_quoting_answer_is_drafted_by_prompt_lookup_and_metrics_count_it(batched: Running) -> None:
+    """A RAG-style answer alone on the worker: drafted tokens from its prompt are accepted, the text is the one the
+    same request gets in a batch (where no drafts are made), and /metrics counts the accepted draft tokens."""
+    client = uncached(batched)
+    sources = ("[1] The lighthouse on Skerry Point was built in 1874 from granite quarried on the island. "
+               "[2] Its lamp was converted to electricity in 1952 and automated in 1988.")
+    params: dict[str, object] = {"model": DEFAULT_MODEL, "temperature": 0, "max_tokens": MAX_TOKENS,
+                                 "messages": ask(sources + "\nQuote source [1] word for word.")}
+    before = metric(batched, "appliance_llamacpp_draft_tokens_accepted_total")
+    alone = client.chat.completions.create(**params).choices[0].message.content  # type: ignore[call-overload]
+    wait_until(lambda: metric(batched, "appliance_llamacpp_draft_tokens_accepted_total") > before,
+               what="accepted draft tokens in /metrics")
+    start = threading.Barrier(2)
+    texts: list[str | None] = [None, None]
+
+    def run(i: int) -> None:
+        start.wait()
+        body = params if i == 0 else {**params, "messages": ask("Name three fruits.")}
+        texts[i] = client.chat.completions.create(**body).choices[0].message.content  # type: ignore[call-overload]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert texts[0] == alone and "1874" in alone

@@ -272,3 +272,77 @@ def test_logprob_entries_come_with_the_text_one_per_token(scheduler: Scheduler) 
     assert all(len(e.top) == 4 and e.top[0] == (e.token, e.logprob) for e in entries)
     plain = Request(scheduler, "The capital of France is", temperature=0, max_tokens=2)
     assert plain.next().logprobs is None
+
+
+SOURCES = ("[1] The Appliance stores every model encrypted with AES-256-GCM in segments of 64 KiB; a per-file key is "
+           "derived with HKDF from a random data key.\n[2] The master key lives in keys/master.key with mode 0600 and "
+           "wraps each data key; rotating it re-wraps the data keys without re-encrypting the weights.\n[3] At load "
+           "time the weights are decrypted into a sealed memfd and never written to persistent disk.")
+RAG_MESSAGES = [{"role": "system", "content": "Answer using only the sources. Quote the sentences you use word for "
+                 "word, with their number."},
+                {"role": "user", "content": SOURCES + "\n\nQuestion: How are models stored and where is the master "
+                 "key? Quote the sources."}]
+
+
+def test_prompt_lookup_drafts_keep_the_text_and_save_steps(gguf: Path) -> None:
+    """A RAG answer that quotes its sources: with prompt-lookup drafts the text is the one decoding token by token
+    gives (greedy, and sampled with a seed), drafted tokens are accepted, and the answer takes fewer steps."""
+    runtime = LlamaRuntime(str(gguf), n_ctx=1024, n_threads=1, n_batch=512, n_gpu_layers=0, flash_attn=True)
+    prompt = runtime.tokenize(runtime.chat_prompt(RAG_MESSAGES), is_chat=True)
+    results: dict[tuple[int, float], tuple[str, dict[str, int]]] = {}
+    try:
+        for draft in (0, 8):
+            scheduler = Scheduler(runtime, lookup_draft=draft)
+            scheduler.start()
+            try:
+                for temperature in (0.0, 0.7):
+                    runtime.forget(0, -1)
+                    scheduler.slots[0].cached = []  # the prompt is computed afresh each time
+                    items: queue.Queue[Piece | BaseException] = queue.Queue()
+                    job = Job(list(prompt), SamplingParams(temperature=temperature, seed=7, max_tokens=96),
+                              items.put, 96)
+                    before = scheduler.stats()
+                    scheduler.submit(job)
+                    text = ""
+                    while True:
+                        item = items.get(timeout=300)
+                        assert not isinstance(item, BaseException)
+                        text += item.text
+                        if item.finish_reason:
+                            break
+                    after = scheduler.stats()
+                    results[draft, temperature] = text, {k: after[k] - before[k] for k in after}
+            finally:
+                scheduler.stop()
+    finally:
+        runtime.close()
+    for temperature in (0.0, 0.7):
+        (plain, plain_stats), (drafted, drafted_stats) = results[0, temperature], results[8, temperature]
+        assert drafted == plain and len(plain) > 100
+        assert plain_stats["accepted_draft_tokens"] == plain_stats["drafted_tokens"] == 0
+        assert drafted_stats["generated_tokens"] == plain_stats["generated_tokens"]
+    greedy = results[8, 0.0][1]
+    assert "keys/master.key" in results[8, 0.0][0]  # the answer quotes its source
+    assert greedy["accepted_draft_tokens"] >= 10
+    assert greedy["steps"] <= results[0, 0.0][1]["steps"] - greedy["accepted_draft_tokens"] // 2
+
+
+def test_a_busy_slots_prompt_prefix_is_copied_not_computed(scheduler: Scheduler) -> None:
+    """Two chats with one long system prompt, the first still generating: the second copies the first's KV cells
+    of the shared prefix into its own slot (prefix tokens reused) and writes what it writes when it computes all."""
+    system = "You are the support assistant of the Appliance. Answer briefly, politely and only about it. " * 3
+    solo = Request(scheduler, system + "Question: what is a slot?", temperature=0, max_tokens=12, logit_bias=NO_EOS)
+    reference, _ = solo.result()
+    running = Request(scheduler, system + "Question: what is a model?", temperature=0, max_tokens=400,
+                      logit_bias=NO_EOS)
+    running.next()  # it decodes now, in the slot that held the first chat (the longest common prefix)
+    before = scheduler.stats()
+    second = Request(scheduler, system + "Question: what is a slot?", temperature=0, max_tokens=12,
+                     logit_bias=NO_EOS)
+    text, _ = second.result()
+    running.job.cancel()
+    shared = common_prefix(running.job.tokens, second.job.tokens)
+    assert shared > 60
+    assert second.job.usage.cached_tokens == shared
+    assert scheduler.stats()["shared_prompt_tokens"] - before["shared_prompt_tokens"] == shared
+    assert text == reference

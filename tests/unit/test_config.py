@@ -68,7 +68,7 @@ def test_file_overrides_defaults_and_environment_overrides_file(tmp_path: Path) 
     assert s.server.host == "0.0.0.0"  # file beats default
     assert s.models.keep_alive == 10.0
     assert s.llamacpp.n_ctx == 2048  # env beats default
-    assert s.llamacpp.n_batch == 512  # untouched default
+    assert s.llamacpp.n_batch == 2048  # untouched default
     described = sources(loaded)
     assert described["server.port"] == "env APPLIANCE_SERVER__PORT"
     assert described["server.host"] == f"file {config}"

@@ -12,6 +12,7 @@ from appliance.engines.llamacpp import WORKER_MODULE, LlamaCppEngine, gpu_offloa
 from appliance.engines.select import Gpu, choose_engine
 from appliance.engines.vllm import VllmEngine
 from appliance.registry.catalog import Catalog, CatalogEntry, tool_call_parser
+from appliance.supervisor.placement import MemoryNeed
 
 H100 = Gpu("NVIDIA H100 80GB HBM3", 81559)
 
@@ -85,7 +86,9 @@ def test_llamacpp_launch_defaults() -> None:
     assert option(argv, "--threads") == str(physical_cores())
     assert option(argv, "--model") == "/data/models/sha256-abc"
     assert option(argv, "--name") == "smol"
-    assert option(argv, "--n-ctx") == "0" and option(argv, "--n-batch") == "512"
+    assert option(argv, "--n-ctx") == "0" and option(argv, "--n-batch") == "2048"
+    assert option(argv, "--parallel") == "4"  # automatic slots without placement's sizing: the minimum
+    assert option(argv, "--lookup") == "auto" and option(argv, "--lookup-draft") == "8"
     assert option(argv, "--n-gpu-layers") == ("-1" if gpu_offload_supported() else "0")
     assert "--flash-attn" in argv
     assert spec.inherit_socket
@@ -99,6 +102,14 @@ def test_llamacpp_launch_follows_settings() -> None:
     assert option(argv, "--threads") == "3"
     assert option(argv, "--n-ctx") == "2048" and option(argv, "--n-batch") == "64"
     assert "--flash-attn" not in argv
+
+
+def test_llamacpp_launch_takes_the_slots_placement_sized() -> None:
+    sized = MemoryNeed(100, 200, 300, parallel=9, n_ctx=4096)
+    argv = list(LlamaCppEngine(LlamaCppSettings()).launch(Path("/m.gguf"), "m", sized=sized).argv)
+    assert option(argv, "--parallel") == "9" and option(argv, "--n-ctx") == "4096"
+    argv = list(LlamaCppEngine(LlamaCppSettings(parallel=2, n_ctx=512)).launch(Path("/m.gguf"), "m", sized=sized).argv)
+    assert option(argv, "--parallel") == "2" and option(argv, "--n-ctx") == "512"  # the operator's values win
 
 
 @pytest.mark.skipif(gpu_offload_supported(), reason="checks the CPU-only build of llama.cpp")

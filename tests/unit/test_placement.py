@@ -20,7 +20,9 @@ from appliance.supervisor.placement import (
     InsufficientMemory,
     MemoryNeed,
     Placement,
+    auto_slots,
     estimate_gguf,
+    kv_bytes_per_token,
 )
 from appliance.supervisor.pool import WorkerPool, keep_alive_seconds
 from tests.unit.ggufs import make_gguf
@@ -90,6 +92,46 @@ def test_estimate_from_real_gguf_metadata(tmp_path: Path) -> None:
 def test_estimate_caps_the_trained_context_as_the_engine_does(tmp_path: Path) -> None:
     info = read_gguf(make_gguf(tmp_path / "m.gguf", layers=1, embd=64, heads=4, heads_kv=4, context=131072))
     assert estimate_gguf(info).kv_cache == 8192 * 1 * 4 * 32 * 2
+
+
+def test_automatic_slots_from_the_memory_budget_and_the_kv_cache_per_token(tmp_path: Path) -> None:
+    # SmolLM2-135M's shape: 30 layers, 3 KV heads of 64 dimensions, trained on 8192 tokens
+    info = read_gguf(make_gguf(tmp_path / "m.gguf", layers=30, embd=576, heads=9, heads_kv=3, context=8192))
+    assert kv_bytes_per_token(info) == 30 * 3 * (64 + 64) * 2  # 22.5 KiB of f16 K and V per token
+    assert auto_slots(info, 24 * GIB) == (8, 8192)  # 1/16 of a 24 GiB box: 8 slots of the trained context
+    assert auto_slots(info, 64 * GIB) == (16, 8192)  # capped: more slots add little on a CPU
+    assert auto_slots(info, 8 * GIB) == (5, 4096)  # fewer than 4 slots would fit: the context is halved first
+    assert auto_slots(info, 1 * GIB) == (1, 2048)  # not below 2048 tokens; one slot at least
+    assert auto_slots(info, 24 * GIB, parallel=3) == (3, 8192)  # what the operator set is kept
+    assert auto_slots(info, 8 * GIB, n_ctx=8192) == (2, 8192)
+    need = estimate_gguf(info, parallel=8)
+    assert (need.parallel, need.n_ctx, need.kv_cache) == (8, 8192, 8 * 8192 * kv_bytes_per_token(info))
+
+
+def test_automatic_slots_resize_the_gate_once_placement_sized_the_model() -> None:
+    models = ModelSettings(default=DEFAULT, memory_headroom_bytes=0)
+
+    async def estimate(name: str, parallel: int) -> MemoryNeed:
+        assert parallel == 0  # automatic: placement decides
+        return MemoryNeed(GIB, GIB, 0, parallel=6, n_ctx=4096)
+
+    async def main() -> None:
+        pool = WorkerPool(models, GatewaySettings(), SupervisorSettings(), Factory(), Metrics(), parallel=0,
+                          placement=Placement(models, estimate, lambda: 100 * GIB, lambda: None))
+        holding = Holding()
+        assert pool.slot(DEFAULT).parallel == 4  # before the model is sized
+        for _ in range(6):  # six requests at once: the model was sized for six slots
+            await asyncio.wait_for(holding.hold(pool, DEFAULT), 5)
+        assert pool.slot(DEFAULT).gate.locked()
+        pool.slot(DEFAULT).resize(5)  # fewer: one permit is withheld when given back
+        await holding.stack.aclose()
+        for _ in range(5):
+            await asyncio.wait_for(holding.hold(pool, DEFAULT), 5)
+        assert pool.slot(DEFAULT).gate.locked()
+        await holding.stack.aclose()
+        await pool.close()
+
+    run(main)
 
 
 def test_estimator_reads_the_header_through_the_store_once(tmp_path: Path) -> None:
