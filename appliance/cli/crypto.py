@@ -19,6 +19,12 @@ def _store(loaded: LoadedSettings) -> Any:
     return open_model_store(data, loaded.settings.crypto)
 
 
+def _watermark_keys(store: Any) -> Any:
+    from appliance.watermark.keys import WatermarkKeys
+
+    return WatermarkKeys(store.ring, store.wrapped)
+
+
 def cmd_crypto_rotate(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     from appliance.audit import audited
 
@@ -28,14 +34,17 @@ def cmd_crypto_rotate(args: argparse.Namespace, loaded: LoadedSettings) -> int:
         old = store.ring.active_version()
         new = store.ring.create_version()
         report = store.rewrap_all()
+        watermark = _watermark_keys(store).rewrap()
         event.details.update(from_version=old, to_version=new, rewrapped=len(report.rewrapped),
-                             failed=len(report.failed))
+                             failed=len(report.failed), watermark_rewrapped=watermark)
     for sha256, reason in report.failed.items():
         print(f"NOT REWRAPPED sha256-{sha256}: {reason}; `appliance models verify` names its model", file=sys.stderr)
     print(f"key version {new} is active; {len(report.rewrapped)} data key(s) rewrapped, "
           f"{len(report.current)} already current, weights untouched")
     if args.retire:
         in_use = set(store.key_versions_in_use().values())
+        if (watermark_version := _watermark_keys(store).key_version()) is not None:
+            in_use.add(watermark_version)
         for version in store.ring.versions():
             if version != new and version not in in_use:
                 store.ring.retire(version)
@@ -56,6 +65,8 @@ def cmd_crypto_status(args: argparse.Namespace, loaded: LoadedSettings) -> int:
         counts[version] = counts.get(version, 0) + 1
     for version, count in sorted(counts.items()):
         print(f"  version {version}: wraps {count} model blob(s)")
+    if (watermark_version := _watermark_keys(store).key_version()) is not None:
+        print(f"  version {watermark_version}: wraps the watermark secret")
     return 0
 
 

@@ -5,7 +5,12 @@ a grammar beside it, so concurrent requests never share sampling state. Plain gr
 penalties) skips the chain: the arg-max of the biased logits row, read in place with numpy (copied only when a
 logit_bias applies: the raw row also serves logprobs and the other choices of an n > 1 request), picks the same
 token (the first of equal maxima, as llama.cpp's greedy sampler) without copying the vocabulary into a candidate
-array each token (~9 us instead of ~50 us with a 49k vocabulary)."""
+array each token (~9 us instead of ~50 us with a 49k vocabulary).
+
+A watermarked model (appliance.watermark) adds delta to the green tokens' logits after each previous token before
+any of this: on a biased copy of the row, which the chain then samples from (`_pick`), so the raw row still serves
+logprobs. Greedy decoding stays greedy, over the biased logits: it picks a green token whenever one is within delta
+of the best token, which keeps it deterministic and detectable (a plain arg-max would carry no watermark)."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from llama_cpp.llama_grammar import JSON_GBNF
 
 from appliance.engines import llamacpp_logprobs
 from appliance.engines.json_grammar import SchemaNotSupported, schema_to_gbnf
+from appliance.watermark.green import Watermark
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 PENALTY_LAST_N = 64  # tokens the repetition/frequency/presence penalties look back over (llama.cpp's default)
@@ -119,8 +125,10 @@ class SamplerChain:
     alone, and only when the grammar refuses it is the whole vocabulary filtered and the pick redone (llama.cpp's
     common sampler does the same), so a constrained token costs about what a free one does."""
 
-    def __init__(self, params: SamplingParams, vocab: Any, n_vocab: int, seed: int, *, fast: bool = True) -> None:
+    def __init__(self, params: SamplingParams, vocab: Any, n_vocab: int, seed: int, *, fast: bool = True,
+                 watermark: Watermark | None = None) -> None:
         self.n_vocab = n_vocab
+        self.watermark = watermark
         self.vocab = vocab
         self.penalties: Any = None
         self.chain: Any = None
@@ -182,13 +190,22 @@ class SamplerChain:
             for token in tokens[-PENALTY_LAST_N:]:
                 llama_cpp.llama_sampler_accept(self.penalties, token)
 
-    def sample(self, ctx: Any, index: int) -> int:
-        """Sample from the logits of batch entry `index` and accept the token into every sampler."""
-        if self.grammar is None and not self.greedy:
+    def sample(self, ctx: Any, index: int, prev: int = -1) -> int:
+        """Sample from the logits of batch entry `index` and accept the token into every sampler; `prev` is the
+        token before (the last of the prompt for the first one), which picks the watermark's green list."""
+        marked = self.watermark is not None and prev >= 0
+        if self.grammar is None and not self.greedy and not marked:
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
         logits = self._row(ctx, index)
+        if marked:
+            assert self.watermark is not None
+            logits = self.watermark.apply(logits, prev)
         if self.grammar is None:
-            return int(logits.argmax())
+            if self.greedy:
+                return int(logits.argmax())
+            token = self._pick(logits, constrained=False)
+            llama_cpp.llama_sampler_accept(self.chain, token)
+            return token
         token = int(logits.argmax()) if self.greedy else self._pick(logits, constrained=False)
         if not self._allowed(token, float(logits[token])):
             token = self._pick(logits, constrained=True)

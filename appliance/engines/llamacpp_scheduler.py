@@ -46,6 +46,7 @@ from appliance.engines.llamacpp_lookup import PromptLookup
 from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece, StopMatcher, Usage
 from appliance.engines.llamacpp_sampling import SamplerChain, SamplingParams
 from appliance.engines.tool_calls import TRIGGER, ToolPlan
+from appliance.watermark.green import Watermark
 
 GATHER_QUIET = 0.003  # seconds without a new request that end the gathering of a burst (see Scheduler._gather)
 GATHER_MAX = 0.015
@@ -115,9 +116,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
     def __init__(self, runtime: LlamaRuntime, deliver: Deliver | None = None, stream_interval: float = 0.0,
-                 lookup_draft: int = 0) -> None:
+                 lookup_draft: int = 0, watermark: Watermark | None = None) -> None:
         self.runtime = runtime
         self.lookup_draft = lookup_draft  # most drafted tokens per step for a sequence decoding alone; 0 = none
+        self.watermark = watermark  # applied to every request's sampling (appliance.watermark)
         self.deliver = deliver
         self.stream_interval = stream_interval  # seconds; 0 = every token's text as soon as it is decoded
         self.outbox: Outbox = []
@@ -259,7 +261,8 @@ class Scheduler:
         slot.next_token = None
         slot.logprobs = [] if job.params.logprobs is not None else None
         seed = job.params.seed if job.params.seed is not None else secrets.randbits(32)
-        slot.sampler = SamplerChain(job.params, self.runtime.vocab, self.runtime.n_vocab, seed)
+        slot.sampler = SamplerChain(job.params, self.runtime.vocab, self.runtime.n_vocab, seed,
+                                    watermark=self.watermark)
         slot.sampler.accept_prompt(job.tokens)
         slot.stops = StopMatcher(job.params.stop)
         slot.text = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -319,7 +322,8 @@ class Scheduler:
                 if slot.draft:
                     self._verify(slot, now)
                 else:
-                    self._take(slot, slot.sampler.sample(self.runtime.ctx, slot.output_index), now, slot.output_index)
+                    token = slot.sampler.sample(self.runtime.ctx, slot.output_index, slot.cached[-1])
+                    self._take(slot, token, now, slot.output_index)
 
     def _put_decoding(self) -> int:
         """One token for every decoding sequence first (streams never wait on prompts), with a draft after it for
@@ -391,7 +395,7 @@ class Scheduler:
         kept = len(slot.cached) - len(draft)  # cells that hold the sequence so far; the draft's follow
         accepted = 0
         for i in range(len(draft) + 1):
-            token = sampler.sample(self.runtime.ctx, first + i)
+            token = sampler.sample(self.runtime.ctx, first + i, slot.cached[kept - 1 + i])  # after draft[i - 1]
             self._take(slot, token, now, first + i)
             if i == len(draft) or token != draft[i]:
                 break
@@ -417,7 +421,8 @@ class Scheduler:
             slot.cached = list(leader.cached)
             slot.last_used = now
             self.copied_prompt_tokens += len(leader.cached)
-            self._take(slot, slot.sampler.sample(self.runtime.ctx, leader.output_index), now, leader.output_index)
+            token = slot.sampler.sample(self.runtime.ctx, leader.output_index, slot.cached[-1])
+            self._take(slot, token, now, leader.output_index)
 
     @staticmethod
     def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:

@@ -27,6 +27,7 @@ from appliance.engines.llamacpp_runtime import ContextLengthExceeded, LlamaRunti
 from appliance.engines.llamacpp_sampling import InvalidSampling, SamplingParams, response_schema, sampling_from
 from appliance.engines.llamacpp_scheduler import Job, Outbox, Scheduler
 from appliance.engines.tool_calls import CallDelta, ToolCallParser, ToolPlan, ToolRequestError, ToolSet
+from appliance.watermark.green import GreenList, Watermark
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -153,12 +154,13 @@ def _usage(usage: Usage) -> dict[str, Any]:
 
 class WorkerApp:
     def __init__(self, runtime: LlamaRuntime, model_name: str, stream_interval: float = 0.0,
-                 lookup_draft: int = 0) -> None:
+                 lookup_draft: int = 0, watermark: Watermark | None = None) -> None:
         self.runtime = runtime
         self.model_name = model_name
         self.busy = 0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.scheduler = Scheduler(runtime, self._deliver, stream_interval, lookup_draft)
+        self.watermarked = watermark is not None
+        self.scheduler = Scheduler(runtime, self._deliver, stream_interval, lookup_draft, watermark)
         self.scheduler.start()
 
     def _deliver(self, items: Outbox) -> None:
@@ -193,7 +195,7 @@ class WorkerApp:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_name, "pid": os.getpid(), "n_ctx": self.runtime.n_ctx,
-                "busy": self.busy, **self.scheduler.stats()}
+                "busy": self.busy, "watermarked": self.watermarked, **self.scheduler.stats()}
 
     async def completion(self, receive: Receive, send: Send, *, chat: bool) -> None:
         body = msgspec.json.decode(await _read_body(receive))
@@ -377,6 +379,16 @@ def lookup_draft(runtime: LlamaRuntime, mode: str, most: int) -> int:
     return most if on else 0
 
 
+def read_watermark_config(fd: int) -> tuple[bytes, float, float]:
+    """The watermark's key, gamma and delta from the descriptor the supervisor passed (a sealed memfd holding
+    `{"key": hex, "gamma", "delta"}`; the key never goes through argv or the environment). Closes it."""
+    try:
+        config = msgspec.json.decode(os.pread(fd, 1 << 16, 0))
+    finally:
+        os.close(fd)
+    return bytes.fromhex(config["key"]), float(config["gamma"]), float(config["delta"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fd", type=int, required=True, help="listening Unix socket inherited from the supervisor")
@@ -395,8 +407,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="most prompt-lookup draft tokens per step for a request decoding alone (0 = off)")
     parser.add_argument("--lookup", choices=("auto", "on", "off"), default="auto",
                         help="prompt lookup: auto = on where verifying a draft costs little (measured at load)")
+    parser.add_argument("--watermark-fd", type=int, default=-1,
+                        help="inherited descriptor to read the watermark's key and parameters from (JSON); none = "
+                             "no watermark")
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
+    watermark_config = read_watermark_config(args.watermark_fd) if args.watermark_fd >= 0 else None
     started = time.monotonic()
     print(f"loading {args.name} from {args.model}", file=sys.stderr, flush=True)
     runtime = LlamaRuntime(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_batch=args.n_batch,
@@ -409,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     draft = lookup_draft(runtime, args.lookup, args.lookup_draft)
-    app = WorkerApp(runtime, args.name, args.stream_interval_ms / 1000, draft)
+    watermark = None
+    if watermark_config is not None:
+        key, gamma, delta = watermark_config
+        watermark = Watermark(GreenList(key, runtime.n_vocab, gamma), delta)
+    app = WorkerApp(runtime, args.name, args.stream_interval_ms / 1000, draft, watermark)
     config = uvicorn.Config(app, fd=args.fd, lifespan="off", access_log=False,
                             log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 
 from appliance.auth.guards import effective_permissions
@@ -22,6 +21,7 @@ from appliance.gateway.schemas import RagRequest
 from appliance.logs import get_logger
 from appliance.rag.service import RagService, Result
 from appliance.supervisor.pool import WorkerPool
+from appliance.supervisor.process import worker_tokenize
 
 log = get_logger(__name__)
 SYSTEM = ("Answer the user's question using only the numbered sources below, and cite the sources you use like "
@@ -114,16 +114,7 @@ class RagChat:
     async def _context_and_count(self, model: str, text: str) -> tuple[int, int]:
         """The model's context per sequence and the tokens of `text`, from the worker's /tokenize."""
         worker = await self.pool.ensure_loaded(model)
-        try:
-            response = await worker.client.post("/tokenize", json={"model": model, "prompt": text,
-                                                                   "add_special_tokens": False})
-        except httpx.TransportError as exc:
-            raise InvalidRequest(f"could not count tokens with model '{model}' ({type(exc).__name__}); retry",
-                                 code="tokenize_failed") from exc
-        if response.status_code != 200:
-            raise InvalidRequest(f"model '{model}' cannot count tokens for RAG (its worker answered "
-                                 f"{response.status_code} to /tokenize)", code="tokenize_unsupported")
-        data = response.json()
+        data = await worker_tokenize(worker.client, model, text, "for RAG")
         return int(data["max_model_len"]), int(data["count"])
 
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
-from appliance.errors import ModelUnavailable
+from appliance.errors import InvalidRequest, ModelUnavailable
 from appliance.logs import get_logger
 from appliance.supervisor.uds import worker_transport
 
@@ -57,6 +58,35 @@ class LaunchSpec:
     inherit_socket: bool = True
     pass_fds: Sequence[int] = ()
     """More descriptors the child inherits under the same numbers (the decrypted weights' memfd)."""
+
+
+@contextlib.contextmanager
+def sealed_memfd(name: str, data: bytes) -> Iterator[int]:
+    """A memory file holding `data`, sealed against change, for a child to inherit (in `LaunchSpec.pass_fds`): how
+    a secret reaches a worker without argv or the environment, which other processes of the user can read. Its
+    memory is freed once this and the child's copy are closed (the worker closes its copy after reading)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+async def worker_tokenize(client: httpx.AsyncClient, model: str, text: str, purpose: str) -> dict[str, Any]:
+    """A worker's `/tokenize` of `text` without special tokens (vLLM's route; the llama.cpp worker serves the same):
+    {"count", "max_model_len", "tokens"}. `purpose` ends the error messages ("for RAG")."""
+    try:
+        response = await client.post("/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
+    except httpx.TransportError as exc:
+        raise InvalidRequest(f"could not count tokens with model '{model}' {purpose} ({type(exc).__name__}); retry",
+                             code="tokenize_failed") from exc
+    if response.status_code != 200:
+        raise InvalidRequest(f"model '{model}' cannot count tokens {purpose} (its worker answered "
+                             f"{response.status_code} to /tokenize)", param="model", code="tokenize_unsupported")
+    data: dict[str, Any] = response.json()
+    return data
 
 
 def redacted_env(env: Mapping[str, str]) -> dict[str, str]:

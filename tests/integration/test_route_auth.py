@@ -52,6 +52,7 @@ def test_every_route_declares_a_registered_permission(routes: list[Route]) -> No
     assert ("POST", "/v1/chat/completions", "chat:use") in routes
     assert ("GET", "/api/alerts", "metrics:read") in routes
     assert ("POST", "/api/feedback", "chat:use") in routes
+    assert ("POST", "/api/watermark/detect", "watermark:detect") in routes
     assert {("POST", "/v1/responses", "chat:use"), ("GET", "/v1/responses/x", "chat:use"),
             ("DELETE", "/v1/responses/x", "chat:use"),
             ("GET", "/v1/responses/x/input_items", "chat:use")} <= set(routes)
