@@ -69,7 +69,7 @@ from appliance.doctor import diagnose
 from appliance.engines.llamacpp import LlamaCppEngine, gpu_offload_supported
 from appliance.engines.remote import RemoteCredentials, RemoteWorker
 from appliance.engines.select import Gpu, choose_engine, probe_gpus
-from appliance.engines.vllm import VllmEngine, VllmWorker
+from appliance.engines.vllm import VllmEngine, VllmWorker, watermark_plugin
 from appliance.errors import ApplianceError, InvalidRequest, ModelUnavailable
 from appliance.feedback.ledger import ResponseLedger
 from appliance.feedback.routes import FEEDBACK_ROUTES
@@ -282,7 +282,11 @@ class Services:
         if choice.engine == "vllm":  # the folder unpacked into private tmpfs, removed when the stack closes
             folder = await asyncio.to_thread(resources.enter_context, unpacked_from_store(self.store, record.sha256))
             parser = tool_call_parser(self.registry.catalog, record.name, record.source)
-            launch = self.vllm.launch(folder, record.name, socket_path, parser, **self.telemetry.vllm_tracing())
+            watermark = self.watermark.worker_config(record)  # a logits processor, from a private tmpfs folder
+            plugin = None if watermark is None else resources.enter_context(
+                watermark_plugin(self.store.tmpfs, watermark))
+            launch = self.vllm.launch(folder, record.name, socket_path, parser, **self.telemetry.vllm_tracing(),
+                                      watermark=plugin)
             return VllmWorker(name, launch, socket_path, **timeouts)
         # decrypted into a sealed memfd only, wiped when the stack closes
         weights = self.store.open_for_load(record.sha256, "memfd")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,8 +23,11 @@ from urllib.parse import quote
 from appliance.config import VllmSettings
 from appliance.engines.select import VllmBuild
 from appliance.supervisor.process import LaunchSpec, WorkerProcess
+from appliance.watermark import green
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+WATERMARK_PACKAGE = "appliance_watermark"
+WATERMARK_CONFIG_ENV = "APPLIANCE_WATERMARK_CONFIG"  # appliance.watermark.vllm_processor.CONFIG_ENV
 # Prints which vLLM distribution the interpreter has, without importing vllm (seconds, and it may need a GPU).
 _PROBE = """
 import importlib.metadata as m
@@ -70,11 +75,13 @@ class VllmEngine:
         return self.build is not None
 
     def launch(self, model_dir: Path, model_name: str, socket_path: Path, tool_call_parser: str = "",
-               otlp_traces_endpoint: str = "", otlp_headers: Mapping[str, str] | None = None) -> LaunchSpec:
+               otlp_traces_endpoint: str = "", otlp_headers: Mapping[str, str] | None = None,
+               watermark: Path | None = None) -> LaunchSpec:
         """The vLLM server's command line; with a `tool_call_parser` (the catalog's, per model) it takes `tools`
         and `tool_choice: auto`, its own parser reading the calls out of the model's text. With an
         `otlp_traces_endpoint` (tracing on) vLLM exports its own spans there over OTLP/HTTP, under the traceparent
-        the gateway sends it."""
+        the gateway sends it. With a `watermark` folder (`watermark_plugin`) vLLM loads the appliance's watermark as a
+        logits processor from it."""
         s, cpu = self.settings, self.build == "cpu"
         argv = [self.python, "-m", SERVER_MODULE, "--model", str(model_dir), "--served-model-name", model_name,
                 "--uds", str(socket_path), "--tensor-parallel-size", str(s.tensor_parallel_size),
@@ -98,7 +105,31 @@ class VllmEngine:
             if otlp_headers:
                 env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = ",".join(
                     f"{quote(k)}={quote(v)}" for k, v in otlp_headers.items())
+        if watermark is not None:
+            argv += ["--logits-processors", f"{WATERMARK_PACKAGE}.vllm_processor:WatermarkLogitsProcessor"]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(watermark), os.environ.get("PYTHONPATH")) if p)
+            env[WATERMARK_CONFIG_ENV] = str(watermark / WATERMARK_PACKAGE / "config.json")
         return LaunchSpec([*argv, *s.extra_args], env=env, inherit_socket=False)
+
+
+@contextlib.contextmanager
+def watermark_plugin(tmpfs: Path, config: bytes) -> Iterator[Path]:
+    """A private folder in tmpfs (0700) holding the package `appliance_watermark` (the appliance's green lists and
+    vLLM logits processor, copied: vLLM's environment does not have the appliance) and its config.json (0600: the
+    model's watermark key, gamma and delta); removed on exit."""
+    folder = Path(tempfile.mkdtemp(prefix="appliance-watermark-", dir=tmpfs))
+    try:
+        package = folder / WATERMARK_PACKAGE
+        package.mkdir(mode=0o700)
+        (package / "__init__.py").write_text('"""The appliance\'s watermark, for vLLM."""\n')
+        for module in ("green.py", "vllm_processor.py"):
+            shutil.copyfile(Path(green.__file__).with_name(module), package / module)
+        fd = os.open(package / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(config)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class VllmWorker(WorkerProcess):

@@ -22,7 +22,7 @@ from appliance.watermark.keys import WatermarkKeys
 
 EXAMPLE = '{"model": "smollm2-135m-instruct", "text": "..."}'
 MAX_TEXT_CHARS = 200_000
-WATERMARK_FORMATS = frozenset({"gguf"})  # the engines whose sampler adds the watermark: llama.cpp
+WATERMARK_FORMATS = frozenset({"gguf", "hf"})  # llama.cpp's sampler, vLLM's logits processor; not remote upstreams
 _FIELD = re.compile(r"`\$\.(\w+)`|field `(\w+)`")  # msgspec: "... at `$.text`", "... unknown field `x`"
 
 Resolve = Callable[[str, Any], ModelRecord]
@@ -60,10 +60,9 @@ class WatermarkService:
         body = _decode(raw)
         record = resolve(body.model, principal)
         if record.format not in WATERMARK_FORMATS:
-            engine = "a remote upstream" if record.format == "remote" else "vLLM"
-            raise WatermarkUnsupported(f"model '{body.model}' runs on {engine}, which the appliance does not "
-                                       "watermark (only llama.cpp models are); its texts cannot be tested",
-                                       param="model")
+            raise WatermarkUnsupported(f"model '{body.model}' is served by a remote upstream, whose output the "
+                                       "appliance does not watermark (its llama.cpp and vLLM models it does); its "
+                                       "texts cannot be tested", param="model")
         tokens = await tokenize(body.model, body.text)
         result = score(tokens, GreenList(self.keys.model_key(record.name), 0, self.settings.gamma))
         return {"object": "watermark.detection", "model": body.model,
