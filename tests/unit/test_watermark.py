@@ -118,14 +118,15 @@ def record(name: str, fmt: str) -> ModelRecord:
     return ModelRecord(name, "file:x", fmt, "0" * 64, 1, "MIT", "2026-01-01")
 
 
-def test_workers_get_the_key_only_for_watermarked_llamacpp_models(tmp_path: Path) -> None:
+def test_workers_get_the_key_only_for_watermarked_models_of_local_engines(tmp_path: Path) -> None:
     by_list = service(tmp_path, models=["a"])
     assert by_list.worker_config(record("a", "gguf")) is not None
     assert by_list.worker_config(record("b", "gguf")) is None
     everyone = service(tmp_path, enabled=True, gamma=0.5, delta=3.0)
     config = everyone.worker_config(record("b", "gguf"))
     assert config is not None and b'"gamma":0.5' in config and b'"delta":3.0' in config
-    assert everyone.worker_config(record("b", "hf")) is None and everyone.worker_config(record("r", "remote")) is None
+    assert everyone.worker_config(record("b", "hf")) == config  # vLLM's logits processor gets the same
+    assert everyone.worker_config(record("r", "remote")) is None
 
 
 @pytest.mark.parametrize(("body", "param", "code"), [
@@ -147,12 +148,11 @@ def test_bad_detection_bodies_are_400s_naming_the_field(tmp_path: Path, body: by
     assert (raised.value.param, raised.value.code, raised.value.status_code) == (param, code, 400)
 
 
-def test_models_whose_engine_cannot_watermark_are_refused(tmp_path: Path) -> None:
+def test_remote_models_cannot_be_tested(tmp_path: Path) -> None:
     async def never(*_: object) -> list[int]:
         raise AssertionError("not reached")
 
-    for fmt in ("hf", "remote"):
-        with pytest.raises(WatermarkUnsupported) as raised:
-            asyncio.run(service(tmp_path).detect(b'{"model": "m", "text": "hello"}', None,
-                                                 lambda *_, f=fmt: record("m", f), never))  # type: ignore[misc]
-        assert raised.value.status_code == 400 and raised.value.param == "model"
+    with pytest.raises(WatermarkUnsupported) as raised:
+        asyncio.run(service(tmp_path).detect(b'{"model": "m", "text": "hello"}', None,
+                                             lambda *_: record("m", "remote"), never))
+    assert raised.value.status_code == 400 and raised.value.param == "model"
