@@ -1,13 +1,12 @@
 """The watermark's detection rate, false positives and quality cost on the default model, through the real server.
 
     nice -n 10 .venv/bin/python -m tests.benchmarks.bench_watermark [--texts 16] [--tokens 200]
-        [--temperatures 0.7,1.0] [--docstrings 3000] [--parallel 8] [--model GGUF] [--json PATH] [--enforce]
+        [--temperatures 0.7,1.0] [--docstrings 3000] [--model GGUF] [--json PATH] [--enforce]
 
 1. Watermarked texts: the real server with `[watermark] enabled` generates, for every temperature, --texts
    completions (/v1/completions, a story opening per text, seed = its number, end-of-generation banned so that each
-   has --tokens tokens), --parallel at a time. Plain texts: the same model without the watermark, the same prompts,
-   seeds and sampling (top-k 40, min-p 0.05, no penalties: the appliance's defaults), generated meanwhile in this
-   process with llama-cpp-python, which is the engine's sampler chain without the watermark.
+   has --tokens tokens), all at once (one batch). Plain texts: the same prompts, seeds and sampling through the
+   worker's own runtime and scheduler in this process, without the watermark, at the same time.
 2. Detection rate: the share of watermarked texts whose first 50, 100 and 200 tokens (the completion re-tokenized by
    the model's tokenizer) reach z >= 4, scored with the box's key exactly as POST /api/watermark/detect scores
    (which is also asked about every whole text, and must agree). Target (issue 19): >= 0.9 at 200 tokens.
@@ -31,8 +30,9 @@ import random
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,8 @@ TARGET_DETECTION, TARGET_FPR = 0.9, 0.01
 @contextlib.contextmanager
 def serving(data: Path, args: argparse.Namespace, watermark: bool) -> Iterator[ServerProcess]:
     env = {"APPLIANCE_MODELS__DEFAULT": BENCH_MODEL, "APPLIANCE_LLAMACPP__THREADS": str(args.threads),
-           "APPLIANCE_LLAMACPP__PARALLEL": str(args.parallel), "APPLIANCE_LLAMACPP__N_CTX": "1024",
+           "APPLIANCE_LLAMACPP__PARALLEL": str(args.texts * len(args.temperatures)),
+           "APPLIANCE_LLAMACPP__N_CTX": "1024",
            "APPLIANCE_CACHE__ENABLED": "false", "APPLIANCE_WATERMARK__ENABLED": str(watermark).lower(),
            "APPLIANCE_WATERMARK__GAMMA": str(GAMMA), "APPLIANCE_GATEWAY__REQUEST_TIMEOUT": "3600",
            "APPLIANCE_GATEWAY__QUEUE_TIMEOUT": "3600"}  # whole replies of a batch: slow on a busy box
@@ -72,16 +73,49 @@ def serving(data: Path, args: argparse.Namespace, watermark: bool) -> Iterator[S
         server.stop()
 
 
-def generate_plain(llm: Any, args: argparse.Namespace, temperature: float) -> list[str]:
-    """The plain side: the same prompts, seeds and sampling as the server's, by llama-cpp-python directly."""
-    ban = {int(token): bias for token, bias in NO_EOS.items()}
-    texts = []
-    for i in range(args.texts):
-        llm.set_seed(i)
-        out = llm.create_completion(prompt_of(i), max_tokens=args.tokens + 16, temperature=temperature, top_k=40,
-                                    top_p=1.0, min_p=0.05, repeat_penalty=1.0, seed=i, logit_bias=ban)
-        texts.append(str(out["choices"][0]["text"]))
-    return texts
+def generate_plain(gguf: Path, args: argparse.Namespace, temperatures: list[float]) -> dict[float, list[str]]:
+    """The plain side: the same prompts, seeds and sampling through the worker's own runtime and scheduler (the
+    same batching and sampler chain, without a watermark), all texts at once."""
+    from appliance.engines.llamacpp_runtime import LlamaRuntime, Piece
+    from appliance.engines.llamacpp_sampling import SamplingParams
+    from appliance.engines.llamacpp_scheduler import Job, Scheduler
+
+    runtime = LlamaRuntime(str(gguf), n_ctx=1024, n_threads=args.threads, n_batch=512, n_gpu_layers=0,
+                           flash_attn=True, parallel=args.texts * len(temperatures))
+    scheduler = Scheduler(runtime)
+    scheduler.start()
+    parts: dict[tuple[float, int], list[str]] = {}
+    errors: list[BaseException] = []
+    done = threading.Semaphore(0)
+
+    def emit_to(cell: tuple[float, int]) -> Callable[[Piece | BaseException], None]:
+        def emit(item: Piece | BaseException) -> None:
+            if isinstance(item, BaseException):
+                errors.append(item)
+                done.release()
+                return
+            parts.setdefault(cell, []).append(item.text)
+            if item.finish_reason is not None:
+                done.release()
+        return emit
+
+    try:
+        jobs = []
+        for temperature in temperatures:
+            for i in range(args.texts):
+                params = SamplingParams(max_tokens=args.tokens + 16, temperature=temperature, seed=i,
+                                        logit_bias={int(t): b for t, b in NO_EOS.items()})
+                jobs.append(Job(runtime.tokenize(prompt_of(i), is_chat=False), params, emit_to((temperature, i)),
+                                args.tokens + 16))
+        scheduler.submit(*jobs)
+        for _ in jobs:
+            done.acquire()
+    finally:
+        scheduler.stop()
+        runtime.close()
+    if errors:
+        raise BenchmarkError(f"plain generation failed: {errors[0]!r}")
+    return {t: ["".join(parts[t, i]) for i in range(args.texts)] for t in temperatures}
 
 
 def prompt_of(i: int) -> str:
@@ -89,9 +123,9 @@ def prompt_of(i: int) -> str:
 
 
 async def generate(server: ServerProcess, key: str, args: argparse.Namespace, temperature: float) -> list[str]:
-    """--texts completions at `temperature`, --parallel at a time, in prompt order; each of --tokens + 16 tokens
+    """--texts completions at `temperature`, all at once, in prompt order; each of --tokens + 16 tokens
     (re-tokenized, a text may come out a few tokens shorter)."""
-    limit = asyncio.Semaphore(args.parallel)
+    limit = asyncio.Semaphore(args.texts * len(args.temperatures))
     headers = {"Authorization": f"Bearer {key}", "Cache-Control": "no-store"}
 
     async def one(client: httpx.AsyncClient, i: int) -> str:
@@ -201,14 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=200, help="tokens per completion")
     parser.add_argument("--temperatures", default="0.7,1.0")
     parser.add_argument("--docstrings", type=int, default=3000, help="standard-library docstrings scored at most")
-    parser.add_argument("--parallel", type=int, default=8, help="requests at once (and the worker's sequences)")
     parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads; 0 = physical cores")
     parser.add_argument("--model", help="a GGUF file (default: the default model from the catalog)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--enforce", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     args.threads = args.threads or physical_cores()
-    temperatures = [float(t) for t in args.temperatures.split(",")]
+    temperatures = args.temperatures = [float(t) for t in args.temperatures.split(",")]
     started = time.monotonic()
     figures: dict[str, Any] = {"texts": args.texts, "tokens": args.tokens, "gamma": GAMMA, "delta": 2.0,
                                "z_threshold": DEFAULT_Z_THRESHOLD, "detection": {}, "false_positives": {},
@@ -248,27 +281,23 @@ def main(argv: list[str] | None = None) -> int:
               f"50-{args.tokens} tokens (z mean {np.mean(doc_z):+.2f}, sd {np.std(doc_z):.2f}, max {max(doc_z):.2f})"
               f" ({time.monotonic() - started:.0f}s)", flush=True)
         texts: dict[tuple[bool, float], list[str]] = {}
-        plain_llm = Llama(str(gguf), n_ctx=args.tokens + 96, n_threads=args.threads, verbose=False)
-        stack.callback(plain_llm.close)
 
-        async def both(server: ServerProcess, temperature: float) -> None:
-            marked, plain = await asyncio.gather(generate(server, key, args, temperature),
-                                                 asyncio.to_thread(generate_plain, plain_llm, args, temperature))
-            texts[True, temperature], texts[False, temperature] = marked, plain
-            print(f"  generated {args.texts} x {args.tokens} tokens at T={temperature}, watermarked and plain "
-                  f"({time.monotonic() - started:.0f}s)", flush=True)
+        async def generate_all(server: ServerProcess) -> None:
+            """Every watermarked text through the server and every plain one beside it, all at once."""
+            plain = asyncio.create_task(asyncio.to_thread(generate_plain, gguf, args, temperatures))
+            marked = await asyncio.gather(*(generate(server, key, args, t) for t in temperatures))
+            for temperature, batch in zip(temperatures, marked, strict=True):
+                texts[True, temperature] = batch
+            print(f"  watermarked texts done ({time.monotonic() - started:.0f}s)", flush=True)
+            for temperature, batch in (await plain).items():
+                texts[False, temperature] = batch
+            print(f"  plain texts done ({time.monotonic() - started:.0f}s)", flush=True)
             if args.json:
                 Path(args.json).with_suffix(".texts.json").write_text(json.dumps(
                     {f"{'watermarked' if m else 'plain'} T={t}": v for (m, t), v in texts.items()}, indent=1))
 
         with serving(data, args, True) as server:
-            for temperature in temperatures:
-                asyncio.run(both(server, temperature))
-                for marked in (True, False):  # each cell as soon as it is there
-                    lists = [tokens_of(t) for t in texts[marked, temperature]]
-                    row = [rates(lists, green, n) for n in LENGTHS]
-                    print(f"    {'detected' if marked else 'false positives'} at 50/100/200 tokens: "
-                          + ", ".join(f"{r:.3f} ({k})" for r, k in row), flush=True)
+            asyncio.run(generate_all(server))
             api = asyncio.run(api_verdicts(server, key, [t for temp in temperatures for t in texts[True, temp]]))
         agree = sum(api) / len(api)
         figures["api_detected"] = agree
