@@ -96,6 +96,7 @@ from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.jobs import IngestionJobStore, JobStore
 from appliance.rag.retention import RagDocumentStore
 from appliance.rag.service import RagService
+from appliance.rag.vectors import ChromaServer
 from appliance.registry.catalog import load_catalog, tool_call_parser
 from appliance.registry.folder import unpacked_from_store
 from appliance.registry.pulls import ModelPulls
@@ -165,7 +166,8 @@ class Services:
         self.embeddings = EmbeddingService(settings.rag, self.data.cache / "embeddings", self.metrics,
                                            imported=self.imported_folder)
         self.embeddings_api = EmbeddingsEndpoint(self.embeddings, self.quotas)
-        self.rag = RagService(settings.rag, self.data.rag, self.embeddings, self.rbac, self.metrics, self.audit)
+        self.rag = RagService(settings.rag, self.data.rag, self.embeddings, self.rbac, self.metrics, self.audit,
+                              server=ChromaServer.from_settings(settings.rag, self.data.keys))
         self.rag.job_store = JobStore(self.conn)  # ingestion jobs outlive a restart
         self.privacy.retention.register(IngestionJobStore(self.conn))  # ... under the `uploads` retention
         self.rag.privacy = self.privacy.privacy  # the `rag` surface at ingestion
@@ -437,10 +439,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: the default model is loaded", opt=permission(PUBLIC))
+@get("/readyz", summary="Readiness: the default model is loaded (and the Chroma server answers, when there is one)",
+     opt=permission(PUBLIC))
 async def readyz(state: State) -> Response[dict[str, str]]:
     services: Services = state.services
-    ready = services.pool.is_ready(services.settings.models.default)
+    ready = services.pool.is_ready(services.settings.models.default) and await services.rag.vectors_ready()
     return Response({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
 
 
@@ -468,6 +471,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
                 services.pool.start_loading(default)
             # open the RAG indexes (repairing after a crash), then run again the ingestion jobs a stop interrupted
             rag_open = asyncio.create_task(services.rag.resume_jobs())
+            rag_watch = asyncio.create_task(services.rag.watch_vectors())  # a Chroma server back after an outage
             purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
             sampling = asyncio.create_task(services.dashboard.run())  # the dashboard's TTFT window
             alerting = asyncio.create_task(services.alerts.run())  # the alert rules, delivery, audit chain checks
@@ -478,6 +482,7 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             services.ledger.flush()  # the responses noted in the last second
             purging.cancel()
             rag_open.cancel()
+            rag_watch.cancel()
         services.rag.close()
         services.embeddings.close()
         services._folders.close()

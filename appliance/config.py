@@ -377,6 +377,28 @@ class RagSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     context_share: Annotated[
         float, _doc("Share of the model's context that retrieved passages may fill in a chat with RAG.", gt=0, lt=1)
     ] = 0.6
+    chroma_url: Annotated[
+        str, _doc("A Chroma server to keep the vectors in (e.g. http://chroma.internal:8000), instead of the embedded "
+                  "Chroma under rag/chroma; empty = embedded. The keyword index and the document journal stay on "
+                  "the box. Its token, if it needs one, is set with `appliance rag chroma-token` (read from stdin).",
+                  pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
+    ] = ""
+    chroma_auth_header: Annotated[
+        Literal["authorization", "x-chroma-token"],
+        _doc("How the token goes to the Chroma server: 'authorization' (Bearer) or 'x-chroma-token', the two "
+             "headers Chroma's token auth and Chroma Cloud accept."),
+    ] = "authorization"
+    chroma_tenant: Annotated[str, _doc("The Chroma server's tenant that holds this appliance's database.")] = (
+        "default_tenant"
+    )
+    chroma_database: Annotated[
+        str, _doc("The database on the Chroma server that holds this appliance's collections; empty = "
+                  "'appliance-<id>', an id made once per data dir, so appliances sharing one server never clash.")
+    ] = ""
+    chroma_retry_seconds: Annotated[
+        float, _doc("How long an ingestion job keeps retrying while the Chroma server is unreachable before it "
+                    "fails (requests that are not jobs get 503 with Retry-After at once).", ge=0)
+    ] = 300.0
 
 
 class CacheSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

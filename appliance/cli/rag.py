@@ -1,20 +1,23 @@
 """`appliance rag check [--repair]`: compare Chroma and the keyword index (the server must be stopped: both are
-owned by one process; while it runs, use `POST /api/rag/check?repair=true`)."""
+owned by one process; while it runs, use `POST /api/rag/check?repair=true`). `appliance rag chroma-token`: the
+token of the Chroma server named by `[rag] chroma_url`, read from stdin."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import sys
 from typing import Any
 
 from appliance.auth.rbac import Rbac
-from appliance.cli.common import Add
+from appliance.cli.common import Add, cli_actor, open_audit
 from appliance.config import LoadedSettings
 from appliance.datadir import DataDir
 from appliance.observability.metrics import Metrics
 from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.service import RagService
+from appliance.rag.vectors import TOKEN_NAME, ChromaServer, token_store
 
 
 def cmd_rag_check(args: argparse.Namespace, loaded: LoadedSettings) -> int:
@@ -24,7 +27,7 @@ def cmd_rag_check(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     metrics = Metrics()
     embeddings = EmbeddingService(settings.rag, data.cache / "embeddings", metrics)
     rag = RagService(settings.rag, data.rag, embeddings, Rbac.load(settings.auth.rbac_file), metrics,
-                     repair_on_open=False)
+                     repair_on_open=False, server=ChromaServer.from_settings(settings.rag, data.keys))
     try:
         report = asyncio.run(rag.check(repair=args.repair))
     finally:
@@ -39,9 +42,29 @@ def cmd_rag_check(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     return 1
 
 
+def cmd_rag_chroma_token(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    data = DataDir(loaded.settings.data_path)
+    data.require_initialised()
+    tokens = token_store(data.keys)
+    if args.clear:
+        tokens.delete(TOKEN_NAME)
+    else:
+        if sys.stdin.isatty():
+            print("paste the Chroma server's token, then press Enter:", file=sys.stderr)
+        tokens.save(TOKEN_NAME, sys.stdin.readline())
+    open_audit(data).record(cli_actor(), "rag.chroma_token.clear" if args.clear else "rag.chroma_token.set",
+                            "chroma", "ok")
+    where = loaded.settings.rag.chroma_url or "(none yet: set [rag] chroma_url)"
+    print(f"Chroma server token {'removed' if args.clear else 'saved'} (server: {where}); restart the server to use it")
+    return 0
+
+
 def register(sub: Any, add: Add) -> None:
     rag = sub.add_parser("rag", help="the RAG indexes").add_subparsers(dest="sub", required=True)
     check = add("check", cmd_rag_check, "compare Chroma and the keyword index; --repair fixes what differs (the "
                 "server must be stopped)", rag)
     check.add_argument("--repair", action="store_true", help="finish interrupted ingestion, drop orphan vectors, "
                        "re-embed missing ones")
+    token = add("chroma-token", cmd_rag_chroma_token, "set the Chroma server's token (read from stdin, kept in a 0600 "
+                "file under keys/, never shown)", rag)
+    token.add_argument("--clear", action="store_true", help="remove the token")

@@ -7,6 +7,11 @@ deletion is marked `deleting` first. After a crash (kill -9 mid-ingestion) `repa
 deleting document from both stores, so each document is either fully present or absent; `check()` also compares
 the chunk ids of both stores and re-embeds chunks whose vectors are missing from the keyword index's text.
 
+The vectors may live on a Chroma server instead (`[rag] chroma_url`, see vectors.py): the journal and the keyword
+index stay here and remain the truth. A server that cannot be reached mid-write leaves the documents pending, as a
+crash would; `repair_unfinished()` (run by the service once the server answers again) or a retried ingestion
+finishes the job, and `check()` also drops collections the server holds that the journal does not know.
+
 Only the supervisor opens these files: an exclusive lock on `rag/lock` refuses a second process (the CLI's
 `appliance rag check` while the server runs)."""
 
@@ -32,10 +37,10 @@ from appliance import db
 from appliance.errors import ApplianceError
 from appliance.logs import get_logger
 from appliance.rag.chunking import Chunk
-from appliance.storage import StorageFull, full_disk_is
+from appliance.rag.vectors import ChromaServer, VectorStore, reaching
+from appliance.storage import StorageFull
 
 log = get_logger(__name__)
-VECTOR_STORE = "the vector index (Chroma)"
 KEYWORD_STORE = "the keyword index"
 
 SCHEMA = """
@@ -62,6 +67,10 @@ CREATE TABLE IF NOT EXISTS documents (
     created_at    TEXT NOT NULL,
     updated_at    TEXT NOT NULL,
     PRIMARY KEY (collection_id, document_id)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS chunks (
     id            INTEGER PRIMARY KEY,
@@ -139,11 +148,12 @@ class CheckReport:
     unfinished: list[str] = field(default_factory=list)  # pending or deleting documents / collections
     orphan_vectors: list[str] = field(default_factory=list)  # in Chroma, not in the keyword index
     missing_vectors: list[str] = field(default_factory=list)  # in the keyword index, not in Chroma
+    orphan_collections: list[str] = field(default_factory=list)  # Chroma collections the journal does not know
     repaired: bool = False
 
     @property
     def consistent(self) -> bool:
-        return not (self.unfinished or self.orphan_vectors or self.missing_vectors)
+        return not (self.unfinished or self.orphan_vectors or self.missing_vectors or self.orphan_collections)
 
 
 def chunk_id(document_id: str, position: int) -> str:
@@ -173,8 +183,12 @@ def fts_table(collection_id: str) -> str:
     return f"fts_{collection_id}"
 
 
+def _server(index: RagIndex) -> ChromaServer | None:
+    return index.vectors.server
+
+
 class RagIndex:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, server: ChromaServer | None = None) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self._lock_file = (root / "lock").open("a+")
@@ -186,19 +200,23 @@ class RagIndex:
                               "stop it first, or use the server's API (POST /api/rag/check)",
                               code="index_locked") from None
         self.path = root / "index.db"
-        self.chroma_path = root / "chroma"
         self._write = threading.RLock()
         self._left_pending = False  # a refused write (full disk) left documents pending that it could not remove
         self._totals: dict[str, tuple[int, int]] = {}  # collection -> (version, chunks), for keyword pruning
         self._local = threading.local()
         self._connection().executescript(SCHEMA)
         self.path.chmod(0o600)
-        import chromadb
-        from chromadb.config import Settings as ChromaSettings
+        self.vectors = VectorStore(root, server, self._namespace())  # connects on first use
 
-        self.chroma = chromadb.PersistentClient(
-            path=str(self.chroma_path), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False))
-        self._max_batch = self.chroma.get_max_batch_size()
+    def _namespace(self) -> str:
+        """This data dir's id, made once: its collections' database on a shared Chroma server."""
+        with self._conn() as conn:
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('namespace', ?)", (uuid.uuid4().hex[:16],))
+            return str(conn.execute("SELECT value FROM meta WHERE key = 'namespace'").fetchone()[0])
+
+    @property
+    def _max_batch(self) -> int:
+        return self.vectors.max_batch
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -231,12 +249,12 @@ class RagIndex:
             raise
 
     def _chroma(self) -> contextlib.AbstractContextManager[None]:
-        """Around every Chroma write: its full disk is a `StorageFull` naming the vector index."""
-        return full_disk_is(VECTOR_STORE, self.chroma_path)
+        """Around every Chroma write: a full disk under embedded Chroma is a `StorageFull` naming the vector index
+        (a Chroma server's disk is not ours: see VectorStore.writing)."""
+        return self.vectors.writing()
 
     def _vectors(self, collection_id: str) -> Any:
-        return self.chroma.get_or_create_collection(f"c_{collection_id}", embedding_function=None,
-                                                    configuration={"hnsw": {"space": "cosine"}})
+        return self.vectors.collection(collection_id)
 
     # collections
 
@@ -249,8 +267,6 @@ class RagIndex:
                          (cid, name, owner, json.dumps(list(readers)), json.dumps(list(writers)), embedding_model,
                           now_iso()))
             conn.execute(FTS_TABLE.format(table=fts_table(cid)))
-        with self._chroma():
-            self._vectors(cid)
         found = self.collection(name)
         assert found is not None
         return found
@@ -267,6 +283,7 @@ class RagIndex:
                 "AS documents FROM collections c WHERE state = 'ready' ORDER BY name").fetchall()
         return [_collection(row) for row in rows]
 
+    @reaching(_server)
     def delete_collection(self, collection_id: str) -> None:
         with self._write:
             with self._conn() as conn:
@@ -274,8 +291,8 @@ class RagIndex:
             self._drop_collection(collection_id)
 
     def _drop_collection(self, collection_id: str) -> None:
-        with contextlib.suppress(Exception):  # chromadb raises its own NotFoundError when already gone
-            self.chroma.delete_collection(f"c_{collection_id}")
+        with self._chroma():  # unreachable: the collection stays `deleting` until a repair
+            self.vectors.drop(collection_id)
         with self._conn() as conn:
             conn.execute(f"DROP TABLE IF EXISTS {fts_table(collection_id)}")
             conn.execute("DELETE FROM chunks WHERE collection_id = ?", (collection_id,))
@@ -290,6 +307,7 @@ class RagIndex:
         self.put_documents(collection_id, [NewDocument(document_id, chunks, vectors, metadata, size)], added_by,
                            crash_hook)
 
+    @reaching(_server)
     def put_documents(self, collection_id: str, documents: Sequence[NewDocument], added_by: str,
                       crash_hook: Callable[[str], None] | None = None) -> None:
         """Add or replace documents in both stores, in one pass over each (see the module docstring for the crash
@@ -370,6 +388,7 @@ class RagIndex:
             keys.update({r[0]: r[1] for r in rows})
         return keys
 
+    @reaching(_server)
     def delete_document(self, collection_id: str, document_id: str) -> bool:
         with self._write:
             self._remove_left_pending()
@@ -382,16 +401,18 @@ class RagIndex:
             return True
 
     def _remove_document(self, collection_id: str, document_id: str) -> None:
+        """The text leaves the keyword index first, so it is gone from the box even when a Chroma server cannot be
+        reached; the journal row (pending or deleting) stays until the vectors are gone too."""
         with self._conn() as conn:
             key = self._vector_keys(conn, collection_id, [document_id]).get(document_id)
+            self._delete_rows(conn, collection_id, document_id)
+            conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
         if key is not None:
             with self._chroma():
                 self._vectors(collection_id).delete(where={"doc": key})
         with self._conn() as conn:
-            self._delete_rows(conn, collection_id, document_id)
-            conn.execute("DELETE FROM documents WHERE collection_id = ? AND document_id = ?",
+            conn.execute("DELETE FROM documents WHERE collection_id = ? AND document_id = ? AND state != 'ready'",
                          (collection_id, document_id))
-            conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
 
     @staticmethod
     def _delete_rows(conn: sqlite3.Connection, collection_id: str, document_id: str) -> None:
@@ -475,6 +496,7 @@ class RagIndex:
         self._totals[cid] = (version[0] if version else -1, total)
         return total
 
+    @reaching(_server)
     def vector_search(self, collection_ids: Sequence[str], vector: Vectors, limit: int) -> list[Hit]:
         found: list[tuple[str, str, int, float]] = []
         for cid in collection_ids:
@@ -526,6 +548,13 @@ class RagIndex:
 
     # consistency
 
+    def unfinished(self) -> int:
+        """How many documents and collections wait for a repair (pending, deleting)."""
+        with self._conn() as conn:
+            return int(conn.execute("SELECT (SELECT count(*) FROM documents WHERE state != 'ready') + "
+                                    "(SELECT count(*) FROM collections WHERE state = 'deleting')").fetchone()[0])
+
+    @reaching(_server)
     def repair_unfinished(self) -> list[str]:
         """Finish what a crash interrupted: pending and deleting documents leave both stores, deleting collections
         go. Returns what was removed."""
@@ -543,6 +572,7 @@ class RagIndex:
                 removed.append(f"collection {row[1]!r}")
         return removed
 
+    @reaching(_server)
     def check(self, repair: bool, embed: Callable[[list[str]], Vectors] | None = None) -> CheckReport:
         report = CheckReport()
         with self._write:
@@ -553,10 +583,18 @@ class RagIndex:
             report.unfinished = [r[0] for r in unfinished]
             if repair and report.unfinished:
                 self.repair_unfinished()
+            known = set()
             for collection in self.collections():
+                known.add(collection["id"])
                 report.collections += 1
                 report.documents += collection["documents"]
                 self._check_collection(collection["id"], report, repair, embed)
+            with self._conn() as conn:
+                known |= {r[0] for r in conn.execute("SELECT id FROM collections").fetchall()}
+            report.orphan_collections = sorted(set(self.vectors.collection_ids()) - known)
+            if repair:
+                for cid in report.orphan_collections:
+                    self.vectors.drop(cid)
         report.repaired = repair
         return report
 
@@ -569,7 +607,7 @@ class RagIndex:
                                 (cid,)).fetchall()
         indexed = {f"{r[0]}#{int(r[2])}": r for r in rows}
         report.chunks += len(indexed)
-        vectors_of = self._vectors(cid)
+        vectors_of = self.vectors.collection(cid, fresh=True)  # the server may have lost it since
         stored: set[str] = set()
         offset = 0
         while True:

@@ -36,6 +36,7 @@ from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.index import CheckReport, Hit, NewDocument, RagIndex, StoredChunk
 from appliance.rag.jobs import MAX_ATTEMPTS, Incoming, Job, JobStore, failure
 from appliance.rag.parsers import Block, Kind, parse
+from appliance.rag.vectors import RETRY_AFTER, ChromaServer, ServerProbe, VectorStoreUnavailable
 
 log = get_logger(__name__)
 Mode = Literal["hybrid", "vector", "keyword"]
@@ -86,9 +87,12 @@ class Result:
 
 class RagService:
     def __init__(self, settings: RagSettings, root: Path, embeddings: EmbeddingService, rbac: Rbac,
-                 metrics: Metrics, audit: AuditLog | None = None, repair_on_open: bool = True) -> None:
+                 metrics: Metrics, audit: AuditLog | None = None, repair_on_open: bool = True,
+                 server: ChromaServer | None = None) -> None:
         self.settings = settings
         self.root = root
+        self.server = server  # a Chroma server holds the vectors; None: embedded Chroma
+        self.probe = ServerProbe(server) if server else None
         self.repair_on_open = repair_on_open
         self._index: RagIndex | None = None
         self._opening = threading.Lock()
@@ -107,8 +111,13 @@ class RagService:
         """The indexes, opened on first use (Chroma's import is slow), finishing what a crash interrupted."""
         with self._opening:
             if self._index is None:
-                index = RagIndex(self.root)
-                removed = index.repair_unfinished() if self.repair_on_open else []
+                index = RagIndex(self.root, self.server)
+                removed = []
+                if self.repair_on_open:
+                    try:
+                        removed = index.repair_unfinished()
+                    except VectorStoreUnavailable as exc:  # repaired once the server answers (watch_vectors)
+                        log.warning("rag.repair_deferred", why=exc.message)
                 if removed:
                     log.warning("rag.repaired", removed=removed, why="the server stopped during ingestion")
                 self._index = index
@@ -117,6 +126,34 @@ class RagService:
     def close(self) -> None:
         if self._index is not None:
             self._index.close()
+
+    # the Chroma server
+
+    async def vectors_ready(self) -> bool:
+        """Whether the vectors can be reached: always with embedded Chroma, else the server's heartbeat."""
+        return self.probe is None or await asyncio.to_thread(self.probe.up)
+
+    async def watch_vectors(self, every: float = RETRY_AFTER) -> None:
+        """With a Chroma server: finish what an unreachable server left unfinished (pending documents, deleting
+        collections) as soon as it answers again, as the start does after a crash."""
+        if self.probe is None:
+            return
+        while True:
+            await asyncio.sleep(every)
+            index = self._index
+            if index is None or not await asyncio.to_thread(index.unfinished) or not await self.vectors_ready():
+                continue
+            try:
+                removed = await asyncio.to_thread(index.repair_unfinished)
+            except VectorStoreUnavailable:
+                self._lost_server()
+                continue
+            if removed:
+                log.warning("rag.repaired", removed=removed, why="the Chroma server was unreachable during a change")
+
+    def _lost_server(self) -> None:
+        if self.probe is not None:
+            self.probe.saw(False)
 
     # access
 
@@ -315,11 +352,34 @@ class RagService:
             offset += len(chunks)
         job.stage = "indexing"
         self._save(job)
-        await asyncio.to_thread(self.index.put_documents, collection["id"], ready, job.owner, self.crash_hook)
+        await self._put(job, collection["id"], ready, job.owner, retry=job.id in self.jobs)
         self.metrics.rag_chunks.inc(len(texts))
         job.state, job.stage = "done", "done"
         for added in ready:
             self._record_as(actor, "rag.document.add", f"{collection['name']}/{added.id}", chunks=len(added.chunks))
+
+    async def _put(self, job: Job, collection_id: str, ready: Sequence[NewDocument], added_by: str,
+                   retry: bool) -> None:
+        """Write to both indexes. A job retries while the Chroma server is unreachable (its view shows the 503 it
+        got and the stage `waiting for the vector store`), for up to rag.chroma_retry_seconds; a request that is
+        not a job gets the 503 at once. Writing again is safe: put_documents replaces a document's vectors."""
+        deadline = time.monotonic() + self.settings.chroma_retry_seconds
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self.index.put_documents, collection_id, ready, added_by, self.crash_hook)
+                job.error = None
+                return
+            except VectorStoreUnavailable as exc:
+                self._lost_server()
+                attempt += 1
+                if not retry or time.monotonic() >= deadline:
+                    raise
+                job.stage, job.error = "waiting for the vector store", exc.to_body()["error"]
+                self._save(job)
+                log.warning("rag.job_waiting", job=job.id, attempt=attempt, why=exc.message)
+                await asyncio.sleep(min(0.5 * 2 ** attempt, RETRY_AFTER))
+            job.stage = "indexing"
 
     async def delete_document(self, principal: Any, name: str, document_id: str) -> None:
         collection = self._collection(principal, name, write=True)
@@ -331,7 +391,11 @@ class RagService:
     def _delete_and_compact(self, collection_id: str, document_id: str) -> bool:
         """Delete, then compact, so the deleted text leaves no trace on disk at once (privacy: a delete is an
         erasure; the cost grows with the index, about a second per 100k chunks)."""
-        deleted = self.index.delete_document(collection_id, document_id)
+        try:
+            deleted = self.index.delete_document(collection_id, document_id)
+        except VectorStoreUnavailable:  # the text is gone from the keyword index: compact it away all the same
+            self.index.compact()
+            raise
         if deleted:
             self.index.compact()
         return deleted
@@ -374,7 +438,11 @@ class RagService:
             return await asyncio.to_thread(self.index.vector_search, ids, embedded.vectors[0], depth)
 
         # side by side: SQLite, torch and Chroma release the GIL, so hybrid costs about the slower of the two
-        keyword, vector = await asyncio.gather(by_keyword(), by_vector())
+        try:
+            keyword, vector = await asyncio.gather(by_keyword(), by_vector())
+        except VectorStoreUnavailable:
+            self._lost_server()
+            raise
         ranked = fuse([keyword, vector]) if mode == "hybrid" else (keyword or vector)
         picked = _per_document(ranked, top_k, per_document, await asyncio.to_thread(
             self.index.chunks, [h.chunk_key for h in ranked[: depth * 2]]))
