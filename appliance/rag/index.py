@@ -207,12 +207,26 @@ class RagIndex:
         self._connection().executescript(SCHEMA)
         self.path.chmod(0o600)
         self.vectors = VectorStore(root, server, self._namespace())  # connects on first use
+        self.moved_from = self._note_vector_store()
 
     def _namespace(self) -> str:
         """This data dir's id, made once: its collections' database on a shared Chroma server."""
         with self._conn() as conn:
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('namespace', ?)", (uuid.uuid4().hex[:16],))
             return str(conn.execute("SELECT value FROM meta WHERE key = 'namespace'").fetchone()[0])
+
+    def _note_vector_store(self) -> str | None:
+        """Where the vectors were kept before, when that was somewhere else and there are documents (embedded Chroma
+        before a chroma_url was set, or another server): `check(repair=True)` then re-embeds them all into the new
+        store, which is how one moves them."""
+        server = self.vectors.server
+        here = f"{server.where} ({self.vectors.database})" if server else "embedded"
+        with self._conn() as conn:
+            before = conn.execute("SELECT value FROM meta WHERE key = 'vectors_at'").fetchone()
+            conn.execute("INSERT INTO meta (key, value) VALUES ('vectors_at', ?) ON CONFLICT (key) DO UPDATE SET "
+                         "value = excluded.value", (here,))
+            documents = conn.execute("SELECT count(*) FROM documents").fetchone()[0]
+        return str(before[0]) if before and before[0] != here and documents else None
 
     @property
     def _max_batch(self) -> int:

@@ -112,6 +112,10 @@ class RagService:
         with self._opening:
             if self._index is None:
                 index = RagIndex(self.root, self.server)
+                if index.moved_from:
+                    log.warning("rag.vector_store_changed", before=index.moved_from,
+                                hint="the vectors are not in the new store yet: `appliance rag check --repair` (server "
+                                     "stopped) or POST /api/rag/check?repair=true re-embeds every document into it")
                 removed = []
                 if self.repair_on_open:
                     try:

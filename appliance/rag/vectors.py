@@ -44,6 +44,14 @@ class VectorStoreUnavailable(ApplianceError):
     code = "vector_store_unavailable"
 
 
+class GatewayDown(httpx.TransportError):
+    """A proxy in front of the Chroma server answered 502, 503 or 504: the server behind it is down."""
+
+
+class Refused(Exception):
+    """The Chroma server (or the proxy in front of it) answered 401 or 403: the token is missing or wrong."""
+
+
 def token_store(keys: Path) -> RemoteCredentials:
     """The Chroma server's token: `keys/chroma/server.key`, 0600, like an upstream model's API key."""
     return RemoteCredentials(keys / "chroma")
@@ -133,7 +141,8 @@ def reaching(server: Callable[[Any], ChromaServer | None]) -> Callable[[Callable
                 raise where.unavailable(type(exc).__name__) from exc
             except Exception as exc:
                 where = server(args[0])
-                if where is None or type(exc).__name__ not in ("ChromaAuthError", "AuthorizationError"):
+                refused = isinstance(exc, Refused) or type(exc).__name__ in ("ChromaAuthError", "AuthorizationError")
+                if where is None or not refused:
                     raise
                 raise VectorStoreUnavailable(
                     f"the Chroma server at {where.where} refused this appliance's "
@@ -197,7 +206,7 @@ class VectorStore:
             "chroma_api_impl": "chromadb.api.fastapi.FastAPI", "chroma_server_host": host,
             "chroma_server_http_port": port, "chroma_server_ssl_enabled": ssl})
         admin = chromadb.AdminClient(admin_settings)
-        _timeout(admin)
+        _bound(admin)
         try:
             admin.get_database(self.database, tenant=self.server.tenant)
         except Exception as exc:
@@ -206,7 +215,7 @@ class VectorStore:
             admin.create_database(self.database, tenant=self.server.tenant)
         client = chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=settings, tenant=self.server.tenant,
                                      database=self.database)
-        _timeout(client)
+        _bound(client)
         return client
 
     def writing(self) -> contextlib.AbstractContextManager[None]:
@@ -247,8 +256,17 @@ class VectorStore:
         return self._max_batch
 
 
-def _timeout(client: Any) -> None:
-    """Bound chromadb's HTTP calls (it passes timeout=None to httpx); its session is private, hence the care."""
+def _bound(client: Any) -> None:
+    """Bound chromadb's HTTP calls (it passes timeout=None to httpx), and tell a proxy's 502 or 401 from other
+    errors (chromadb turns them all into a bare Exception). Its session is private, hence the care."""
     session = getattr(getattr(client, "_server", None), "_session", None)
     if isinstance(session, httpx.Client):
         session.timeout = REQUEST_TIMEOUT
+        session.event_hooks = {**session.event_hooks, "response": [_status]}
+
+
+def _status(response: httpx.Response) -> None:
+    if response.status_code in (502, 503, 504):
+        raise GatewayDown(f"HTTP {response.status_code}", request=response.request)
+    if response.status_code in (401, 403):
+        raise Refused(f"HTTP {response.status_code}")

@@ -10,9 +10,13 @@ Measures, in one run, in-process (no HTTP, no LLM):
 * query latency p50/p95 per mode at 10k and 100k chunks (target: hybrid p95 <= 50 ms). The larger collections
   are filled with the corpus's real chunks and vectors, repeated with a little noise on the vectors and a variant
   word in the text, so that sizes can be reached without hours of embedding; each query still embeds its text.
+* with --chroma-server: the same latencies with the vectors on a Chroma server (`chroma run`, started here on
+  loopback, so the figure is the cost of HTTP and JSON, not of a network), the same collections filled in both, each
+  query timed against embedded Chroma then against the server, and the ratio of the hybrid p95s.
 
     .venv/bin/python -m tests.benchmarks.bench_rag --docs 2000 --sizes 10000,100000
     .venv/bin/python -m tests.benchmarks.bench_rag --docs 2000 --sizes 100000 --latency-only
+    .venv/bin/python -m tests.benchmarks.bench_rag --docs 2000 --sizes 100000 --latency-only --chroma-server
 
 `--latency-only` measures the query latency alone, embedding the corpus through the embedding cache kept in
 .bench/embeddings (shared with bench_rag_long), so that a second run takes minutes: for a quiet moment on a shared box.
@@ -47,7 +51,9 @@ from appliance.rag.embeddings import EmbeddingService
 from appliance.rag.index import NewDocument
 from appliance.rag.jobs import Incoming
 from appliance.rag.service import RagService
+from appliance.rag.vectors import ChromaServer
 from appliance.resources import shipped
+from tests.chroma_server import ChromaRun
 
 BENCH = Path(__file__).resolve().parents[2] / ".bench"
 SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "lib2to3", "turtledemo", "site-packages", "ensurepip", "pydoc_data"}
@@ -175,15 +181,20 @@ def fill(rag: RagService, collection_id: str, source: list[tuple[Chunk, np.ndarr
         rag.index.put_documents(collection_id, batch, "bench")
 
 
-async def latency(rag: RagService, collection: str, queries: list[str]) -> dict[str, tuple[float, float]]:
-    out = {}
+async def latency(stores: list[RagService], collection: str, queries: list[str]
+                  ) -> list[dict[str, tuple[float, float]]]:
+    """p50 and p95 per mode for each store; each query runs against every store in turn, so a change in the box's
+    load weighs on all of them alike."""
+    out: list[dict[str, tuple[float, float]]] = [{} for _ in stores]
     for mode in MODES:
-        times = []
+        times: list[list[float]] = [[] for _ in stores]
         for query in queries:
-            started = time.perf_counter()
-            await rag.query(ME, [collection], query, top_k=5, mode=mode)  # type: ignore[arg-type]
-            times.append((time.perf_counter() - started) * 1000)
-        out[mode] = (percentile(times, 50), percentile(times, 95))
+            for rag, took in zip(stores, times, strict=True):
+                started = time.perf_counter()
+                await rag.query(ME, [collection], query, top_k=5, mode=mode)  # type: ignore[arg-type]
+                took.append((time.perf_counter() - started) * 1000)
+        for seen, took in zip(out, times, strict=True):
+            seen[mode] = (percentile(took, 50), percentile(took, 95))
     return out
 
 
@@ -243,20 +254,46 @@ async def main(args: argparse.Namespace) -> None:
             vector = (await embeddings.embed([text])).vectors[0]  # from the cache
             source.append((Chunk(0, tuple(chunk.heading.split(" > ")) if chunk.heading else (), chunk.text), vector))
         queries = [q for _, q, _ in pairs[: args.queries]]
-        print(f"\nquery latency, top 5, {len(queries)} queries each (embedding the query included, no LLM):")
-        print(f"{'chunks':>8} {'mode':<8} {'p50 ms':>8} {'p95 ms':>8}")
+        await scale_latency(args, rag, source, queries, Path(tmp))
+        embeddings.close()
+
+
+async def scale_latency(args: argparse.Namespace, rag: RagService, source: list[tuple[Chunk, np.ndarray]],
+                        queries: list[str], tmp: Path) -> None:
+    """Query latency at each size, with embedded Chroma and (--chroma-server) a Chroma server side by side."""
+    stores, labels, chroma = [rag], ["embedded"], None
+    if args.chroma_server:
+        chroma = ChromaRun(tmp / "chroma-server").start()
+        server_settings = RagSettings(chroma_url=chroma.url)
+        stores.append(RagService(server_settings, tmp / "rag-server", rag.embeddings, rag.rbac, rag.metrics,
+                                 server=ChromaServer.from_settings(server_settings, tmp / "keys")))
+        labels.append("server")
+    print(f"\nquery latency, top 5, {len(queries)} queries each (embedding the query included, no LLM):")
+    print(f"{'chunks':>8} {'chroma':<9} {'mode':<8} {'p50 ms':>8} {'p95 ms':>8}")
+    try:
         for size in args.sizes:
             name = f"scale{size}"
-            created = await rag.create_collection(ME, name)
-            fill_started = time.perf_counter()
-            collection_id = rag.index.collection(created["name"])["id"]  # type: ignore[index]
-            fill(rag, collection_id, source, size, args.seed)
-            fill_s = time.perf_counter() - fill_started
-            for mode, (p50, p95) in (await latency(rag, name, queries)).items():
-                print(f"{size:>8} {mode:<8} {p50:>8.1f} {p95:>8.1f}")
-            print(f"{'':>8} (filled in {fill_s:.0f} s; load average {_load()})")
-        rag.close()
-        embeddings.close()
+            filled = []
+            for store in stores:
+                created = await store.create_collection(ME, name)
+                fill_started = time.perf_counter()
+                collection_id = store.index.collection(created["name"])["id"]  # type: ignore[index]
+                fill(store, collection_id, source, size, args.seed)
+                filled.append(f"{time.perf_counter() - fill_started:.0f} s")
+            measured = await latency(stores, name, queries)
+            for label, seen in zip(labels, measured, strict=True):
+                for mode, (p50, p95) in seen.items():
+                    print(f"{size:>8} {label:<9} {mode:<8} {p50:>8.1f} {p95:>8.1f}")
+            if len(measured) == 2:
+                print(f"{'':>8} hybrid p95, Chroma server / embedded: "
+                      f"{measured[1]['hybrid'][1] / measured[0]['hybrid'][1]:.2f}x "
+                      f"(+{measured[1]['hybrid'][1] - measured[0]['hybrid'][1]:.1f} ms)")
+            print(f"{'':>8} (filled in {' and '.join(filled)}; load average {_load()})")
+    finally:
+        for store in stores:
+            store.close()
+        if chroma is not None:
+            chroma.stop()
 
 
 def _load() -> str:
@@ -271,6 +308,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000],
                         help="collection sizes in chunks for latency, comma-separated")
     parser.add_argument("--ingest-rounds", type=int, default=3, help="ingestion rounds (cache cleared between)")
+    parser.add_argument("--chroma-server", action="store_true",
+                        help="also measure latency with the vectors on a Chroma server (`chroma run` on loopback)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--latency-only", action="store_true",
                         help="query latency only, the corpus embedded through the cache in .bench/embeddings")
