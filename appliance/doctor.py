@@ -156,6 +156,19 @@ def _remote(settings: Settings, data: DataDir, name: str, spec: RemoteSpec) -> t
     return f"remote '{spec.model}' at {urls}, {given}", findings
 
 
+def _vector_store(settings: Settings, data: DataDir) -> Finding:
+    from appliance.rag.vectors import ChromaServer
+
+    server = ChromaServer.from_settings(settings.rag, data.keys)
+    if server is None:
+        return _ok("vectors", f"embedded Chroma in {data.rag / 'chroma'}")
+    token = "a token" if server.token else "no token"
+    if server.heartbeat():
+        return _ok("vectors", f"the Chroma server at {server.where} (answering, {token})")
+    return _problem("vectors", f"the Chroma server at {server.where} does not answer ({token}); RAG needs it for "
+                    "adding documents and vector queries", "start it, or fix [rag] chroma_url")
+
+
 def diagnose(settings: Settings, vllm: VllmEngine | None = None) -> list[Finding]:
     """Everything `appliance doctor` checks, in the order it prints: facts, then problems. Blocking (it asks the GPU
     driver and the vLLM environment, and reads the database): call it from a thread in the server."""
@@ -172,6 +185,7 @@ def diagnose(settings: Settings, vllm: VllmEngine | None = None) -> list[Finding
         findings.append(_ok("data", f"{data.root} (initialised)"))
         findings += _check_modes(data)
         findings += _models(settings, data, gpus, vllm, llama_gpu)
+        findings.append(_vector_store(settings, data))
     else:
         findings.append(_problem("data", f"{data.root} is not initialised", f"appliance init --data-dir {data.root}"))
     return findings

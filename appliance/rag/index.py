@@ -95,6 +95,7 @@ COMMON_SHARE, COMMON_MIN, MAX_TERMS = 0.1, 200, 10
 # needs, it misses true neighbours among many similar chunks (long documents). Asking for this many, and keeping the
 # best `limit`, makes the search near exact for a few milliseconds.
 VECTOR_CANDIDATES = 200
+REPAIR_BATCH = 512  # chunks re-embedded and written per step by check(repair=True)
 _WORD = re.compile(r"\w+", re.UNICODE)
 STOPWORDS = frozenset(
     "a an and are as at be but by for from has have how i if in into is it its not of on or that the their then "
@@ -233,6 +234,7 @@ class RagIndex:
         return self.vectors.max_batch
 
     def close(self) -> None:
+        self.vectors.close()
         with contextlib.suppress(Exception):
             self._lock_file.close()
 
@@ -636,13 +638,16 @@ class RagIndex:
         report.missing_vectors += missing
         if not repair:
             return
-        if orphans:
-            vectors_of.delete(ids=orphans)
-        if missing and embed is not None:
-            texts = [f"{indexed[m][3]}\n{indexed[m][4]}" if indexed[m][3] else indexed[m][4] for m in missing]
-            vectors_of.add(ids=missing, embeddings=embed(texts),
-                           metadatas=[{"doc": indexed[m][0], "position": int(indexed[m][2])}
-                                      for m in missing])
+        step = min(self._max_batch, REPAIR_BATCH)  # a whole collection may be missing (vectors moved to a server)
+        for start in range(0, len(orphans), step):
+            vectors_of.delete(ids=orphans[start : start + step])
+        for start in range(0, len(missing), step):
+            if embed is None:
+                break
+            part = missing[start : start + step]
+            texts = [f"{indexed[m][3]}\n{indexed[m][4]}" if indexed[m][3] else indexed[m][4] for m in part]
+            vectors_of.add(ids=part, embeddings=embed(texts),
+                           metadatas=[{"doc": indexed[m][0], "position": int(indexed[m][2])} for m in part])
 
     def compact(self) -> None:
         """Rewrite the keyword index and the database so deleted text leaves no trace in free pages or old

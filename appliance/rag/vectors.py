@@ -213,10 +213,26 @@ class VectorStore:
             if type(exc).__name__ != "NotFoundError":
                 raise
             admin.create_database(self.database, tenant=self.server.tenant)
+        finally:
+            if (session := _session(admin)) is not None:
+                session.close()
         client = chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=settings, tenant=self.server.tenant,
                                      database=self.database)
         _bound(client)
         return client
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+            self._collections.clear()
+        if client is not None:
+            # the client's own admin client (it checks the database exists) has a session of its own
+            sessions = [_session(client), _session(getattr(client, "_admin_client", None))]
+            with contextlib.suppress(Exception):
+                client.close()
+            for session in sessions:
+                if session is not None:
+                    session.close()
 
     def writing(self) -> contextlib.AbstractContextManager[None]:
         """Around every write: embedded, a full disk is a `StorageFull` (507) naming the vector index and its folder
@@ -256,11 +272,16 @@ class VectorStore:
         return self._max_batch
 
 
+def _session(client: Any) -> httpx.Client | None:
+    """The httpx client inside a chromadb HttpClient or AdminClient (private to chromadb, hence the care)."""
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    return session if isinstance(session, httpx.Client) else None
+
+
 def _bound(client: Any) -> None:
     """Bound chromadb's HTTP calls (it passes timeout=None to httpx), and tell a proxy's 502 or 401 from other
-    errors (chromadb turns them all into a bare Exception). Its session is private, hence the care."""
-    session = getattr(getattr(client, "_server", None), "_session", None)
-    if isinstance(session, httpx.Client):
+    errors (chromadb turns them all into a bare Exception)."""
+    if (session := _session(client)) is not None:
         session.timeout = REQUEST_TIMEOUT
         session.event_hooks = {**session.event_hooks, "response": [_status]}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.chroma_server import ChromaRun, TokenProxy
@@ -193,3 +194,37 @@ def test_check_repairs_what_the_server_lost_or_gained_and_leaves_other_appliance
                         env={"APPLIANCE_RAG__CHROMA_URL": proxy.url})
     assert checked.returncode == 0 and '"consistent": true' in checked.stdout, checked.stdout + checked.stderr
     assert TOKEN not in box.process.log_tail(10_000)  # the token is never logged
+
+
+def test_vectors_move_from_embedded_chroma_to_the_server_by_repair(chroma: ChromaRun, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process, with the RagIndex itself: a data dir whose vectors were embedded, pointed at the server."""
+    from appliance.config import RagSettings
+    from appliance.rag import index as rag_index
+    from appliance.rag.chunking import Chunk
+    from appliance.rag.index import RagIndex
+    from appliance.rag.vectors import ChromaServer
+
+    monkeypatch.setattr(rag_index, "REPAIR_BATCH", 2)  # several steps with a handful of chunks
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(5, 8)).astype(np.float32)
+    texts = ["tide tables", "harbour pilots", "buoys and beacons", "anchorage", "breakwater"]
+    embedded = RagIndex(tmp_path / "rag")
+    cid = str(embedded.create_collection("charts", "user:u1", [], [], "m@1")["id"])
+    embedded.put_document(cid, "charts", [Chunk(i, (), t) for i, t in enumerate(texts)], vectors, {}, "user:u1", 9)
+    embedded.close()
+    del embedded
+
+    server = ChromaServer.from_settings(RagSettings(chroma_url=chroma.url), tmp_path / "keys")
+    moved = RagIndex(tmp_path / "rag", server)
+    try:
+        assert moved.moved_from == "embedded"
+        found = moved.check(repair=False)
+        assert len(found.missing_vectors) == 5 and not found.consistent
+        by_text = dict(zip(texts, vectors, strict=True))
+        moved.check(repair=True, embed=lambda batch: np.vstack([by_text[t] for t in batch]))
+        assert moved.check(repair=False).consistent
+        hit = moved.vector_search([cid], vectors[2], 1)[0]
+        assert moved.chunks([hit.chunk_key])[hit.chunk_key].text == "buoys and beacons"
+    finally:
+        moved.close()
