@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from appliance.config import RagSettings
-from appliance.engines.remote import RemoteCredentials
+from appliance.crypto.secret_files import SecretFiles
 from appliance.errors import ApplianceError
 from appliance.storage import StorageFull, full_disk_is, is_disk_full
 
@@ -52,9 +52,9 @@ class Refused(Exception):
     """The Chroma server (or the proxy in front of it) answered 401 or 403: the token is missing or wrong."""
 
 
-def token_store(keys: Path) -> RemoteCredentials:
+def token_store(keys: Path) -> SecretFiles:
     """The Chroma server's token: `keys/chroma/server.key`, 0600, like an upstream model's API key."""
-    return RemoteCredentials(keys / "chroma")
+    return SecretFiles(keys / "chroma", "Chroma server token")
 
 
 TOKEN_NAME = "server"  # noqa: S105 (the file's name, not a token)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from appliance.config import RagSettings
-from appliance.errors import RegistryError
+from appliance.errors import InvalidRequest
 from appliance.rag.vectors import (
     TOKEN_NAME,
     ChromaServer,
@@ -38,7 +38,7 @@ def test_the_token_is_kept_in_a_0600_file_and_sent_in_the_header_chosen(tmp_path
     assert (tmp_path / "chroma" / "server.key").stat().st_mode & 0o777 == 0o600
     assert server(tmp_path).headers() == {"Authorization": "Bearer s3cret"}
     assert server(tmp_path, chroma_auth_header="x-chroma-token").headers() == {"X-Chroma-Token": "s3cret"}
-    with pytest.raises(RegistryError):
+    with pytest.raises(InvalidRequest, match="Chroma server token"):
         token_store(tmp_path).save(TOKEN_NAME, "two words")
 
 
