@@ -43,19 +43,22 @@ def cmd_rag_check(args: argparse.Namespace, loaded: LoadedSettings) -> int:
 
 
 def cmd_rag_chroma_token(args: argparse.Namespace, loaded: LoadedSettings) -> int:
+    from appliance.audit import audited
+
     data = DataDir(loaded.settings.data_path)
-    data.require_initialised()
+    audit = open_audit(data)
     tokens = token_store(data.keys)
-    if args.clear:
-        tokens.delete(TOKEN_NAME)
-    else:
-        if sys.stdin.isatty():
-            print("paste the Chroma server's token, then press Enter:", file=sys.stderr)
-        tokens.save(TOKEN_NAME, sys.stdin.readline())
-    open_audit(data).record(cli_actor(), "rag.chroma_token.clear" if args.clear else "rag.chroma_token.set",
-                            "chroma", "ok")
-    where = loaded.settings.rag.chroma_url or "(none yet: set [rag] chroma_url)"
-    print(f"Chroma server token {'removed' if args.clear else 'saved'} (server: {where}); restart the server to use it")
+    if not args.clear and sys.stdin.isatty():
+        print("paste the Chroma server's token, then press Enter:", file=sys.stderr)
+    token = "" if args.clear else sys.stdin.readline()
+    with audited(audit, cli_actor(), "rag.chroma_token.set", "chroma", removed=args.clear):
+        if args.clear:
+            tokens.delete(TOKEN_NAME)
+        else:
+            tokens.save(TOKEN_NAME, token)
+    where = loaded.settings.rag.chroma_url or "none yet: set [rag] chroma_url"
+    print(f"the Chroma server token is {'removed' if args.clear else 'stored'} (server: {where}); restart the "
+          "appliance to use it")
     return 0
 
 
