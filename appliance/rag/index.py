@@ -609,8 +609,9 @@ class RagIndex:
                 known |= {r[0] for r in conn.execute("SELECT id FROM collections").fetchall()}
             report.orphan_collections = sorted(set(self.vectors.collection_ids()) - known)
             if repair:
-                for cid in report.orphan_collections:
-                    self.vectors.drop(cid)
+                with self._chroma():
+                    for cid in report.orphan_collections:
+                        self.vectors.drop(cid)
         report.repaired = repair
         return report
 
@@ -639,15 +640,16 @@ class RagIndex:
         if not repair:
             return
         step = min(self._max_batch, REPAIR_BATCH)  # a whole collection may be missing (vectors moved to a server)
-        for start in range(0, len(orphans), step):
-            vectors_of.delete(ids=orphans[start : start + step])
-        for start in range(0, len(missing), step):
-            if embed is None:
-                break
-            part = missing[start : start + step]
-            texts = [f"{indexed[m][3]}\n{indexed[m][4]}" if indexed[m][3] else indexed[m][4] for m in part]
-            vectors_of.add(ids=part, embeddings=embed(texts),
-                           metadatas=[{"doc": indexed[m][0], "position": int(indexed[m][2])} for m in part])
+        with self._chroma():
+            for start in range(0, len(orphans), step):
+                vectors_of.delete(ids=orphans[start : start + step])
+            for start in range(0, len(missing), step):
+                if embed is None:
+                    break
+                part = missing[start : start + step]
+                texts = [f"{indexed[m][3]}\n{indexed[m][4]}" if indexed[m][3] else indexed[m][4] for m in part]
+                vectors_of.add(ids=part, embeddings=embed(texts),
+                               metadatas=[{"doc": indexed[m][0], "position": int(indexed[m][2])} for m in part])
 
     def compact(self) -> None:
         """Rewrite the keyword index and the database so deleted text leaves no trace in free pages or old

@@ -12,14 +12,17 @@ from appliance.config import RagSettings
 from appliance.errors import InvalidRequest
 from appliance.rag.vectors import (
     TOKEN_NAME,
+    VECTOR_STORE,
     ChromaServer,
     GatewayDown,
     Refused,
+    VectorStore,
     VectorStoreUnavailable,
     _status,
     reaching,
     token_store,
 )
+from appliance.storage import StorageFull
 
 
 def server(tmp_path: Path, url: str = "https://user:pw@chroma.example:8443/base", **extra: str) -> ChromaServer:
@@ -78,3 +81,21 @@ def test_a_proxy_s_502_and_401_are_told_apart_from_other_errors() -> None:
     with pytest.raises(Refused):
         _status(httpx.Response(401, request=request))
     _status(httpx.Response(404, request=request))  # chromadb's own errors stay chromadb's
+
+
+def test_a_full_disk_names_the_local_folder_only_for_embedded_chroma(tmp_path: Path) -> None:
+    # the text of Chroma's engine for SQLITE_FULL, as chromadb raises it (embedded) or relays it (a server's 500)
+    full = RuntimeError("Error executing plan: error returned from database: (code: 13) database or disk is full")
+    with pytest.raises(StorageFull) as here, VectorStore(tmp_path, None, "ns").writing():
+        raise full
+    assert (here.value.store, here.value.path) == (VECTOR_STORE, str(tmp_path / "chroma"))
+    remote = VectorStore(tmp_path, server(tmp_path), "ns")
+    with pytest.raises(StorageFull) as there, remote.writing():
+        raise full
+    assert there.value.status_code == 507 and there.value.path is None
+    assert "Chroma server at https://chroma.example:8443" in there.value.store
+    assert str(tmp_path) not in there.value.message  # no local folder is full
+    with pytest.raises(httpx.ConnectError), remote.writing():  # unreachable is not full: `reaching` makes it a 503
+        raise httpx.ConnectError("refused")
+    with pytest.raises(KeyError), remote.writing():
+        raise KeyError("other errors pass through")
