@@ -14,7 +14,7 @@ import openai
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.e2e.conftest import GENERATION, UiServer, assert_accessible, login, shot
+from tests.e2e.conftest import GENERATION, PHONE, UiServer, assert_accessible, login, shot
 from tests.e2e.test_pages import open_page
 from tests.integration.conftest import model_file  # noqa: F401 (the fixture: the default GGUF in plaintext)
 from tests.integration.test_rollout import with_metadata
@@ -175,6 +175,12 @@ def test_a_version_pulled_in_the_browser_is_promoted_there(page: Page, server: U
     expect(alias_row).to_contain_text("+0 / -0, 0 failed")
     assert_accessible(page, "models with a bandit alias")
     shot(page, "flow-models-bandit")
+    desktop = page.viewport_size
+    page.set_viewport_size(PHONE)  # the same page on a phone: the alias table scrolls, nothing overlaps
+    expect(alias_row).to_be_visible()
+    shot(page, "flow-models-bandit")
+    assert desktop is not None
+    page.set_viewport_size(desktop)
     assert httpx.delete(f"{server.url}/api/aliases/arena", headers=server.headers, timeout=30).status_code == 200
     page.reload()
     staged = page.get_by_role("row", name=re.compile(r"staging"))
