@@ -188,12 +188,13 @@ def test_vllm_families_of_several_workers_merge_with_a_model_label() -> None:
 
 
 class Worker:
-    """A running worker as the pool holds it: an engine name and an httpx client (here over a transport that
-    answers as the engine's /metrics would)."""
+    """A running worker as the pool holds it: an engine name, an httpx client (here over a transport that
+    answers as the engine's /metrics would) and, for llama.cpp, the health answer with the scheduler's counters."""
 
     def __init__(self, engine: str, answer: httpx.Response | None) -> None:
         self.engine = engine
         self.reads = 0
+        self.healths = 0
 
         def handle(request: httpx.Request) -> httpx.Response:
             assert request.url.path == "/metrics"
@@ -203,6 +204,10 @@ class Worker:
             return answer
 
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://worker")
+
+    async def health(self) -> dict[str, int]:
+        self.healths += 1
+        return {"steps": 40 + self.healths, "parallel": 8}
 
 
 def test_vllm_workers_are_read_at_most_once_per_ttl_and_a_silent_one_is_left_out() -> None:
@@ -220,10 +225,13 @@ async def read_vllm_workers() -> None:
     assert registry.get_sample_value("vllm:num_requests_running", {"engine": "0", "model_name": "smol",
                                                                    "model": "smol@1"}) == 1
     assert workers["smol@1"].reads == 1 and workers["dead@1"].reads == 1
-    assert workers["gguf@1"].reads == 0  # only vLLM workers are read
+    assert workers["gguf@1"].reads == 0  # only vLLM workers' /metrics are read
+    assert workers["gguf@1"].healths == 1  # llama.cpp workers' counters come from their health answer, once a ttl
+    assert registry.get_sample_value("appliance_llamacpp_decode_steps_total", {"model": "gguf@1"}) == 41
+    assert registry.get_sample_value("appliance_llamacpp_slots", {"model": "gguf@1"}) == 8
     now[0] += 2.5
     await collector.refresh()
-    assert workers["smol@1"].reads == 2
+    assert workers["smol@1"].reads == 2 and workers["gguf@1"].healths == 2
     for worker in workers.values():
         await worker.client.aclose()
 
