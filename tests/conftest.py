@@ -20,7 +20,11 @@ OIDC_LOCAL_ADMIN = ("local-admin", "violet-Tangerine-87-harbour")  # a local use
 NO_MODEL = {"APPLIANCE_MODELS__DEFAULT": "none-needed-here"}  # sign-in tests need /healthz only, no model loaded
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Browser tests last: Playwright's session keeps an event loop set on the main thread until the session ends,
+    # and asyncio.run() refuses to start under it.
+    items.sort(key=lambda item: "/e2e/" in f"/{item.nodeid}")
     if shutil.which("nvidia-smi"):
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi not found)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -37,7 +38,9 @@ def run(test: Callable[[RemoteWorker], Awaitable[None]], w: RemoteWorker) -> Non
         finally:
             await w.stop()
 
-    asyncio.run(go())
+    # in a thread of its own: a browser test earlier in the session may leave its event loop set on this thread
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, go()).result()
 
 
 async def chat(w: RemoteWorker) -> httpx.Response:
