@@ -398,7 +398,9 @@ class RequestContextMiddleware(ASGIMiddleware):
             # the route's template (`/v1/responses/{response_id}`), not the path: ids in paths would make a label
             # value per id
             route = (scope.get("path_template") or scope["path"]) if scope.get("route_handler") else "unmatched"
-            model = scope["state"].get("model", "")
+            # the model as the client named it, once the answer shows it was served or queued for (2xx, 429, 5xx):
+            # the name in a refused request may be anything a client typed, and each would make series of its own
+            model = scope["state"].get("model", "") if status < 400 or status == 429 or status >= 500 else ""
             self.metrics.requests.labels(route, model, str(status)).inc()
             self.metrics.request_seconds.labels(route, model).observe(elapsed)
             log.info("request", method=scope.get("method"), path=scope["path"], status=status,

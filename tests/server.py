@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -19,6 +20,20 @@ import psutil
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WORKER_MODULE = "appliance.engines.llamacpp_worker"
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something true, and return that: the state a test waits for, never a length
+    of time. A connection error counts as not yet (a server coming up or restarting); after `timeout` seconds the
+    test fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if found := condition():
+                return found
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def appliance(*args: str, data_dir: Path, env: Mapping[str, str] | None = None, check: bool = True,

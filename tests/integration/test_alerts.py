@@ -22,21 +22,12 @@ import psutil
 import pytest
 
 from appliance.resources import CHECKOUT
-from tests.server import DEFAULT_MODEL, Running, appliance, free_port, new_key
+from tests.server import DEFAULT_MODEL, Running, appliance, free_port, new_key, wait_until
 
 PROMPT = [{"role": "user", "content": "Count from one to one hundred in words, one number per line."}]
 STALL_DEADLINE = 60.0
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            if found := check():
-                return found
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not seen within {timeout:.0f} s")
 
 
 class Tool:
@@ -80,7 +71,7 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                  "--cluster.listen-address="], folder / "alertmanager.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, 60, "Alertmanager ready")
+        wait_until(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, "Alertmanager ready", 60)
         yield url
     finally:
         tool.stop()
@@ -136,14 +127,14 @@ def test_prometheus_scrapes_metrics_with_a_bearer_key_and_loads_the_rules(watche
                  f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
                 tmp_path / "prometheus.log")
     try:
-        wait_for(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, 60, "Prometheus ready")
+        wait_until(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, "Prometheus ready", 60)
 
         def scraped() -> dict[str, Any] | None:
             tool.alive()
             targets = httpx.get(url + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
             return next((t for t in targets if t["health"] == "up"), None)
 
-        up = wait_for(scraped, 60, "a successful scrape")
+        up = wait_until(scraped, "a successful scrape", 60)
         assert up["scrapeUrl"] == f"{watched.url}/metrics" and up["lastError"] == ""
 
         def query(expr: str) -> list[dict[str, Any]]:
@@ -151,8 +142,8 @@ def test_prometheus_scrapes_metrics_with_a_bearer_key_and_loads_the_rules(watche
             assert reply["status"] == "success", (expr, reply)
             return reply["data"]["result"]  # type: ignore[no-any-return]
 
-        series = wait_for(lambda: query(f'appliance_worker_up{{worker="{DEFAULT_MODEL}@1"}}'), 30,
-                          "the worker_up series")
+        series = wait_until(lambda: query(f'appliance_worker_up{{worker="{DEFAULT_MODEL}@1"}}'),
+                          "the worker_up series", 30)
         assert series[0]["value"][1] == "1" and series[0]["metric"]["job"] == "appliance"
         assert query('up{job="appliance"}')[0]["value"][1] == "1"
         # every panel of the shipped Grafana dashboard is a query Prometheus accepts
@@ -178,7 +169,7 @@ def test_normal_traffic_raises_no_alert(watched: Running, alertmanager: str) -> 
                                                 temperature=0.7, seed=10 + i)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     done = time.time()
-    after = wait_for(lambda: evaluated_after(watched, done), 40, "an evaluation after the traffic")
+    after = wait_until(lambda: evaluated_after(watched, done), "an evaluation after the traffic", 40)
     # nothing fires (pending is not raised: it is neither sent nor audited; a box loaded by other work may see a
     # slow first token pending for a while)
     assert [a for a in after["alerts"] if a["state"] == "firing"] == [], after
@@ -207,7 +198,7 @@ def test_a_stalled_worker_reaches_alertmanager_within_60_s(watched: Running, ale
     chunks = _streamed_chunks(watched)
     streaming = threading.Thread(target=request, args=(2000,), daemon=True)
     streaming.start()
-    wait_for(lambda: outcomes or _streamed_chunks(watched) > chunks + 2, 120, "the request streaming")
+    wait_until(lambda: outcomes or _streamed_chunks(watched) > chunks + 2, "the request streaming", 120)
     assert not outcomes, outcomes  # still streaming
     queued = threading.Thread(target=request, args=(8,), daemon=True)
     worker.suspend()  # SIGSTOP: alive, answering nothing, as a deadlocked worker
@@ -218,7 +209,7 @@ def test_a_stalled_worker_reaches_alertmanager_within_60_s(watched: Running, ale
             return next((a for a in am_alerts(alertmanager)
                          if a["labels"]["alertname"] in ("WorkerStalled", "WorkerRestarted")), None)
 
-        alert = wait_for(stall_alert, STALL_DEADLINE, "a stalled-worker alert in Alertmanager")
+        alert = wait_until(stall_alert, "a stalled-worker alert in Alertmanager", STALL_DEADLINE)
         took = time.monotonic() - stalled_at
         assert took < STALL_DEADLINE
         labels = alert["labels"]
@@ -256,10 +247,10 @@ def test_resolved_after_the_worker_is_replaced(watched: Running, alertmanager: s
     """Once the supervisor replaced the stalled worker and requests are served again, WorkerStalled is resolved
     (WorkerRestarted stays for its 10-minute window, as its rule says)."""
     client = watched.client()
-    reply = wait_for(lambda: _chat(client), 120, "a served request after the stall")
+    reply = wait_until(lambda: _chat(client), "a served request after the stall", 120)
     assert reply
     done = time.time()
-    after = wait_for(lambda: evaluated_after(watched, done), 40, "an evaluation after recovery")
+    after = wait_until(lambda: evaluated_after(watched, done), "an evaluation after recovery", 40)
     assert "WorkerStalled" not in {a["name"] for a in after["alerts"] if a["state"] == "firing"}
 
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import httpx
 import pytest
 
 from tests.integration.test_rollout import with_metadata
-from tests.server import DEFAULT_MODEL, ServerProcess, appliance, clone_data_dir, new_key
+from tests.server import DEFAULT_MODEL, ServerProcess, appliance, clone_data_dir, new_key, wait_until
 from tests.unit.ggufs import make_gguf
 
 SETTINGS = {"APPLIANCE_MODELS__ALLOW_PRIVATE_SOURCES": "true"}  # the import's source is a local stand-in
@@ -89,13 +88,6 @@ def big_document(size: int, seed: int = 18) -> str:
     return "\n\n".join(paragraphs)
 
 
-def wait_for(what: str, ready: Callable[[], Any], timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := ready():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not reached in {timeout}s")
 
 
 def started(data: Path, key: str) -> tuple[ServerProcess, httpx.Client]:
@@ -149,16 +141,16 @@ def test_killed_mid_way_the_restart_repairs_and_loses_nothing_acknowledged(
 
         # three operations, each seen half way: the import (held by its source), the ingestion job, the promote
         pull = api.post("/api/models/pull", json={"source": held_source.url, "name": "held"}).json()
-        wait_for("the import half way", lambda: api.get(f"/api/models/pulls/{pull['id']}").json()["bytes"] > 0)
+        wait_until(lambda: api.get(f"/api/models/pulls/{pull['id']}").json()["bytes"] > 0, "the import half way", 120)
         job = api.post("/api/collections/kept/documents", json={"id": "big", "text": big_document(300_000)})
         assert job.status_code == 202, job.text
         job_id = job.json()["id"]
-        wait_for("the ingestion half way", lambda: (j := api.get(f"/api/jobs/{job_id}").json())["stage"] ==
-                 "embedding" and j["done"] < j["total"])  # chunked, embedding (in steps of 512): nothing indexed
+        wait_until(lambda: (j := api.get(f"/api/jobs/{job_id}").json())["stage"] == "embedding"
+                   and j["done"] < j["total"], "the ingestion half way", 120)  # steps of 512: none indexed
         promote = Promote(process.url, dict(api.headers))
         promote.start()
-        wait_for("the new version loading", lambda: any(f"{DEFAULT_MODEL}@2" in " ".join(w.cmdline())
-                                                        for w in process.workers()))
+        wait_until(lambda: any(f"{DEFAULT_MODEL}@2" in " ".join(w.cmdline()) for w in process.workers()),
+                   "the new version loading", 120)
         assert promote.outcome is None  # still warming the new version up
         assert api.get(f"/api/jobs/{job_id}").json()["stage"] == "embedding"
         assert api.get(f"/api/models/pulls/{pull['id']}").json()["status"] == "running"
@@ -171,8 +163,8 @@ def test_killed_mid_way_the_restart_repairs_and_loses_nothing_acknowledged(
         assert stages(api) == {1: "production", 2: "staging"}  # the promote was never acknowledged
         assert chat_ok(api)
         # the job (acknowledged with its 202) runs again from its stored copy, to the end
-        finished = wait_for("the job run again", lambda: (j := api.get(f"/api/jobs/{job_id}").json())["state"]
-                            in ("done", "failed") and j, timeout=300)
+        finished = wait_until(lambda: (j := api.get(f"/api/jobs/{job_id}").json())["state"] in ("done", "failed")
+                              and j, "the job run again", timeout=300)
         assert finished["state"] == "done", finished
         docs = {d["id"]: d for d in api.get("/api/collections/kept/documents").json()["data"]}
         assert "small" in docs and docs["big"]["chunks"] == finished["total"]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import Running
-from tests.server import DEFAULT_MODEL, appliance
+from tests.server import DEFAULT_MODEL, appliance, wait_until
 
 # one sequence of the default model needs ~372 MiB (the KV cache grows with llamacpp.parallel)
 BUDGET = {"APPLIANCE_MODELS__MEMORY_LIMIT_BYTES": str(600 << 20), "APPLIANCE_LLAMACPP__PARALLEL": "1"}
@@ -32,11 +31,6 @@ def chat(server: Running, model: str, **extra: object) -> str:
     return reply.choices[0].message.content or ""
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 def test_a_model_that_does_not_fit_is_refused_with_the_numbers(start_server: Callable[..., Running]) -> None:
@@ -62,7 +56,7 @@ def test_an_idle_model_is_unloaded_to_make_room_and_keep_alive_zero_unloads(
     add_second_model(server)
     (default_worker,) = server.process.workers()
     chat(server, "second")  # the default is idle and not pinned: it makes room
-    wait_for(lambda: not default_worker.is_running())
+    wait_until(lambda: not default_worker.is_running(), "the default model's worker to stop")
     assert len(server.process.workers()) == 1
     chat(server, "second", keep_alive=0)  # Ollama's: unload once this request is done
-    wait_for(lambda: server.process is not None and server.process.workers() == [])
+    wait_until(lambda: server.process is not None and server.process.workers() == [], "no workers")

@@ -177,6 +177,21 @@ def test_metrics_count_requests_tokens_and_latency(server: Running) -> None:
     assert 'route="/v1/chat/completions",status="200"' in text.replace(f'model="{DEFAULT_MODEL}",', "")
 
 
+def test_unknown_model_names_make_no_series_of_their_own(server: Running) -> None:
+    def refused() -> float:
+        text = httpx.get(server.url + "/metrics", headers=server.headers).text
+        assert "no-such-model" not in text  # a client could otherwise grow the metrics without bound
+        line = 'appliance_requests_total{model="",route="/v1/chat/completions",status="404"} '
+        return sum(float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line))
+
+    before = refused()
+    for n in range(5):
+        response = httpx.post(server.url + "/v1/chat/completions", headers=server.headers,
+                              json={"model": f"no-such-model-{n}", "messages": QUESTION})
+        assert response.status_code == 404
+    assert refused() == before + 5
+
+
 def test_refused_requests_are_counted_as_401(server: Running) -> None:
     httpx.get(server.url + "/v1/models")
     text = httpx.get(server.url + "/metrics", headers=server.headers).text

@@ -6,7 +6,6 @@ the journal on the box and the server."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from tests.chroma_server import ChromaRun, TokenProxy
 from tests.integration.conftest import Running
 from tests.integration.test_rag import DOCS, SITE, top_document
-from tests.server import appliance
+from tests.server import appliance, wait_until
 
 pytestmark = pytest.mark.slow
 TOKEN = "chroma-Token-7f3a9c"
@@ -31,14 +30,6 @@ REST = "/api/v2/tenants/default_tenant/databases"
 CORPUS = "corpus"
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    """Poll `condition` until it returns something true (the state the test waits for, not a length of time)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := condition():
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

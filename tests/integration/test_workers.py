@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,19 +15,12 @@ import psutil
 import pytest
 
 from tests.integration.conftest import Running
-from tests.server import DEFAULT_MODEL, appliance
+from tests.server import DEFAULT_MODEL, appliance, wait_until
 
 NO_EOS = {"0": -100, "2": -100}
 PROMPT = [{"role": "user", "content": "Tell me a very long story about a lighthouse."}]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def worker_health(data_dir: Path) -> dict[str, int]:
@@ -98,7 +90,7 @@ def test_worker_killed_mid_stream_gives_clean_error_and_restarts(start_server: C
             if received == 3:
                 worker.send_signal(signal.SIGKILL)
     assert "worker" in caught.value.message and "retry" in caught.value.message
-    wait_until(lambda: httpx.get(running.url + "/readyz").status_code == 200, what="restart")
+    wait_until(lambda: httpx.get(running.url + "/readyz").status_code == 200, "restart")
     reply = running.client().chat.completions.create(model=DEFAULT_MODEL, messages=PROMPT, max_tokens=4,
                                                      temperature=0)
     assert reply.choices[0].message.content
@@ -149,7 +141,7 @@ def test_full_queue_answers_429_with_retry_after(start_server: Callable[..., Run
     waiter = threading.Thread(target=lambda: results.append(running.client().chat.completions.create(
         model=DEFAULT_MODEL, messages=PROMPT, max_tokens=2, temperature=0)))
     waiter.start()
-    wait_until(lambda: metric(running, "appliance_queue_depth") == 1, what="one queued request")
+    wait_until(lambda: metric(running, "appliance_queue_depth") == 1, "one queued request")
     response = httpx.post(running.url + "/v1/chat/completions", headers=running.headers,
                           json={"model": DEFAULT_MODEL, "messages": PROMPT, "max_tokens": 2})
     assert response.status_code == 429
@@ -163,14 +155,14 @@ def test_full_queue_answers_429_with_retry_after(start_server: Callable[..., Run
 def test_idle_model_unloads_after_keep_alive_and_reloads_on_demand(start_server: Callable[..., Running]) -> None:
     running = start_server({"APPLIANCE_MODELS__PIN_DEFAULT": "false", "APPLIANCE_MODELS__KEEP_ALIVE": "1"})
     assert running.process is not None
-    wait_until(lambda: not running.process.workers(), what="idle unload")  # type: ignore[union-attr]
+    wait_until(lambda: not running.process.workers(), "idle unload")  # type: ignore[union-attr]
     assert httpx.get(running.url + "/readyz").status_code == 503
     reply = running.client().chat.completions.create(model=DEFAULT_MODEL, messages=PROMPT, max_tokens=3,
                                                      temperature=0)
     assert reply.choices[0].message.content is not None
     assert metric(running, "appliance_model_load_seconds_count") == 2
-    [unload] = audit_records(running, "model.unload")
-    assert unload["actor"] == "supervisor" and unload["target"] == DEFAULT_MODEL
+    unloads = audit_records(running, "model.unload")  # a second once the reloaded model idles a second again
+    assert unloads and all(u["actor"] == "supervisor" and u["target"] == DEFAULT_MODEL for u in unloads)
 
 
 def test_a_wedged_worker_is_found_by_health_checks_and_replaced(start_server: Callable[..., Running]) -> None:
@@ -180,9 +172,9 @@ def test_a_wedged_worker_is_found_by_health_checks_and_replaced(start_server: Ca
     [worker] = running.process.workers()
     worker.suspend()  # SIGSTOP: the process lives on but answers nothing, as a deadlocked one would
     wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE,
-               what="the hung worker killed")
+               "the hung worker killed")
     wait_until(lambda: len(running.process.workers()) == 1  # type: ignore[union-attr]
-               and httpx.get(running.url + "/readyz").status_code == 200, what="a new worker")
+               and httpx.get(running.url + "/readyz").status_code == 200, "a new worker")
     reply = running.client().chat.completions.create(model=DEFAULT_MODEL, messages=PROMPT, max_tokens=3,
                                                      temperature=0)
     assert reply.choices[0].message.content is not None

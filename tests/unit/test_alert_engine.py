@@ -7,16 +7,21 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import ClassVar
+
+from prometheus_client import CollectorRegistry, Counter
 
 from appliance.audit import AuditLog
 from appliance.config import AlertSettings
 from appliance.observability.alerts.delivery import alertmanager_alert, webhook_message
 from appliance.observability.alerts.engine import RuleEngine, fingerprint
 from appliance.observability.alerts.rules import AlertRules, Rule
-from appliance.observability.alerts.service import AlertService, read_alerts_file
+from appliance.observability.alerts.service import AlertService, metric_snapshot, read_alerts_file
 from appliance.observability.alerts.signals import (
     DISK_FREE,
     RESTARTS,
+    SAMPLES,
+    SIGNALS,
     STALLED,
     TTFT,
     WORKER_REQUESTS,
@@ -24,6 +29,34 @@ from appliance.observability.alerts.signals import (
     Snapshot,
     labels_of,
 )
+
+
+class Recording(dict[str, dict[tuple[tuple[str, str], ...], float]]):
+    """A snapshot that notes every sample name a signal asks it for."""
+
+    asked: ClassVar[set[str]] = set()
+
+    def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+        Recording.asked.add(name)
+        return super().get(name, default)
+
+
+def test_snapshots_keep_the_samples_every_signal_reads_and_nothing_else() -> None:
+    history = History()
+    for at in (0.0, 400.0):
+        history.add(at, Recording())
+    for signal in SIGNALS.values():
+        signal.compute(history)
+    assert Recording.asked and Recording.asked <= SAMPLES  # a signal reading an unkept sample would see nothing
+
+    registry = CollectorRegistry()
+    Counter(WORKER_REQUESTS.removesuffix("_total"), "", ["worker", "outcome"], registry=registry).labels(
+        "m@1", "ok").inc(3)
+    per_key = Counter("appliance_requests_by_key", "", ["key"], registry=registry)  # a label set that grows
+    for n in range(50):
+        per_key.labels(f"key-{n}").inc()
+    snapshot = metric_snapshot(registry)
+    assert snapshot == {WORKER_REQUESTS: {labels_of({"worker": "m@1", "outcome": "ok"}): 3.0}}
 
 
 def rules(text: str) -> tuple[Rule, ...]:

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from appliance.logs import get_logger
 from appliance.observability.alerts.delivery import Delivery
 from appliance.observability.alerts.engine import Alert, RuleEngine, iso
 from appliance.observability.alerts.rules import AlertRules
-from appliance.observability.alerts.signals import History, Snapshot, labels_of
+from appliance.observability.alerts.signals import SAMPLES, History, Snapshot, labels_of
 from appliance.observability.alerts.state import AppState
 from appliance.observability.metrics import Metrics
 
@@ -32,12 +32,12 @@ log = get_logger(__name__)
 STATE_FILE = "alerts.json"
 
 
-def metric_snapshot(registry: CollectorRegistry) -> Snapshot:
-    """The samples of a registry, by sample name and labels (`_created` samples left out)."""
+def metric_snapshot(registry: CollectorRegistry, names: Collection[str] = SAMPLES) -> Snapshot:
+    """The samples of a registry named in `names` (those the signals read), by sample name and labels."""
     snapshot: Snapshot = {}
     for family in registry.collect():
         for sample in family.samples:
-            if not sample.name.endswith("_created"):
+            if sample.name in names:
                 snapshot.setdefault(sample.name, {})[labels_of(sample.labels)] = sample.value
     return snapshot
 

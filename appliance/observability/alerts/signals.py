@@ -46,6 +46,13 @@ DISK_TOTAL = "appliance_data_dir_disk_total_bytes"
 GPU_XID = "appliance_gpu_xid_errors_total"
 QUOTA_USED = "appliance_quota_daily_used_ratio"
 AUDIT_OK = "appliance_audit_chain_ok"
+SAMPLES = frozenset({
+    f"{TTFT}_bucket", f"{CHUNK_GAP}_bucket", f"{CHUNK_GAP}_count", f"{CHUNK_GAP}_sum", WORKER_REQUESTS, QUEUE_DEPTH,
+    RESTARTS, STALLED, WORKER_UP, MEMORY_AVAILABLE, MEMORY_TOTAL, MODELS_RESERVED, MODELS_BUDGET, GPU_USED, GPU_FREE,
+    KV_USAGE, DISK_FREE, DISK_TOTAL, GPU_XID, QUOTA_USED, AUDIT_OK})
+"""The sample names the signals read: all a snapshot keeps. The history holds `HISTORY_SECONDS` of snapshots, so
+a snapshot of every sample (each route's and each key's series, every histogram bucket) would grow with whatever
+label sets the app makes."""
 
 
 def labels_of(mapping: dict[str, str]) -> Labels:
