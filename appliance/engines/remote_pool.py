@@ -21,6 +21,7 @@ import httpx
 import msgspec
 
 from appliance.config import RemoteSettings
+from appliance.engines.aiohttp_transport import AiohttpTransport
 from appliance.errors import ModelUnavailable
 from appliance.logs import get_logger
 from appliance.observability.metrics import Metrics
@@ -296,8 +297,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, pool: UpstreamPool, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.pool = pool
-        self.inner = inner or httpx.AsyncHTTPTransport(retries=0, limits=httpx.Limits(
-            max_connections=None, max_keepalive_connections=max(20, pool.capacity)))
+        self.inner = inner or AiohttpTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         return await self.send(request.method, request.url.path, request.url.query, request.headers.multi_items(),
