@@ -377,7 +377,6 @@ class RequestContextMiddleware(ASGIMiddleware):
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        self.tracing.name_server_span(scope)  # routed by now: the span is named by the route's template
         status = 500
         started = time.perf_counter()
 
@@ -389,10 +388,14 @@ class RequestContextMiddleware(ASGIMiddleware):
             await send(message)
 
         try:
-            await next_app(scope, receive, send_wrapper)
-        except (ApplianceError, HTTPException) as exc:  # raised by inner middleware (auth), answered outside
-            status = exc.status_code
-            raise
+            with self.tracing.server_span(scope, headers) as span:  # routed by now: named by the route's template
+                try:
+                    await next_app(scope, receive, send_wrapper)
+                except (ApplianceError, HTTPException) as exc:  # raised by inner middleware (auth), answered outside
+                    status = exc.status_code
+                    raise
+                finally:
+                    self.tracing.end_server_span(span, status)
         finally:
             elapsed = time.perf_counter() - started
             # the route's template (`/v1/responses/{response_id}`), not the path: ids in paths would make a label
@@ -525,7 +528,6 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             path="/schema", route_handlers=[], opt=permission("metrics:read"))),
         guards=[permission_guard],
         before_send=[add_security_headers],
-        plugins=services.telemetry.plugins(),
         request_max_body_size=settings.server.max_body_bytes,
         logging_config=None,
         debug=False,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from appliance.config import Settings
 from appliance.observability.box import BoxCollector
@@ -14,9 +14,6 @@ from appliance.observability.engine_metrics import EngineMetrics, live_workers
 from appliance.observability.gpu import GpuCollector
 from appliance.observability.metrics import Metrics
 from appliance.observability.tracing import Tracing
-
-if TYPE_CHECKING:
-    from litestar.plugins import PluginProtocol
 
 Slots = Callable[[], Iterable[Any]]
 """The worker pool's slots (each with `name`, `alive`, `worker`)."""
@@ -43,10 +40,6 @@ class Telemetry:
     async def refresh(self) -> None:
         """Before /metrics renders: read the vLLM workers' own metrics (cached for a moment)."""
         await self.engines.refresh()
-
-    def plugins(self) -> list[PluginProtocol]:
-        plugin = self.tracing.plugin()
-        return [plugin] if plugin is not None else []
 
     def vllm_tracing(self) -> dict[str, Any]:
         """The vLLM launch's tracing arguments: its own spans go where ours do, joining the trace through the

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing of the request path (DESIGN section 2), off until an OTLP endpoint is configured.
 
-Spans: one SERVER span per HTTP request (Litestar's OpenTelemetry plugin, no per-chunk send/receive spans), INTERNAL
+Spans: one SERVER span per HTTP request (made by the request middleware, no per-chunk send/receive spans), INTERNAL
 child spans for the steps (auth, privacy, quota, cache lookup, RAG retrieval, queue wait), and a CLIENT span per worker
 call named `{operation} {model}` with the GenAI attributes of semantic conventions v1.41.1 (`appliance.observability.
 genai`). A client's W3C `traceparent` is honoured, and passed on to the worker in the call's headers.
@@ -22,7 +22,6 @@ from appliance.config import TelemetrySettings
 from appliance.logs import get_logger
 
 if TYPE_CHECKING:
-    from litestar.plugins.opentelemetry import OpenTelemetryPlugin
     from litestar.types import Scope
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 TRACES_PATH = "v1/traces"
 _FALSE = frozenset({"false", "0", "no", "off", ""})
+_PROPAGATED = ((b"traceparent", "traceparent"), (b"tracestate", "tracestate"), (b"baggage", "baggage"))
 
 
 def traces_endpoint(settings: TelemetrySettings, env: Mapping[str, str]) -> str | None:
@@ -122,29 +122,54 @@ class Tracing:
 
         return context.get_current()
 
-    def plugin(self) -> OpenTelemetryPlugin | None:
-        """Litestar's OpenTelemetry plugin: a SERVER span per HTTP request under the client's traceparent, without
-        spans for each ASGI send/receive (a stream would make one per token). None when off."""
-        if self.provider is None:
-            return None
-        from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+    @contextlib.contextmanager
+    def server_span(self, scope: Scope, headers: Mapping[bytes, bytes]) -> Iterator[Span | None]:
+        """The request's SERVER span, current while the app answers (the steps' spans are its children): under the
+        client's W3C `traceparent` when it sends one, named by the route's template (`POST /v1/chat/completions`,
+        `GET /api/jobs/{job_id}`: ids in paths would make a name each), with the HTTP semantic conventions' request
+        attributes; the caller sets the status (`end_server_span`). Nothing when off.
 
-        return OpenTelemetryPlugin(OpenTelemetryConfig(
-            tracer_provider=self.provider, exclude_spans=["receive", "send"],
-            scope_span_details_extractor=_span_details))
-
-    def name_server_span(self, scope: Scope) -> None:
-        """Name the request's SERVER span by its route template once routing knows it (`POST /v1/chat/completions`,
-        `GET /api/jobs/{job_id}`: ids in paths would make a name each)."""
-        if self.tracer is None or not scope.get("route_handler"):
+        Made here rather than by Litestar's OpenTelemetry plugin: the ASGI instrumentation under it wraps every
+        `send`, once per token of a stream, which cost more gateway CPU per streamed token than all the spans
+        together (tests/benchmarks/bench_tracing.py)."""
+        if self.tracer is None:
+            yield None
             return
-        from opentelemetry import trace
+        from opentelemetry import context, trace
+        from opentelemetry.propagate import extract
 
-        span = trace.get_current_span()
-        if span.is_recording():
-            template = scope.get("path_template") or scope["path"]
-            span.update_name(f"{scope.get('method', '')} {template}")
-            span.set_attribute("http.route", template)
+        carrier = {name: headers[raw].decode("latin-1") for raw, name in _PROPAGATED if raw in headers}
+        method = str(scope.get("method", "HTTP"))
+        template = str(scope.get("path_template") or scope["path"]) if scope.get("route_handler") else ""
+        attributes: dict[str, Any] = {"http.request.method": method, "url.scheme": scope.get("scheme", "http"),
+                                      "url.path": scope["path"],
+                                      "network.protocol.version": scope.get("http_version", "1.1")}
+        if template:
+            attributes["http.route"] = template
+        server = scope.get("server")
+        if server:
+            attributes["server.address"], attributes["server.port"] = server[0], server[1]
+        span = self.tracer.start_span(f"{method} {template}" if template else method,
+                                      context=extract(carrier) if carrier else None, kind=trace.SpanKind.SERVER,
+                                      attributes=attributes)
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            yield span
+        finally:
+            context.detach(token)
+            span.end()
+
+    @staticmethod
+    def end_server_span(span: Span | None, status: int) -> None:
+        """The response's status on the SERVER span: a 5xx is an error (a 4xx is the client's, not the server's)."""
+        if span is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_attribute("error.type", str(status))
+            span.set_status(Status(StatusCode.ERROR))
 
     def shutdown(self) -> None:
         """Export what is pending and stop (at the app's shutdown)."""
@@ -162,12 +187,6 @@ def _step(tracer: Tracer, name: str, attributes: Mapping[str, Any] | None) -> It
         except Exception as exc:
             record_error(span, exc)
             raise
-
-
-def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
-    """The SERVER span's first name, the method alone: the route template is known only after routing
-    (`Tracing.name_server_span`), and a raw path would hold ids."""
-    return str(scope.get("method", "HTTP")), {}
 
 
 @contextlib.contextmanager

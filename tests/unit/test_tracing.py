@@ -37,7 +37,9 @@ def test_the_endpoint_comes_from_settings_then_the_standard_variables(endpoint: 
 
 def test_off_without_an_endpoint_and_makes_no_spans() -> None:
     tracing = Tracing.from_settings(TelemetrySettings(), {})
-    assert not tracing.enabled and tracing.plugin() is None and tracing.current() is None
+    assert not tracing.enabled and tracing.current() is None
+    with tracing.server_span(SCOPE, {}) as server:
+        assert server is None
     assert tracing.start("queue.wait") is None
     step = tracing.step("quota")
     assert isinstance(step, contextlib.nullcontext)  # no span object, nothing recorded
@@ -53,10 +55,36 @@ def test_on_with_an_endpoint_builds_an_exporting_provider() -> None:
         assert tracing.provider is not None
         assert tracing.provider.resource.attributes["service.name"] == "appliance"
         assert "TraceIdRatioBased{0.5}" in tracing.provider.sampler.get_description()
-        plugin = tracing.plugin()
-        assert plugin is not None and plugin.config.exclude_spans == ["receive", "send"]
     finally:
         tracing.shutdown()
+
+
+SCOPE = {"type": "http", "method": "POST", "scheme": "http", "http_version": "1.1", "path": "/api/jobs/j-123",
+         "path_template": "/api/jobs/{job_id}", "route_handler": object(), "server": ("127.0.0.1", 8080)}
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_the_server_span_joins_the_clients_trace_is_named_by_route_and_parents_the_steps(
+        recorded: tuple[Tracing, InMemorySpanExporter]) -> None:
+    tracing, exporter = recorded
+    with tracing.server_span(SCOPE, {b"traceparent": TRACEPARENT.encode()}) as server:
+        with tracing.step("auth"):
+            pass
+        tracing.end_server_span(server, 503)
+    auth, span = exporter.get_finished_spans()
+    assert span.name == "POST /api/jobs/{job_id}" and span.kind == SpanKind.SERVER  # the template, not the id
+    assert f"{span.context.trace_id:032x}" == TRACEPARENT.split("-")[1]
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == TRACEPARENT.split("-")[2]
+    assert auth.parent is not None and auth.parent.span_id == span.context.span_id
+    assert span.attributes is not None and dict(span.attributes) == {
+        "http.request.method": "POST", "url.scheme": "http", "url.path": "/api/jobs/j-123",
+        "network.protocol.version": "1.1", "http.route": "/api/jobs/{job_id}", "server.address": "127.0.0.1",
+        "server.port": 8080, "http.response.status_code": 503, "error.type": "503"}
+    assert span.status.status_code == StatusCode.ERROR
+    with tracing.server_span({**SCOPE, "route_handler": None}, {}) as unrouted:  # a 404 for no route: a root span
+        tracing.end_server_span(unrouted, 404)
+    last = exporter.get_finished_spans()[-1]
+    assert last.name == "POST" and last.parent is None and last.status.status_code == StatusCode.UNSET
 
 
 @pytest.fixture
