@@ -110,9 +110,9 @@ class LlamaCppSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         _doc("Prompt-lookup speculative decoding: a request decoding alone drafts tokens from where its last tokens "
              "occurred before in its prompt or output and keeps those its own sampler picks (the output is "
              "unchanged, greedy or sampled), so answers that copy from their prompt (RAG quotes, code edits) take "
-             "fewer steps; with other requests running it is off. auto = on where verifying a drafted token costs "
-             "under 0.3 of a one-token step, measured when the model loads (a GPU; not a CPU whose kernels compute "
-             "each token apart, e.g. with Q4_1 weights, where a draft costs about what it saves).")
+             "fewer steps; with other requests running it is off. auto = on where layers are offloaded to a GPU and "
+             "verifying a drafted token costs under 0.3 of a one-token step, measured when the model loads; off "
+             "on a CPU, whose kernels compute each token apart (a draft costs about what it saves).")
     ] = "auto"
     lookup_draft: Annotated[
         int, _doc("Most tokens a prompt-lookup draft holds (see lookup).", ge=1, le=64)

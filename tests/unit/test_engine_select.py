@@ -164,3 +164,25 @@ def test_vllm_takes_tools_with_the_catalogs_parser() -> None:
     argv = list(engine.launch(Path("/m"), "qwen", Path("/s.sock"), "hermes").argv)
     assert argv[argv.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in argv
     assert "--tool-call-parser" not in engine.launch(Path("/m"), "qwen", Path("/s.sock")).argv
+
+
+class Measured:
+    """A runtime's draft cost as measured at load (`LlamaRuntime.draft_cost`), counting the measurements."""
+
+    def __init__(self, cost: float) -> None:
+        self.cost, self.measured = cost, 0
+
+    def draft_cost(self) -> float:
+        self.measured += 1
+        return self.cost
+
+
+def test_automatic_prompt_lookup_drafts_only_where_layers_are_offloaded_and_drafts_are_cheap() -> None:
+    from appliance.engines.llamacpp_worker import lookup_draft
+
+    cheap = Measured(0.05)  # a low reading on a CPU (taken while something else loaded) must not turn drafts on
+    assert lookup_draft(cheap, "auto", 8, offloaded=False) == 0 and cheap.measured == 0  # type: ignore[arg-type]
+    assert lookup_draft(cheap, "auto", 8, offloaded=True) == 8  # type: ignore[arg-type]
+    assert lookup_draft(Measured(0.6), "auto", 8, offloaded=True) == 0  # type: ignore[arg-type]
+    assert lookup_draft(Measured(0.6), "on", 8, offloaded=False) == 8  # type: ignore[arg-type]
+    assert lookup_draft(cheap, "off", 8, offloaded=True) == 0  # type: ignore[arg-type]
