@@ -20,6 +20,7 @@ import psutil
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WORKER_MODULE = "appliance.engines.llamacpp_worker"
+NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end-of-generation tokens as a logit_bias that bans them: max_tokens exactly
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0, interval: float = 0.05) -> Any:

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from appliance.resources import CHECKOUT
-from tests.server import DEFAULT_MODEL, Running, appliance, free_port, new_key, wait_until
+from tests.server import DEFAULT_MODEL, NO_EOS, Running, appliance, free_port, new_key, wait_until
 
 PROMPT = [{"role": "user", "content": "Count from one to one hundred in words, one number per line."}]
 STALL_DEADLINE = 60.0
@@ -188,7 +188,7 @@ def test_a_stalled_worker_reaches_alertmanager_within_60_s(watched: Running, ale
         try:
             with httpx.stream("POST", watched.url + "/v1/chat/completions", headers=watched.headers, timeout=180,
                               json={"model": DEFAULT_MODEL, "messages": PROMPT, "max_tokens": max_tokens,
-                                    "stream": True}) as reply:
+                                    "stream": True, "logit_bias": NO_EOS}) as reply:  # streams until stalled
                 for _ in reply.iter_bytes():
                     pass
                 outcomes.append(reply.status_code)

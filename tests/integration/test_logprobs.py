@@ -13,10 +13,9 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.integration.conftest import Running
-from tests.server import DEFAULT_MODEL
+from tests.server import DEFAULT_MODEL, NO_EOS
 
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three rivers of Europe."}]
-NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end-of-generation tokens, banned: exactly max_tokens tokens
 TOKENS = 8
 
 

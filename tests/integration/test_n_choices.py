@@ -15,10 +15,9 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.integration.conftest import OPEN_CLIENTS, Running
-from tests.server import DEFAULT_MODEL, appliance
+from tests.server import DEFAULT_MODEL, NO_EOS, appliance
 
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about your favourite animal."}]
-NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end-of-generation tokens, banned: exactly max_tokens tokens
 TOKENS = 8
 SAMPLED: dict[str, Any] = {"max_tokens": TOKENS, "temperature": 1.0, "seed": 11, "logit_bias": NO_EOS}
 

@@ -7,11 +7,10 @@ import openai
 import pytest
 
 from tests.integration.conftest import Running
-from tests.server import DEFAULT_MODEL
+from tests.server import DEFAULT_MODEL, NO_EOS
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>): banning them forces exactly max_tokens tokens.
-NO_EOS = {"0": -100, "2": -100}
 
 
 def test_models_lists_the_default_model(server: Running) -> None:
