@@ -137,9 +137,10 @@ class Load:
             await self.call(f"admin GET {path.split('?')[0]}", "GET", path)
 
 
-async def client_loop(load: Load, seed: int, collection: str, deadline: float) -> None:
+async def client_loop(load: Load, seed: int, collection: str, deadline: float, skip: frozenset[str] = frozenset()
+                      ) -> None:
     rng = random.Random(seed)
-    kinds = ["chat"] * 4 + ["rag"] * 3 + ["embeddings"] * 2 + ["admin"] * 2
+    kinds = [k for k in ["chat"] * 4 + ["rag"] * 3 + ["embeddings"] * 2 + ["admin"] * 2 if k not in skip]
     calls = {"chat": load.chat, "embeddings": load.embeddings, "admin": load.admin,
              "rag": lambda rng: load.rag(rng, collection)}
     while time.monotonic() < deadline:
@@ -218,7 +219,8 @@ async def soak(url: str, key: str, pid: int, args: argparse.Namespace
         started = time.monotonic()
         deadline = started + args.minutes * 60
         watcher = asyncio.create_task(sampler(pid, started, deadline, args.interval, samples))
-        await asyncio.gather(*(client_loop(load, args.seed + i, collection, deadline) for i in range(args.clients)))
+        await asyncio.gather(*(client_loop(load, args.seed + i, collection, deadline, frozenset(args.skip))
+                               for i in range(args.clients)))
         await watcher
         samples.append((time.monotonic() - started, await asyncio.to_thread(sample, psutil.Process(pid))))
     return tally, samples
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples (default 5)")
     parser.add_argument("--warmup", type=float, default=0.1, help="share of the run left out of the slopes")
     parser.add_argument("--seed", type=int, default=18)
+    parser.add_argument("--skip", action="append", default=[], choices=("chat", "rag", "embeddings", "admin"),
+                        help="leave a kind of call out (repeatable): which kind's data makes memory grow")
     parser.add_argument("--url", help="an installed appliance instead of a fresh server (with --key and --pid)")
     parser.add_argument("--key", help="with --url: an admin key")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, for the samples")
