@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import diskcache
@@ -14,6 +15,7 @@ import pytest
 from appliance.auth.keys import Principal
 from appliance.auth.sessions import SessionPrincipal
 from appliance.cache import keys, replay
+from appliance.cache.disk import PAGE_CACHE_PAGES, Cache
 from appliance.cache.policy import may_cache, no_pii, policy_digest, privacy_detector
 from appliance.cache.response import Entry, PickleRefused, ResponseCache, open_response_cache
 from appliance.engines.llamacpp_runtime import Piece, Usage
@@ -172,6 +174,20 @@ def test_cache_is_shared_between_processes_opening_the_same_directory(tmp_path: 
         server.put("user:u1/m/1", entry())
         assert cli.clear("user:u1") == 1
         assert server.get("user:u1/m/1") is None
+
+
+@pytest.mark.parametrize("store", ["response", "embedding"])
+def test_every_connection_of_a_cache_keeps_its_memory_bounded(tmp_path: Path, store: str) -> None:
+    """diskcache's defaults (32 MiB of SQLite pages and a 64 MiB map per connection) made the server's memory grow
+    with every entry until those filled; each thread has its own connection, so it is checked on a second thread."""
+    cache = ResponseCache(tmp_path, size_limit_bytes=2**26)._cache if store == "response" else Cache(tmp_path, "x")
+    with cache:
+        here = (cache._sql("PRAGMA cache_size").fetchone()[0], cache._sql("PRAGMA mmap_size").fetchone()[0])
+        with ThreadPoolExecutor(1) as other:
+            there = other.submit(lambda: (cache._sql("PRAGMA cache_size").fetchone()[0],
+                                          cache._sql("PRAGMA mmap_size").fetchone()[0])).result()
+    assert here == there == (PAGE_CACHE_PAGES, 0)
+    assert PAGE_CACHE_PAGES * 4096 <= 4 * 2**20
 
 
 def events_of(data: bytes) -> list[dict[str, object]]:
