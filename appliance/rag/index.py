@@ -519,8 +519,10 @@ class RagIndex:
             vectors_of = self._vectors(cid)
             result = vectors_of.query(query_embeddings=vector.reshape(1, -1), n_results=max(limit, VECTOR_CANDIDATES),
                                       include=["distances", "metadatas"])
-            for meta, distance in list(zip(result["metadatas"][0], result["distances"][0], strict=True))[:limit]:
-                found.append((cid, str(meta["doc"]), int(meta["position"]), 1.0 - float(distance)))
+            pairs = zip(result["metadatas"][0], result["distances"][0], strict=True)
+            # a vector replaced or deleted while the query ran comes back without its metadata: gone, so no hit
+            found.extend((cid, str(meta["doc"]), int(meta["position"]), 1.0 - float(distance))
+                         for meta, distance in [(m, d) for m, d in pairs if m is not None][:limit])
         found.sort(key=lambda f: -f[3])
         found = found[:limit]
         keys = self._keys([(c, d, p) for c, d, p, _ in found])
