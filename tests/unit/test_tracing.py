@@ -98,7 +98,9 @@ def recorded() -> tuple[Tracing, InMemorySpanExporter]:
 def test_steps_nest_under_the_current_span_and_errors_keep_no_message(
         recorded: tuple[Tracing, InMemorySpanExporter]) -> None:
     tracing, exporter = recorded
-    with tracing.step("request") as outer, tracing.step("privacy", {"appliance.x": 1}):
+    assert tracing.tracer is not None
+    with tracing.tracer.start_as_current_span("request") as outer, tracing.step("privacy", {"appliance.x": 1}), \
+            tracing.step("auth"):
         pass
     with pytest.raises(ValueError, match="secret"), tracing.step("quota"):
         raise ValueError("the prompt said: secret")
@@ -106,6 +108,7 @@ def test_steps_nest_under_the_current_span_and_errors_keep_no_message(
     assert outer is not None and spans["privacy"].parent is not None
     assert spans["privacy"].parent.span_id == outer.get_span_context().span_id
     assert spans["privacy"].attributes == {"appliance.x": 1}
+    assert spans["auth"].parent is not None and spans["auth"].parent.span_id == outer.get_span_context().span_id
     quota = spans["quota"]
     assert quota.status.status_code == StatusCode.ERROR and quota.attributes == {"error.type": "ValueError"}
     assert "secret" not in str(quota.status.description) and not quota.events  # no message, no exception event
