@@ -48,6 +48,21 @@ def test_keyword_and_vector_search_find_the_chunk(index: RagIndex) -> None:
     assert vec[0].score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_replaced_documents_chunks_carry_the_new_vectors(index: RagIndex) -> None:
+    """Replacement upserts the chunks whose ids recur (Chroma's HNSW never reuses a deleted vector's slot): the
+    vectors of the new version are the ones found, at every position, and the positions it lacks are gone."""
+    cid = new_collection(index)
+    old, new = vectors(4, 1), vectors(3, 2)
+    index.put_document(cid, "a", chunks(["w", "x", "y", "z"]), old, {}, "u", 1)
+    index.put_document(cid, "a", chunks(["p", "q", "r"]), new, {}, "u", 1)
+    assert index._vectors(cid).count() == 3
+    for position, vector in enumerate(new):
+        top = index.vector_search([cid], vector, 1)[0]
+        assert index.chunks([top.chunk_key])[top.chunk_key].chunk_id == f"a#{position}"
+        assert top.score == pytest.approx(1.0, abs=1e-5)
+    assert all(index.vector_search([cid], vector, 1)[0].score < 0.999 for vector in old)
+
+
 def test_a_vector_deleted_during_the_search_is_no_hit(index: RagIndex, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chroma reads a hit's metadata after its HNSW search; a vector replaced in between comes back with None (seen
     once in ~500 queries of the soak, under concurrent replacements: a 500). Made to happen here on the real
