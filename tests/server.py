@@ -93,16 +93,16 @@ class ServerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def wait_for(self, path: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"appliance serve exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"{path} not ready after {timeout}s:\n{self.log_tail()}")
+                raise AssertionError(f"appliance serve exited {self.proc.returncode}")
+            return httpx.get(self.url + path, timeout=2).status_code == 200
+
+        try:
+            wait_until(answers, f"{path} to answer 200", timeout, interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.log_tail()}") from None
 
     def workers(self) -> list[psutil.Process]:
         """The worker processes this server spawned (they run in their own session)."""

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +32,12 @@ log = get_logger(__name__)
 STATE_FILE = "alerts.json"
 
 
-def metric_snapshot(registry: CollectorRegistry, names: Collection[str] = SAMPLES) -> Snapshot:
-    """The samples of a registry named in `names` (those the signals read), by sample name and labels."""
+def metric_snapshot(registry: CollectorRegistry) -> Snapshot:
+    """The samples of a registry that the signals read (`SAMPLES`), by sample name and labels."""
     snapshot: Snapshot = {}
     for family in registry.collect():
         for sample in family.samples:
-            if sample.name in names:
+            if sample.name in SAMPLES:
                 snapshot.setdefault(sample.name, {})[labels_of(sample.labels)] = sample.value
     return snapshot
 
