@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rss-slope", type=float, default=20.0, help="MiB per hour, total (default 20)")
     parser.add_argument("--max-fd-slope", type=float, default=10.0, help="descriptors per hour, total (default 10)")
     args = parser.parse_args(argv)
+    if set(args.skip) >= {"chat", "rag", "embeddings", "admin"}:
+        parser.error("--skip leaves no kind of call to make: skip three kinds at most")
     server = None
     if args.url:
         if not (args.key and args.pid):

@@ -187,7 +187,6 @@ def test_every_connection_of_a_cache_keeps_its_memory_bounded(tmp_path: Path, st
             there = other.submit(lambda: (cache._sql("PRAGMA cache_size").fetchone()[0],
                                           cache._sql("PRAGMA mmap_size").fetchone()[0])).result()
     assert here == there == (PAGE_CACHE_PAGES, 0)
-    assert PAGE_CACHE_PAGES * 4096 <= 4 * 2**20
 
 
 def events_of(data: bytes) -> list[dict[str, object]]:
