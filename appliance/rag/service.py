@@ -9,15 +9,18 @@ one that does not exist (404), so its existence is not revealed."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import re
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -39,6 +42,9 @@ from appliance.rag.parsers import Block, Kind, parse
 from appliance.rag.vectors import RETRY_AFTER, ChromaServer, ServerProbe, VectorStoreUnavailable
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
+INDEX_THREADS = 4  # reads run side by side (SQLite WAL, Chroma); writes take the index's lock one at a time
 Mode = Literal["hybrid", "vector", "keyword"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SUBJECT = re.compile(r"^(\*|(user|key|role):[A-Za-z0-9._-]{1,64})$")
@@ -105,6 +111,9 @@ class RagService:
         self._tasks: set[asyncio.Task[None]] = set()
         self.crash_hook: Callable[[str], None] | None = None  # tests: kill the process at a named step
         self.privacy: Privacy | None = None  # the `rag` surface of the privacy policy, applied at ingestion
+        # The index's work runs on threads of its own, not on asyncio's default executor (up to 32 threads): each
+        # thread that touches the index holds its own SQLite connection, with its page and statement caches.
+        self._threads = ThreadPoolExecutor(max_workers=INDEX_THREADS, thread_name_prefix="rag")
 
     @property
     def index(self) -> RagIndex:
@@ -130,12 +139,18 @@ class RagService:
     def close(self) -> None:
         if self._index is not None:
             self._index.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _thread(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """`fn(*args)` on one of the index's threads, in this task's context (as `asyncio.to_thread`)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
 
     # the Chroma server
 
     async def vectors_ready(self) -> bool:
         """Whether the vectors can be reached: always with embedded Chroma, else the server's heartbeat."""
-        return self.probe is None or await asyncio.to_thread(self.probe.up)
+        return self.probe is None or await self._thread(self.probe.up)
 
     async def watch_vectors(self, every: float = RETRY_AFTER) -> None:
         """With a Chroma server: finish what an unreachable server left unfinished (pending documents, deleting
@@ -145,10 +160,10 @@ class RagService:
         while True:
             await asyncio.sleep(every)
             index = self._index
-            if index is None or not await asyncio.to_thread(index.unfinished) or not await self.vectors_ready():
+            if index is None or not await self._thread(index.unfinished) or not await self.vectors_ready():
                 continue
             try:
-                removed = await asyncio.to_thread(index.repair_unfinished)
+                removed = await self._thread(index.repair_unfinished)
             except VectorStoreUnavailable:
                 self._lost_server()
                 continue
@@ -209,7 +224,7 @@ class RagService:
         if taken is not None:
             raise name_unavailable(name)
         try:
-            collection = await asyncio.to_thread(self.index.create_collection, name, owner_of(principal), readers,
+            collection = await self._thread(self.index.create_collection, name, owner_of(principal), readers,
                                                  writers, self.embeddings.version)
         except sqlite3.IntegrityError:  # a collection being deleted still holds it, or a create that just won
             raise name_unavailable(name) from None
@@ -224,7 +239,7 @@ class RagService:
         if not (self._is_admin(principal) or collection["owner"] == owner_of(principal)):
             raise Forbidden(f"only the owner of collection '{name}' or an admin may delete it",
                             code="not_collection_owner")
-        await asyncio.to_thread(self.index.delete_collection, collection["id"])
+        await self._thread(self.index.delete_collection, collection["id"])
         self._record(principal, "rag.collection.delete", name)
 
     def versions(self, principal: Any, names: Sequence[str]) -> dict[str, int]:
@@ -299,11 +314,11 @@ class RagService:
         them failed with the reason; returns their ids. Called once at server start."""
         if self.job_store is None:
             return []
-        index = await asyncio.to_thread(lambda: self.index)
+        index = await self._thread(lambda: self.index)
         resumed = []
         for found in self.job_store.interrupted():
             job = found.job
-            collection = await asyncio.to_thread(index.collection, job.collection)
+            collection = await self._thread(index.collection, job.collection)
             if collection is None or collection["id"] != found.collection_id:
                 job.state, job.error = "failed", failure(
                     f"collection '{job.collection}' was deleted while the server was stopped; nothing was added",
@@ -331,9 +346,9 @@ class RagService:
         self._save(job)
         chunked: list[list[Chunk]] = []
         for d in documents:
-            blocks: list[Block] = await asyncio.to_thread(parse, d.data, d.kind, f"document '{d.id}'")
+            blocks: list[Block] = await self._thread(parse, d.data, d.kind, f"document '{d.id}'")
             if self.privacy is not None and not self.privacy.passes_everything("rag"):
-                blocks = await asyncio.to_thread(_apply_policy, self.privacy, blocks, d.id)
+                blocks = await self._thread(_apply_policy, self.privacy, blocks, d.id)
             chunks = await self.embeddings.run(chunk_blocks, blocks, self.embeddings.model, s.chunk_tokens,
                                                s.chunk_overlap)
             if not chunks:
@@ -371,7 +386,7 @@ class RagService:
         attempt = 0
         while True:
             try:
-                await asyncio.to_thread(self.index.put_documents, collection_id, ready, added_by, self.crash_hook)
+                await self._thread(self.index.put_documents, collection_id, ready, added_by, self.crash_hook)
                 job.error = None
                 return
             except VectorStoreUnavailable as exc:
@@ -387,7 +402,7 @@ class RagService:
 
     async def delete_document(self, principal: Any, name: str, document_id: str) -> None:
         collection = self._collection(principal, name, write=True)
-        if not await asyncio.to_thread(self._delete_and_compact, collection["id"], document_id):
+        if not await self._thread(self._delete_and_compact, collection["id"], document_id):
             raise NotFound(f"collection '{name}' has no document '{document_id}'", code="document_not_found",
                            param="document_id")
         self._record(principal, "rag.document.delete", f"{name}/{document_id}")
@@ -433,13 +448,13 @@ class RagService:
         async def by_keyword() -> list[Hit]:
             if mode == "vector":
                 return []
-            return await asyncio.to_thread(self.index.keyword_search, ids, query, depth)
+            return await self._thread(self.index.keyword_search, ids, query, depth)
 
         async def by_vector() -> list[Hit]:
             if mode == "keyword":
                 return []
             embedded = await self.embeddings.embed([query])
-            return await asyncio.to_thread(self.index.vector_search, ids, embedded.vectors[0], depth)
+            return await self._thread(self.index.vector_search, ids, embedded.vectors[0], depth)
 
         # side by side: SQLite, torch and Chroma release the GIL, so hybrid costs about the slower of the two
         try:
@@ -448,7 +463,7 @@ class RagService:
             self._lost_server()
             raise
         ranked = fuse([keyword, vector]) if mode == "hybrid" else (keyword or vector)
-        picked = _per_document(ranked, top_k, per_document, await asyncio.to_thread(
+        picked = _per_document(ranked, top_k, per_document, await self._thread(
             self.index.chunks, [h.chunk_key for h in ranked[: depth * 2]]))
         self.metrics.rag_query_seconds.labels(mode).observe(time.perf_counter() - started)
         return [Result(chunk, collections[chunk.collection_id], score) for chunk, score in picked]
@@ -457,7 +472,7 @@ class RagService:
         def embed(texts: list[str]) -> Any:
             return self.embeddings.embed_sync(texts).vectors
 
-        return await asyncio.to_thread(self.index.check, repair, embed)
+        return await self._thread(self.index.check, repair, embed)
 
 
 def _apply_policy(privacy: Privacy, blocks: Sequence[Block], document_id: str) -> list[Block]:
