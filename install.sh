@@ -145,9 +145,20 @@ show_build_progress() {
     if ((shown)); then printf '\n'; fi
 }
 
+# llama.cpp's AMX kernels crash on the first decode on Xeons that have AMX (Sapphire Rapids and later; a segfault
+# in ggml_backend_amx_mul_mat, llama.cpp#20824, still open), and a native build turns them on there. Built without
+# them, those CPUs run the AVX-512 VNNI kernels instead.
+NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+# Whether the installed llama.cpp was built with the AMX kernels (llama.cpp reports its compile-time features).
+llama_has_amx() {
+    "$1/bin/python" -c "import sys, llama_cpp; sys.exit('AMX_INT8 = 1' not in llama_cpp.llama_print_system_info()
+                        .decode())" >/dev/null 2>&1
+}
+
 # llama-cpp-python is the long step: its own pip run, full output in a log, progress on the screen.
 install_llama() {
-    local venv=$1 log=$2 version interactive=0
+    local venv=$1 log=$2 version interactive=0 flags=""
     version=$(sed -n 's/^[[:space:]]*"llama-cpp-python==\([^"]*\)".*/\1/p' "$SRC/pyproject.toml" | head -n 1)
     [[ -n $version ]] || die "cannot find the llama-cpp-python==VERSION pin in $SRC/pyproject.toml"
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2)
@@ -155,13 +166,32 @@ install_llama() {
     if [[ -z ${CMAKE_ARGS+set} ]] && command -v nvidia-smi >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; then
         export CMAKE_ARGS="-DGGML_CUDA=on"
     fi
+    if printf 'int main(void) { return 0; }\n' | cc -x c $NO_AMX_FLAGS -o /dev/null - >/dev/null 2>&1; then
+        flags=$NO_AMX_FLAGS  # x86-64 with a compiler that knows AMX
+    fi
     if [[ -t 1 && ${CI:-} != true ]]; then interactive=1; fi
+    local again=()
+    if llama_has_amx "$venv"; then
+        again=(--force-reinstall --no-deps --no-cache-dir)  # an install from before this was known: rebuild it
+    fi
     step "installing llama-cpp-python $version${CMAKE_ARGS:+ (CMAKE_ARGS=$CMAKE_ARGS)}"
-    if ! "$venv/bin/python" -m pip install -v "llama-cpp-python==$version" 2>&1 | tee "$log" |
-        show_build_progress "$interactive" "$log"; then
-        printf '\n' >&2
-        tail -n 30 "$log" >&2
-        die "installing llama-cpp-python $version failed (last 30 lines above); full log: $log"
+    while :; do
+        if ! CFLAGS="${CFLAGS:+$CFLAGS }$flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$flags" \
+            "$venv/bin/python" -m pip install -v "${again[@]}" "llama-cpp-python==$version" 2>&1 | tee "$log" |
+            show_build_progress "$interactive" "$log"; then
+            printf '\n' >&2
+            tail -n 30 "$log" >&2
+            die "installing llama-cpp-python $version failed (last 30 lines above); full log: $log"
+        fi
+        # pip's wheel cache may hold a build from before: its key is the source, not the flags
+        if [[ -n $flags ]] && ((${#again[@]} == 0)) && llama_has_amx "$venv"; then
+            again=(--force-reinstall --no-deps --no-cache-dir)
+            continue
+        fi
+        break
+    done
+    if [[ -n $flags ]] && llama_has_amx "$venv"; then
+        die "llama.cpp was built with its AMX kernels, which crash (llama.cpp#20824); CFLAGS=$NO_AMX_FLAGS did not apply"
     fi
 }
 

@@ -34,7 +34,12 @@ if [[ ! -d "$src" ]]; then
   tar -xzf "$out/sdist/llama_cpp_python-$version.tar.gz" -C "$out"
   mv "$out/llama_cpp_python-$version" "$src"
 fi
+# as install.sh builds the appliance's llama.cpp: without the AMX kernels, which crash (llama.cpp#20824)
+flags=""
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if printf 'int main(void) { return 0; }\n' | cc -x c $no_amx -o /dev/null - >/dev/null 2>&1; then flags=$no_amx; fi
 cmake -S "$src/vendor/llama.cpp" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DLLAMA_USE_PREBUILT_UI=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
 cmake --build "$src/build" --target llama-server -j "$jobs" >&2
