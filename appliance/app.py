@@ -26,7 +26,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance import __version__
+from appliance import __version__, memory
 from appliance.admin.alerts_routes import ROUTES as ALERTS_ROUTES
 from appliance.admin.audit_routes import ROUTES as AUDIT_ROUTES
 from appliance.admin.auth_routes import ROUTES as AUTH_ROUTES
@@ -480,7 +480,9 @@ def create_app(settings: Settings, loaded: LoadedSettings | None = None) -> Lite
             purging = asyncio.create_task(services.privacy.retention.run_periodic())  # the retention job
             sampling = asyncio.create_task(services.dashboard.run())  # the dashboard's TTFT window
             alerting = asyncio.create_task(services.alerts.run())  # the alert rules, delivery, audit chain checks
+            trimming = asyncio.create_task(memory.trim_periodically())  # free pages back to the system
             yield
+            trimming.cancel()
             alerting.cancel()
             sampling.cancel()
             await services.rollout.close()

@@ -23,7 +23,9 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedSettings) -> int:
     import msgspec
     import uvicorn
 
-    from appliance import logs
+    from appliance import logs, memory
+
+    memory.limit_arenas()  # before the threads that would each take an arena of their own
     from appliance.app import create_app
     from appliance.supervisor import systemd
 

@@ -96,6 +96,7 @@ COMMON_SHARE, COMMON_MIN, MAX_TERMS = 0.1, 200, 10
 # best `limit`, makes the search near exact for a few milliseconds.
 VECTOR_CANDIDATES = 200
 REPAIR_BATCH = 512  # chunks re-embedded and written per step by check(repair=True)
+IDS = "(SELECT value FROM json_each(?))"  # one statement for any number of ids: SQLite caches each distinct text
 _WORD = re.compile(r"\w+", re.UNICODE)
 STOPWORDS = frozenset(
     "a an and are as at be but by for from has have how i if in into is it its not of on or that the their then "
@@ -405,13 +406,9 @@ class RagIndex:
     def _vector_keys(conn: sqlite3.Connection, collection_id: str, document_ids: Sequence[str]) -> dict[str, str]:
         """Each document's random key in Chroma: Chroma holds vectors, these keys and positions, never an id or
         a word of the documents."""
-        keys = {}
-        for start in range(0, len(document_ids), 500):
-            part = list(document_ids[start : start + 500])
-            rows = conn.execute(f"SELECT document_id, vector_key FROM documents WHERE collection_id = ? AND "  # noqa: S608
-                                f"document_id IN ({','.join('?' * len(part))})", [collection_id, *part])
-            keys.update({r[0]: r[1] for r in rows})
-        return keys
+        rows = conn.execute(f"SELECT document_id, vector_key FROM documents WHERE collection_id = ? AND "  # noqa: S608
+                            f"document_id IN {IDS}", (collection_id, json.dumps(list(document_ids))))
+        return {r[0]: r[1] for r in rows}
 
     @reaching(_server)
     def delete_document(self, collection_id: str, document_id: str) -> bool:
@@ -541,24 +538,22 @@ class RagIndex:
         """Chunk keys of (collection, vector key, position) triples that belong to ready documents."""
         if not triples:
             return {}
-        values = ",".join(["(?, ?, ?)"] * len(triples))
         with self._conn() as conn:
             rows = conn.execute(
-                f"WITH wanted (cid, vkey, pos) AS (VALUES {values}) "  # noqa: S608 (only placeholders interpolated)
+                "WITH wanted (cid, vkey, pos) AS (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?)) "
                 "SELECT c.id, w.cid, w.vkey, w.pos FROM wanted w "
                 "JOIN documents d ON d.collection_id = w.cid AND d.vector_key = w.vkey AND d.state = 'ready' "
                 "JOIN chunks c ON c.collection_id = d.collection_id AND c.document_id = d.document_id "
-                "AND c.position = w.pos", [v for t in triples for v in t]).fetchall()
+                "AND c.position = w.pos", (json.dumps(list(triples)),)).fetchall()
         return {(r[1], r[2], int(r[3])): int(r[0]) for r in rows}
 
     def chunks(self, keys: Sequence[int]) -> dict[int, StoredChunk]:
         if not keys:
             return {}
-        marks = ",".join("?" * len(keys))
         out: dict[int, StoredChunk] = {}
         with self._conn() as conn:
-            rows = conn.execute(f"SELECT id, collection_id, document_id, position FROM chunks WHERE id IN ({marks})",  # noqa: S608
-                                list(keys)).fetchall()
+            rows = conn.execute(f"SELECT id, collection_id, document_id, position FROM chunks WHERE id IN {IDS}",  # noqa: S608
+                                (json.dumps(list(keys)),)).fetchall()
             by_collection: dict[str, list[sqlite3.Row]] = {}
             for row in rows:
                 by_collection.setdefault(row[1], []).append(row)
@@ -566,7 +561,7 @@ class RagIndex:
                 ids = [int(r[0]) for r in members]
                 table = fts_table(cid)
                 text = {int(r[0]): (r[1], r[2]) for r in conn.execute(
-                    f"SELECT rowid, heading, body FROM {table} WHERE rowid IN ({','.join('?' * len(ids))})", ids)}  # noqa: S608
+                    f"SELECT rowid, heading, body FROM {table} WHERE rowid IN {IDS}", (json.dumps(ids),))}  # noqa: S608
                 for r in members:
                     if int(r[0]) in text:
                         heading, body = text[int(r[0])]

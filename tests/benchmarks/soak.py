@@ -5,7 +5,8 @@ the server and of each of its workers are sampled every `--interval` seconds.
 
 Sampling starts after one call of each kind (the embedding model, Chroma and the model's worker are loaded on first
 use). At the end it reports, per process kind and in total, the first and last value and the least-squares slope over
-the samples after a further warm-up (`--warmup` share of the run), in MiB per hour and descriptors per hour, and
+the samples after a further warm-up (`--warmup` share of the run), in MiB per hour and descriptors per hour (RSS
+also over the second half alone: a cache that fills levels off there, a leak does not), and
 every request that did not succeed, by call and status.
 A 429 or 503 with Retry-After is the bounded queue doing its job and is counted apart; anything else is an error.
 
@@ -240,6 +241,8 @@ def report(tally: Tally, samples: list[tuple[float, dict[str, tuple[float, int]]
             "rss_mib_first": round(present[0][1][0], 1), "rss_mib_last": round(present[-1][1][0], 1),
             "rss_mib_max": round(max(v[0] for _, v in present), 1),
             "rss_mib_per_hour": round(slope_per_hour([(t, v[0]) for t, v in present]), 2),
+            # the second half alone: a cache filling up levels off, a leak keeps its slope
+            "rss_mib_per_hour_late": round(slope_per_hour([(t, v[0]) for t, v in present[len(present) // 2:]]), 2),
             "fds_first": present[0][1][1], "fds_last": present[-1][1][1], "fds_max": max(v[1] for _, v in present),
             "fds_per_hour": round(slope_per_hour([(t, float(v[1])) for t, v in present]), 2),
         }
@@ -257,11 +260,12 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"errors: {json.dumps(result['errors']) or 'none'}")
     for what, example in result["error_examples"].items():
         print(f"  {what}: {example}")
-    print(f"{'process':<22}{'RSS MiB first':>14}{'last':>8}{'max':>8}{'MiB/h':>9}{'fds first':>11}{'last':>6}"
-          f"{'max':>6}{'fds/h':>8}")
+    print(f"{'process':<22}{'RSS MiB first':>14}{'last':>8}{'max':>8}{'MiB/h':>9}{'late':>7}{'fds first':>11}"
+          f"{'last':>6}{'max':>6}{'fds/h':>8}")
     for kind, f in result["processes"].items():
         print(f"{kind:<22}{f['rss_mib_first']:>14}{f['rss_mib_last']:>8}{f['rss_mib_max']:>8}"
-              f"{f['rss_mib_per_hour']:>9}{f['fds_first']:>11}{f['fds_last']:>6}{f['fds_max']:>6}"
+              f"{f['rss_mib_per_hour']:>9}{f['rss_mib_per_hour_late']:>7}{f['fds_first']:>11}{f['fds_last']:>6}"
+              f"{f['fds_max']:>6}"
               f"{f['fds_per_hour']:>8}")
 
 
