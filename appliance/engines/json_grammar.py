@@ -109,11 +109,12 @@ class BoundedSchemaConverter(SchemaConverter):
         low, high = _integer_bounds(schema)
         if kind == "integer":
             return integer_range(low, high)
+        lo, lo_ex, hi, hi_ex = _bounds(schema)
+        if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_ex or hi_ex))):
+            raise SchemaNotSupported(f"no number lies between {lo} and {hi}"
+                                     f"{' (bounds exclusive)' if lo == hi else ''}")
         if low is not None and high is not None and low > high:  # a range without an integer: its midpoint
-            lo, _, hi, _ = _bounds(schema)
             assert lo is not None and hi is not None
-            if lo == hi:
-                raise SchemaNotSupported(f"no number lies strictly between {lo} and {hi}")
             return f'"{(lo + hi) / 2!r}"'
         whole = integer_range(low, high)
         # a fraction after integer part i gives a value in [i, i + 1): allowed for i >= 0 when i + 1 <= high

@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+import jsonschema
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -67,6 +68,27 @@ def test_impossible_bounds_are_refused() -> None:
             "type": "object", "properties": {"x": {"type": "integer", "minimum": 3, "maximum": 1}}}}}],
             "tool_choice": "required"}).plan("generic")  # type: ignore[union-attr]
     assert info.value.param == "tools"
+
+
+@pytest.mark.parametrize("bounds", [{"minimum": -0.75, "maximum": -1.0}, {"minimum": 2.5, "maximum": 0.5},
+                                    {"exclusiveMinimum": -0.5, "maximum": -0.5},
+                                    {"minimum": 0.25, "exclusiveMaximum": 0.25}])
+def test_numbers_no_value_satisfies_are_refused(bounds: dict[str, float]) -> None:
+    with pytest.raises(SchemaNotSupported, match="no number lies between"):
+        schema_to_gbnf({"type": "number", **bounds})
+
+
+@pytest.mark.parametrize(("bounds", "value"), [({"minimum": -0.5, "maximum": -0.5}, "-0.5"),
+                                               ({"minimum": 0.25, "maximum": 0.25}, "0.25"),
+                                               ({"minimum": -0.75, "maximum": -0.25}, "-0.5"),
+                                               ({"exclusiveMinimum": 0.2, "exclusiveMaximum": 0.6}, "0.4")])
+def test_numbers_between_two_integers_get_the_one_value_the_grammar_can_name(bounds: dict[str, float],
+                                                                              value: str) -> None:
+    """A range that holds no integer: the grammar allows its midpoint, which the bounds admit (a single value when
+    both bounds are that value and inclusive)."""
+    grammar = schema_to_gbnf({"type": "number", **bounds})
+    assert f'"{value}"' in grammar
+    assert jsonschema.Draft202012Validator({"type": "number", **bounds}).is_valid(float(value))
 
 
 def test_strings_in_grammars_exclude_control_characters() -> None:
