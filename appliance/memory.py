@@ -3,8 +3,9 @@
 Measured on the soak's RAG calls (heaptrack and RSS through the server): Python's own heap stays flat, while glibc's
 grows by fragmentation: up to 8 arenas per core, each keeping the pages that SQLite's page caches, Chroma's index
 and torch free between calls. Two arenas cut the growth per 100 RAG calls from 2.3-3.0 MiB to 1.65 MiB, and
-`malloc_trim` hands back 10-25 MiB of free pages inside the heaps that `free` alone never returns. Elsewhere (musl,
-macOS) both are skipped.
+`malloc_trim` hands back 10-25 MiB of free pages inside the heaps that `free` alone never returns. With both (and
+the RAG index's id lists as one statement each), the 60-minute soak's server grew 7.7 MiB/h where it grew 65.
+Elsewhere (musl, macOS) both are skipped.
 """
 
 from __future__ import annotations
