@@ -92,6 +92,7 @@ check_prerequisites() {
         die "a C/C++ compiler (cc and c++) is needed to build llama.cpp: apt-get install build-essential"
     fi
     command -v cmake >/dev/null 2>&1 || die "cmake is needed to build llama.cpp: apt-get install cmake"
+    command -v patch >/dev/null 2>&1 || die "patch is needed to build llama.cpp: apt-get install patch"
     kib=$(free_kib "$target")
     if ((kib < MIN_FREE_GIB * 1024 * 1024)); then
         die "only $(awk -v k="$kib" 'BEGIN { printf "%.1f", k / 1048576 }') GiB free at $target;" \
@@ -137,7 +138,7 @@ show_build_progress() {
                     next=$((pct / 10 * 10 + 10))
                 fi
             fi
-        elif [[ $announced == 0 && $line == *"Building wheel for llama-cpp-python"* ]]; then
+        elif [[ $announced == 0 && ${line,,} == *"building wheel for llama"[-_]"cpp"[-_]"python"* ]]; then
             printf 'compiling llama.cpp from source; several minutes on a few cores (full output: %s)\n' "$log"
             announced=1
         fi
@@ -156,11 +157,53 @@ llama_has_amx() {
                         .decode())" >/dev/null 2>&1
 }
 
+# The appliance's patches to the llama.cpp inside llama-cpp-python (each file says what it changes and why). The
+# installed package records the ones it was built with, so a build without them is rebuilt.
+LLAMA_PATCHES=$SRC/appliance/engines/patches/llama.cpp
+
+llama_patch_names() {
+    local patch
+    for patch in "$LLAMA_PATCHES"/*.patch; do
+        [[ -e $patch ]] && basename "$patch" .patch
+    done
+}
+
+# Whether the installed llama-cpp-python is version $2 built with every patch (and only those).
+llama_current() {
+    # shellcheck disable=SC2046
+    "$1/bin/python" -c "import sys, importlib.metadata as m
+from llama_cpp import _appliance_patches as p
+sys.exit(m.version('llama_cpp_python') != sys.argv[1] or sorted(p.PATCHES) != sorted(sys.argv[2:]))" \
+        "$2" $(llama_patch_names) >/dev/null 2>&1
+}
+
+# The sdist of llama-cpp-python $2 (fetched with the Python of venv $1) unpacked in $3, its vendored llama.cpp
+# patched, and the list of patches written into the Python package (llama_cpp/_appliance_patches.py).
+prepare_llama_source() {
+    local venv=$1 version=$2 dir=$3 patch names=()
+    "$venv/bin/python" -m pip download --quiet --no-deps --no-binary :all: -d "$dir/sdist" \
+        "llama-cpp-python==$version" ||
+        die "could not download the llama-cpp-python $version source from the package index; check the network"
+    tar -xzf "$dir/sdist/llama_cpp_python-$version.tar.gz" -C "$dir"
+    for patch in "$LLAMA_PATCHES"/*.patch; do
+        [[ -e $patch ]] || continue
+        patch --quiet --forward -p1 -d "$dir/llama_cpp_python-$version/vendor/llama.cpp" <"$patch" ||
+            die "the llama.cpp patch $patch does not apply to llama-cpp-python $version"
+        names+=("\"$(basename "$patch" .patch)\",")
+    done
+    printf '"""install.sh applied these (appliance/engines/patches/llama.cpp) to the vendored llama.cpp."""\n%s\n' \
+        "PATCHES = (${names[*]})" >"$dir/llama_cpp_python-$version/llama_cpp/_appliance_patches.py"
+}
+
 # llama-cpp-python is the long step: its own pip run, full output in a log, progress on the screen.
 install_llama() {
-    local venv=$1 log=$2 version interactive=0 flags=""
+    local venv=$1 log=$2 version interactive=0 flags="" work reinstall=()
     version=$(sed -n 's/^[[:space:]]*"llama-cpp-python==\([^"]*\)".*/\1/p' "$SRC/pyproject.toml" | head -n 1)
     [[ -n $version ]] || die "cannot find the llama-cpp-python==VERSION pin in $SRC/pyproject.toml"
+    if llama_current "$venv" "$version" && ! llama_has_amx "$venv"; then
+        step "llama-cpp-python $version with the appliance's llama.cpp patches is installed"
+        return
+    fi
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2)
     export CMAKE_BUILD_PARALLEL_LEVEL
     if [[ -z ${CMAKE_ARGS+set} ]] && command -v nvidia-smi >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; then
@@ -170,29 +213,26 @@ install_llama() {
         flags=$NO_AMX_FLAGS  # x86-64 with a compiler that knows AMX
     fi
     if [[ -t 1 && ${CI:-} != true ]]; then interactive=1; fi
-    local again=()
-    if llama_has_amx "$venv"; then
-        again=(--force-reinstall --no-deps --no-cache-dir)  # an install from before this was known: rebuild it
+    if "$venv/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; then
+        reinstall=(--force-reinstall --no-deps)  # another build or version: replaced, its dependencies kept
     fi
-    step "installing llama-cpp-python $version${CMAKE_ARGS:+ (CMAKE_ARGS=$CMAKE_ARGS)}"
-    while :; do
-        if ! CFLAGS="${CFLAGS:+$CFLAGS }$flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$flags" \
-            "$venv/bin/python" -m pip install -v "${again[@]}" "llama-cpp-python==$version" 2>&1 | tee "$log" |
-            show_build_progress "$interactive" "$log"; then
-            printf '\n' >&2
-            tail -n 30 "$log" >&2
-            die "installing llama-cpp-python $version failed (last 30 lines above); full log: $log"
-        fi
-        # pip's wheel cache may hold a build from before: its key is the source, not the flags
-        if [[ -n $flags ]] && ((${#again[@]} == 0)) && llama_has_amx "$venv"; then
-            again=(--force-reinstall --no-deps --no-cache-dir)
-            continue
-        fi
-        break
-    done
+    step "installing llama-cpp-python $version, its llama.cpp patched${CMAKE_ARGS:+ (CMAKE_ARGS=$CMAKE_ARGS)}"
+    work=$(mktemp -d "${TMPDIR:-/tmp}/appliance-llama.XXXXXX")
+    prepare_llama_source "$venv" "$version" "$work"
+    # from a directory: pip neither takes a build from its wheel cache nor stores one there
+    if ! CFLAGS="${CFLAGS:+$CFLAGS }$flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$flags" \
+        "$venv/bin/python" -m pip install -v "${reinstall[@]}" "$work/llama_cpp_python-$version" 2>&1 | tee "$log" |
+        show_build_progress "$interactive" "$log"; then
+        printf '\n' >&2
+        tail -n 30 "$log" >&2
+        rm -rf "$work"
+        die "installing llama-cpp-python $version failed (last 30 lines above); full log: $log"
+    fi
+    rm -rf "$work"
     if [[ -n $flags ]] && llama_has_amx "$venv"; then
         die "llama.cpp was built with its AMX kernels, which crash (llama.cpp#20824); CFLAGS=$NO_AMX_FLAGS did not apply"
     fi
+    llama_current "$venv" "$version" || die "llama-cpp-python $version did not install with the llama.cpp patches"
 }
 
 # PyTorch (for the RAG embedding model) before anything that depends on it: asked for by exact version, pip takes

@@ -11,14 +11,16 @@ queues) and the context of a slot (--n-ctx) set. --prompts rag asks each stream 
 quote (where the appliance's prompt-lookup drafts help a stream decoding alone).
 
 llama-server is built by tests/benchmarks/build_llama_server.sh from the llama.cpp vendored in the pinned
-llama-cpp-python sdist (cached in .bench/). Both servers run for the whole benchmark with --parallel equal to the
-highest concurrency; at each concurrency, rounds alternate between the two (the idle one uses no CPU). A round
-starts that many streaming chat completions at once, each with its own prompt, each forced to exactly
---max-tokens tokens (end-of-generation tokens banned with logit_bias), and measures aggregate tokens/s (all tokens
-over the round's wall time) and every request's time to first token. The table shows medians over rounds (tok/s)
-and p50/p95 over all requests (TTFT), with the appliance/llama-server ratio against the targets of issue 6. The
-tok/s ratio checked is the median of the per-round ratios: the two sides of a round run back to back, so a box whose
-speed drifts between rounds (a shared host) moves both; the ratio of the medians is shown beside it.
+llama-cpp-python sdist (cached in .bench/), as upstream ships it: without the appliance's patches
+(appliance/engines/patches/llama.cpp), whose effect is part of what is compared. Both servers run for the whole
+benchmark with --parallel equal to the highest concurrency; at each concurrency, rounds alternate between the two
+(the idle one uses no CPU). A round starts that many streaming chat completions at once, each with its own prompt,
+each forced to exactly --max-tokens tokens (end-of-generation tokens banned with logit_bias), and measures aggregate
+tokens/s (all tokens over the round's wall time) and every request's time to first token. The table shows medians
+over rounds (tok/s) and p50/p95 over all requests (TTFT), with the appliance/llama-server ratio against the targets
+of issue 6. The tok/s ratio checked is the median of the per-round ratios: the two sides of a round run back to
+back, so a box whose speed drifts between rounds (a shared host) moves both; the ratio of the medians is shown
+beside it.
 """
 
 from __future__ import annotations

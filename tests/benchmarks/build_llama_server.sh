@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's own `llama-server` from the llama.cpp vendored in the llama-cpp-python sdist the appliance pins,
-# so the batching benchmark compares against the same C++ code. The binary lands in .bench/ (git-ignored).
+# as upstream ships it (without appliance/engines/patches/llama.cpp, whose effect the batching benchmark measures
+# with the rest). The binary lands in .bench/ (git-ignored).
 #
 #   tests/benchmarks/build_llama_server.sh [--version 0.3.36] [--out DIR] [--jobs N]
 #
@@ -16,7 +17,7 @@ while [[ $# -gt 0 ]]; do
     --version) version=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
-    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done

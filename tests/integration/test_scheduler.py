@@ -280,8 +280,8 @@ SOURCES = ("[1] The Appliance stores every model encrypted with AES-256-GCM in s
            "time the weights are decrypted into a sealed memfd and never written to persistent disk.")
 RAG_MESSAGES = [{"role": "system", "content": "Answer using only the sources. Quote the sentences you use word for "
                  "word, with their number."},
-                {"role": "user", "content": SOURCES + "\n\nQuestion: How are models stored and where is the master "
-                 "key? Quote the sources."}]
+                {"role": "user", "content": SOURCES + "\n\nQuestion: How are models stored? Quote the sources word for "
+                 "word."}]
 
 
 def test_prompt_lookup_drafts_keep_the_text_and_save_steps(gguf: Path) -> None:
