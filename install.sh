@@ -158,29 +158,31 @@ llama_has_amx() {
 }
 
 # The appliance's patches to the llama.cpp inside llama-cpp-python (each file says what it changes and why). The
-# installed package records the ones it was built with, so a build without them is rebuilt.
+# installed package records the ones it was built with, so a build without them, or with an older text of one, is
+# rebuilt.
 LLAMA_PATCHES=$SRC/appliance/engines/patches/llama.cpp
 
-llama_patch_names() {
+# One word per patch, NAME=the first 16 hex digits of the sha256 of its text, as the build records them.
+llama_patch_ids() {
     local patch
     for patch in "$LLAMA_PATCHES"/*.patch; do
-        [[ -e $patch ]] && basename "$patch" .patch
+        [[ -e $patch ]] && printf '%s=%s\n' "$(basename "$patch" .patch)" "$(sha256sum <"$patch" | cut -c1-16)"
     done
 }
 
-# Whether the installed llama-cpp-python is version $2 built with every patch (and only those).
+# Whether the installed llama-cpp-python is version $2 built with every patch as it is now (and only those).
 llama_current() {
     # shellcheck disable=SC2046
     "$1/bin/python" -c "import sys, importlib.metadata as m
 from llama_cpp import _appliance_patches as p
 sys.exit(m.version('llama_cpp_python') != sys.argv[1] or sorted(p.PATCHES) != sorted(sys.argv[2:]))" \
-        "$2" $(llama_patch_names) >/dev/null 2>&1
+        "$2" $(llama_patch_ids) >/dev/null 2>&1
 }
 
 # The sdist of llama-cpp-python $2 (fetched with the Python of venv $1) unpacked in $3, its vendored llama.cpp
 # patched, and the list of patches written into the Python package (llama_cpp/_appliance_patches.py).
 prepare_llama_source() {
-    local venv=$1 version=$2 dir=$3 patch names=()
+    local venv=$1 version=$2 dir=$3 patch ids
     "$venv/bin/python" -m pip download --quiet --no-deps --no-binary :all: -d "$dir/sdist" \
         "llama-cpp-python==$version" ||
         die "could not download the llama-cpp-python $version source from the package index; check the network"
@@ -189,15 +191,15 @@ prepare_llama_source() {
         [[ -e $patch ]] || continue
         patch --quiet --forward -p1 -d "$dir/llama_cpp_python-$version/vendor/llama.cpp" <"$patch" ||
             die "the llama.cpp patch $patch does not apply to llama-cpp-python $version"
-        names+=("\"$(basename "$patch" .patch)\",")
     done
-    printf '"""install.sh applied these (appliance/engines/patches/llama.cpp) to the vendored llama.cpp."""\n%s\n' \
-        "PATCHES = (${names[*]})" >"$dir/llama_cpp_python-$version/llama_cpp/_appliance_patches.py"
+    ids=$(llama_patch_ids | sed 's/.*/"&",/' | tr '\n' ' ')
+    printf '"""install.sh applied these (appliance/engines/patches/llama.cpp: name=sha256[:16]) to llama.cpp."""\n%s\n' \
+        "PATCHES = (${ids% })" >"$dir/llama_cpp_python-$version/llama_cpp/_appliance_patches.py"
 }
 
 # llama-cpp-python is the long step: its own pip run, full output in a log, progress on the screen.
 install_llama() {
-    local venv=$1 log=$2 version interactive=0 flags="" work reinstall=()
+    local venv=$1 log=$2 version interactive=0 flags="" work reinstall=() built=1
     version=$(sed -n 's/^[[:space:]]*"llama-cpp-python==\([^"]*\)".*/\1/p' "$SRC/pyproject.toml" | head -n 1)
     [[ -n $version ]] || die "cannot find the llama-cpp-python==VERSION pin in $SRC/pyproject.toml"
     if llama_current "$venv" "$version" && ! llama_has_amx "$venv"; then
@@ -220,15 +222,15 @@ install_llama() {
     work=$(mktemp -d "${TMPDIR:-/tmp}/appliance-llama.XXXXXX")
     prepare_llama_source "$venv" "$version" "$work"
     # from a directory: pip neither takes a build from its wheel cache nor stores one there
-    if ! CFLAGS="${CFLAGS:+$CFLAGS }$flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$flags" \
+    CFLAGS="${CFLAGS:+$CFLAGS }$flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$flags" \
         "$venv/bin/python" -m pip install -v "${reinstall[@]}" "$work/llama_cpp_python-$version" 2>&1 | tee "$log" |
-        show_build_progress "$interactive" "$log"; then
+        show_build_progress "$interactive" "$log" || built=0
+    rm -rf "$work"
+    if ((!built)); then
         printf '\n' >&2
         tail -n 30 "$log" >&2
-        rm -rf "$work"
         die "installing llama-cpp-python $version failed (last 30 lines above); full log: $log"
     fi
-    rm -rf "$work"
     if [[ -n $flags ]] && llama_has_amx "$venv"; then
         die "llama.cpp was built with its AMX kernels, which crash (llama.cpp#20824); CFLAGS=$NO_AMX_FLAGS did not apply"
     fi

@@ -4,11 +4,12 @@
   worker on its first decode (llama.cpp#20824): install.sh builds without them. A build that has them again fails
   here with a clear message, before every chat test fails with a dead worker.
 - install.sh applies the patches in appliance/engines/patches/llama.cpp to the vendored llama.cpp, and the package
-  records which. A build from PyPI's sdist as it is (the CPU's flash attention several times slower at long
-  contexts) fails here."""
+  records which (name and hash). A build from PyPI's sdist as it is (the CPU's flash attention several times slower
+  at long contexts), or with an older text of a patch, fails here."""
 
 from __future__ import annotations
 
+import hashlib
 from importlib import metadata
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def test_llama_cpp_is_built_without_the_amx_kernels() -> None:
 
 
 def test_llama_cpp_is_built_with_every_patch_of_this_checkout() -> None:
-    patches = sorted(p.stem for p in PATCHES.glob("*.patch"))
+    """As install.sh records them: each patch's name and the sha256 of its text, so an edited patch is rebuilt."""
+    patches = sorted(f"{p.stem}={hashlib.sha256(p.read_bytes()).hexdigest()[:16]}" for p in PATCHES.glob("*.patch"))
     assert patches, "appliance/engines/patches/llama.cpp holds no patch"
     try:
         from llama_cpp import _appliance_patches
